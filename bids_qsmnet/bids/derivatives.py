@@ -1,0 +1,131 @@
+"""BIDS-Derivatives output: names from the source's entities, sidecars, dataset_description.
+
+Output names are built by pybids' ``build_path`` from the source file's entities and our own
+path patterns (the stock patterns know no ``Chimap`` suffix), never formatted by hand.
+Every file is written under a temporary name and renamed, so a killed run never leaves a file
+that looks complete; an existing output is replaced only with ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+
+from ..__about__ import __version__
+
+__all__ = [
+    "PIPELINE_NAME",
+    "PATH_PATTERNS",
+    "OutputExistsError",
+    "derivative_path",
+    "bids_uri",
+    "write_json_atomic",
+    "copy_atomic",
+    "write_dataset_description",
+]
+
+PIPELINE_NAME = "bids_qsmnet"
+
+PATH_PATTERNS = [
+    "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
+    "[_acq-{acquisition}][_rec-{reconstruction}][_run-{run}][_echo-{echo}][_part-{part}]"
+    "[_space-{space}][_desc-{desc}]_{suffix<Chimap|mask|localfield|fieldmap|unwrapped|dseg|mosaic>}"
+    "{extension<.nii.gz|.nii|.json|.png|.svg>|.nii.gz}",
+    "sub-{subject}[_ses-{session}][_acq-{acquisition}][_run-{run}][_desc-{desc}]"
+    "{extension<.html>|.html}",
+]
+
+ENTITY_KEYS = ("subject", "session", "acquisition", "reconstruction", "run", "echo", "part",
+               "space", "desc", "suffix", "extension", "datatype")
+
+
+class OutputExistsError(FileExistsError):
+    """An output exists and ``--overwrite`` was not given."""
+
+
+def derivative_path(out_dir: str, source_entities: Mapping, *, suffix: str,
+                    desc: str | None = None, extension: str = ".nii.gz",
+                    drop: tuple[str, ...] = ("desc", "part", "echo")) -> str:
+    """Path of a derivative of the source with the given entities.
+
+    ``drop`` lists source entities not carried over (the source's ``desc-localfield`` does
+    not describe a χ map).
+
+    >>> derivative_path("/out", {"subject": "01", "session": "a", "run": 2,
+    ...                          "desc": "localfield", "suffix": "localfield"}, suffix="Chimap")
+    '/out/sub-01/ses-a/anat/sub-01_ses-a_run-2_Chimap.nii.gz'
+    """
+    from bids.layout.writing import build_path
+
+    ents = {k: v for k, v in source_entities.items() if k in ENTITY_KEYS and k not in drop}
+    ents.update(suffix=suffix, extension=extension, datatype="anat")
+    if desc:
+        ents["desc"] = desc
+    ents = {k: str(v) for k, v in ents.items() if v is not None}
+    for k, v in ents.items():  # labels go into file names: refuse path characters
+        if k != "extension" and (os.sep in v or v in ("..", ".") or "/" in v):
+            raise ValueError(f"entity {k}={v!r} is not a valid BIDS label")
+    rel = build_path(ents, PATH_PATTERNS, strict=False)
+    if rel is None:
+        raise ValueError(f"cannot name a derivative for entities {ents}")
+    path = os.path.normpath(os.path.join(out_dir, rel))
+    if not path.startswith(os.path.normpath(out_dir) + os.sep):
+        raise ValueError(f"derivative path {path} would leave the output folder {out_dir}")
+    return path
+
+
+def bids_uri(path: str, root: str, dataset: str = "raw") -> str:
+    """``bids:<dataset>:<path relative to the dataset root>`` (BIDS URI of a source file)."""
+    return f"bids:{dataset}:{os.path.relpath(path, root)}"
+
+
+def _check_overwrite(dest: str, overwrite: bool) -> None:
+    if os.path.exists(dest) and not overwrite:
+        raise OutputExistsError(f"{dest} exists; use --overwrite to replace it")
+
+
+def write_json_atomic(data: Mapping, dest: str, *, overwrite: bool = True) -> str:
+    """Write JSON (sorted, indented) through a temporary file and a rename."""
+    _check_overwrite(dest, overwrite)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    os.replace(tmp, dest)
+    return dest
+
+
+def copy_atomic(src: str, dest: str, *, overwrite: bool = False) -> str:
+    """Copy ``src`` to ``dest`` through a temporary sibling file and a rename."""
+    _check_overwrite(dest, overwrite)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def write_dataset_description(out_dir: str, *, bids_dir: str, container: str | None = None,
+                              extra_sources: list | None = None) -> str:
+    """``dataset_description.json`` of the derivative dataset (BIDS 1.10)."""
+    gen = {"Name": PIPELINE_NAME, "Version": __version__,
+           "Description": "Deep-learning QSM (QSMnet/QSMnet+) from local field maps",
+           "CodeURL": "https://pypi.org/project/bids_qsmnet/"}
+    if container:
+        gen["Container"] = {"Type": container}
+    desc = {
+        "Name": "bids_qsmnet derivatives: susceptibility maps (χ, ppm)",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [gen],
+        "SourceDatasets": [{"URL": os.path.abspath(bids_dir)}] + list(extra_sources or []),
+        "DatasetLinks": {"raw": os.path.abspath(bids_dir)},
+    }
+    return write_json_atomic(desc, os.path.join(out_dir, "dataset_description.json"))

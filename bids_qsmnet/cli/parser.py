@@ -1,0 +1,204 @@
+"""The ``bids_qsmnet`` argument parser (BIDS-Apps conventions).
+
+Argument types validate while parsing, so a bad value ends in ``parser.error`` (exit 2) with
+one line; cross-option checks follow in :func:`parse_args`.  Nothing heavy is imported here,
+so ``--help`` and ``--version`` are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+from ..__about__ import __version__
+
+__all__ = ["get_parser", "parse_args"]
+
+PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph",
+           "LSF", "Condor")
+
+
+def _path_exists(value, *, parser):
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise parser.error(f"path does not exist: {value}")
+    return p.absolute()
+
+
+def _is_file(value, *, parser):
+    p = _path_exists(value, parser=parser)
+    if not p.is_file():
+        raise parser.error(f"not a file: {value}")
+    return p
+
+
+def _label(value, *, parser, prefix):
+    s = str(value).strip()
+    s = s[len(prefix):] if s.startswith(prefix) else s
+    if not s or not s.isalnum():
+        raise parser.error(f"invalid label {value!r}: BIDS labels are letters and digits only")
+    return s
+
+
+def _json_object(value, *, parser, what):
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise parser.error(f"{what}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise parser.error(f"{what}: must be a JSON object")
+    return data
+
+
+def _filter_file(value, *, parser):
+    from ..bids.discovery import DiscoveryError, load_filter_file
+
+    p = _is_file(value, parser=parser)
+    try:
+        return load_filter_file(p)
+    except DiscoveryError as exc:
+        raise parser.error(str(exc)) from None
+
+
+def _positive_int(value, *, parser, what):
+    try:
+        v = int(value)
+    except ValueError:
+        raise parser.error(f"{what}: expected an integer, got {value!r}") from None
+    if v < 1:
+        raise parser.error(f"{what}: must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(value, *, parser, what):
+    try:
+        v = float(value)
+    except ValueError:
+        raise parser.error(f"{what}: expected a number, got {value!r}") from None
+    if not v > 0:
+        raise parser.error(f"{what}: must be positive, got {v}")
+    return v
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bids_qsmnet",
+        description="Quantitative susceptibility maps (χ, ppm) from local field maps with the "
+                    "deep networks QSMnet / QSMnet+ (BIDS-App). participant: inference for "
+                    "every subject/session/run; group: train a model on every subject that "
+                    "has a Chimap label.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    PathExists = partial(_path_exists, parser=parser)
+    IsFile = partial(_is_file, parser=parser)
+
+    parser.add_argument("bids_dir", type=PathExists,
+                        help="BIDS dataset (raw or derivative) holding the local field maps")
+    parser.add_argument("output_dir", type=Path,
+                        help="output folder (BIDS-Derivatives)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="participant: inference; group: training")
+    parser.add_argument("--version", action="version", version=f"bids_qsmnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv: debug)")
+
+    g = parser.add_argument_group("Selecting inputs")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
+                   type=partial(_label, parser=parser, prefix="sub-"),
+                   help="subjects to process (with or without 'sub-'); default: all")
+    g.add_argument("--session-label", nargs="+", default=None,
+                   type=partial(_label, parser=parser, prefix="ses-"),
+                   help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--bids-filter-file", type=partial(_filter_file, parser=parser),
+                   default=None, metavar="FILE",
+                   help="JSON of pybids filters per input kind (localfield, mask, chimap) "
+                        "replacing the default queries")
+    g.add_argument("--skip-bids-validation", action="store_true",
+                   help="do not check the input dataset's file names")
+    g.add_argument("--b0-strength", type=partial(_positive_float, parser=parser, what="--b0-strength"),
+                   default=None, metavar="TESLA",
+                   help="field strength for inputs whose sidecar lacks MagneticFieldStrength")
+
+    g = parser.add_argument_group("Model and inference")
+    g.add_argument("--model", default=None,
+                   help="participant: model file/folder or shipped name (default: the shipped "
+                        "default model); group: architecture (toy, qsmnet, qsmnet+, "
+                        "qsmnet-slim, qsmnet-lite)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where torch runs")
+    g.add_argument("--tile", type=partial(_positive_int, parser=parser, what="--tile"),
+                   default=None, help="tile edge in voxels for bounded-memory inference")
+    g.add_argument("--dc-lambda", type=float, default=None,
+                   help="data-consistency prior weight after the network (0: off; default: "
+                        "the model's)")
+
+    g = parser.add_argument_group("Training (group level)")
+    g.add_argument("--validation-participant", nargs="+", default=None,
+                   type=partial(_label, parser=parser, prefix="sub-"),
+                   help="subjects held out for validation")
+    g.add_argument("--validation-fraction", type=float, default=0.0,
+                   help="fraction of subjects held out when --validation-participant is absent")
+    g.add_argument("--model-name", default=None, help="name of the trained model")
+    g.add_argument("--epochs", type=partial(_positive_int, parser=parser, what="--epochs"),
+                   default=25)
+    g.add_argument("--batch-size", type=partial(_positive_int, parser=parser,
+                                                what="--batch-size"), default=12)
+    g.add_argument("--patch-size", type=partial(_positive_int, parser=parser,
+                                                what="--patch-size"), default=None,
+                   help="patch edge in voxels (default: 32 for toy, 64 otherwise)")
+    g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
+                                                   what="--learning-rate"), default=1e-3)
+    g.add_argument("--save-step", type=partial(_positive_int, parser=parser,
+                                               what="--save-step"), default=5)
+    g.add_argument("--linearity-factor", type=float, default=None,
+                   help="QSMnet+ augmentation factor (e.g. 4)")
+    g.add_argument("--sign-flip", action="store_true", help="add sign-flipped patches")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = parser.add_argument_group("Execution")
+    g.add_argument("-w", "--work-dir", type=Path, default=None,
+                   help="Nipype working folder (reused by reruns); default: <output_dir>/../work "
+                        "when writable, else a temporary folder")
+    g.add_argument("--nprocs", "--n-cpus", type=partial(_positive_int, parser=parser,
+                                                        what="--nprocs"),
+                   default=os.cpu_count() or 1, help="processes for MultiProc")
+    g.add_argument("--omp-nthreads", type=partial(_positive_int, parser=parser,
+                                                  what="--omp-nthreads"), default=None,
+                   help="threads per process (default: min(nprocs, 8))")
+    g.add_argument("--plugin", choices=PLUGINS, default="MultiProc", help="Nipype plugin")
+    g.add_argument("--plugin-args", type=partial(_json_object, parser=parser,
+                                                 what="--plugin-args"), default=None,
+                   metavar="JSON", help="plugin arguments, e.g. '{\"sbatch_args\": \"-p gpu\"}'")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs that differ")
+    g.add_argument("--container", default=os.environ.get("BIDS_QSMNET_CONTAINER"),
+                   help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse and cross-check the arguments (exit 2 with one line on a bad combination)."""
+    parser = get_parser()
+    opts = parser.parse_args(argv)
+    bids_dir = opts.bids_dir.resolve()
+    out = opts.output_dir.expanduser().absolute().resolve()
+    opts.output_dir = out
+    if out == bids_dir:
+        parser.error("output_dir must differ from bids_dir")
+    if bids_dir in out.parents and out.parent.name != "derivatives" and \
+            "derivatives" not in out.relative_to(bids_dir).parts:
+        parser.error(f"output_dir {out} is inside bids_dir: use {bids_dir}/derivatives/"
+                     "bids_qsmnet or a folder outside the dataset")
+    if opts.work_dir is not None:
+        wd = opts.work_dir.expanduser().absolute().resolve()
+        if wd == bids_dir or bids_dir in wd.parents:
+            parser.error(f"the work dir {wd} must not be inside bids_dir")
+        opts.work_dir = wd
+    if opts.omp_nthreads is None:
+        opts.omp_nthreads = min(opts.nprocs, 8)
+    if not 0.0 <= opts.validation_fraction < 1.0:
+        parser.error("--validation-fraction must be within [0, 1)")
+    return opts

@@ -1,0 +1,366 @@
+"""``bids_qsmnet`` entry point: parse → find inputs → build the workflow → run it → in
+``finally:`` write ``dataset_description.json``, citations and reports.  Exit code 0 when every
+run succeeded, 1 when any failed (with a one-line cause), 2 for bad arguments."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+LOGGER = logging.getLogger("bids_qsmnet")
+
+__all__ = ["main", "build_participant_workflow", "build_group_workflow"]
+
+
+class CLIError(RuntimeError):
+    """A failure reported to the user as one line (exit code 1)."""
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Nipype's own loggers are chatty at INFO; keep them at WARNING unless -vv
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.WARNING)
+
+
+@contextmanager
+def _output_lock(out_dir: Path):
+    """One run per output folder at a time (an advisory lock, released on exit or crash)."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(out_dir / ".bids_qsmnet.lock", "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise CLIError(f"another bids_qsmnet run is writing {out_dir}; wait for it to finish "
+                       "or choose another output folder") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _default_work_dir(out_dir: Path) -> Path:
+    digest = hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"bids_qsmnet_work_{digest}"
+
+
+def _validate_dataset(bids_dir: Path) -> None:
+    """Warn about files whose names are not BIDS (raw datasets only; derivatives pass)."""
+    import json
+
+    try:
+        with open(bids_dir / "dataset_description.json") as fh:
+            info = json.load(fh)
+    except FileNotFoundError:
+        raise CLIError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{bids_dir}/dataset_description.json: not valid JSON ({exc})") from None
+    if str(info.get("DatasetType", "raw")).lower() == "derivative":
+        return
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    bad = []
+    for root, dirs, files in os.walk(bids_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in
+                   ("derivatives", "sourcedata", "code")]
+        for f in files:
+            rel = "/" + os.path.relpath(os.path.join(root, f), bids_dir)
+            if not f.startswith(".") and not validator.is_bids(rel):
+                bad.append(rel)
+    if bad:
+        LOGGER.warning("%d file(s) in %s are not named as BIDS expects (e.g. %s); they may be "
+                       "ignored (--skip-bids-validation silences this check)", len(bad),
+                       bids_dir, ", ".join(bad[:3]))
+
+
+def _subjects(layout, requested) -> list[str]:
+    available = sorted(layout.get_subjects())
+    if not available:
+        raise CLIError(f"{layout.root}: no subjects (sub-*) found")
+    if not requested:
+        return available
+    missing = [s for s in requested if s not in available]
+    if missing:
+        raise CLIError(f"participant label(s) not found in {layout.root}: "
+                       + ", ".join(f"sub-{s}" for s in missing)
+                       + f" (available: {', '.join('sub-' + s for s in available)})")
+    return list(dict.fromkeys(requested))
+
+
+def _run_workflow(workflow, opts, work_dir: Path) -> None:
+    from nipype import config as ncfg
+
+    ncfg.update_config({
+        "execution": {"crashdump_dir": str(work_dir / "crashes"), "crashfile_format": "txt",
+                      "hash_method": "content", "stop_on_first_crash": False,
+                      "remove_unnecessary_outputs": False, "check_version": False},
+        "monitoring": {"enabled": False}})
+    workflow.base_dir = str(work_dir)
+    plugin_args = dict(opts.plugin_args or {})
+    if opts.plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", opts.nprocs)
+        plugin_args.setdefault("raise_insufficient", False)
+        plugin_args.setdefault("maxtasksperchild", 1)
+    if opts.plugin == "SLURM":
+        os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
+    LOGGER.info("running %s with the %s plugin (work dir %s)", workflow.name, opts.plugin,
+                work_dir)
+    workflow.run(plugin=opts.plugin, plugin_args=plugin_args)
+
+
+# --------------------------------------------------------------------------- participant
+
+
+def build_participant_workflow(opts, layout, errors: dict):
+    """Collect every run of the selected subjects and build the participant workflow.
+
+    Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
+    and skipped; :class:`CLIError` when nothing is left.
+    """
+    from ..bids.derivatives import derivative_path
+    from ..bids.discovery import DiscoveryError, collect_runs
+    from ..models.modelfile import ModelFileError, resolve_model
+    from ..workflows.base import SettingsError, init_participant_wf, run_settings
+
+    try:
+        model = str(resolve_model(opts.model))
+    except (ModelFileError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    runs = []
+    for subject in _subjects(layout, opts.participant_label):
+        try:
+            found = collect_runs(layout, subject, sessions=opts.session_label,
+                                 filters=opts.bids_filter_file)
+        except DiscoveryError as exc:
+            errors.setdefault(subject, []).append(str(exc))
+            LOGGER.error("%s", exc)
+            continue
+        for run in found:
+            try:
+                run_settings(run, b0_strength=opts.b0_strength)
+            except SettingsError as exc:
+                errors.setdefault(subject, []).append(str(exc))
+                LOGGER.error("%s: skipped: %s", run.key, exc)
+                continue
+            chimap = derivative_path(str(opts.output_dir), run.entities, suffix="Chimap")
+            if os.path.exists(chimap) and os.path.exists(chimap[:-7] + ".json") \
+                    and not opts.overwrite:
+                LOGGER.info("%s: %s exists, skipped (--overwrite recomputes it)", run.key,
+                            os.path.relpath(chimap, opts.output_dir))
+                continue
+            runs.append(run)
+    if not runs:
+        if errors:
+            raise CLIError("nothing to process: " + "; ".join(m for v in errors.values()
+                                                               for m in v))
+        return None, model, []
+    LOGGER.info("found %d run(s) to process in %d subject(s); model %s", len(runs),
+                len({r.subject for r in runs}), model)
+    wf = init_participant_wf(runs, bids_root=str(layout.root), out_dir=str(opts.output_dir),
+                             model=model, device=opts.device, tile=opts.tile,
+                             dc_lambda=opts.dc_lambda, omp_nthreads=opts.omp_nthreads,
+                             overwrite=opts.overwrite, b0_strength=opts.b0_strength)
+    return wf, model, runs
+
+
+def _participant(opts, layout, work_dir: Path) -> int:
+    from ..bids.derivatives import derivative_path, write_dataset_description
+    from ..reports.html import write_citations, write_subject_report
+
+    errors: dict = {}
+    subjects = _subjects(layout, opts.participant_label)
+    t0 = time.time()
+    runs = []
+    try:
+        wf, model, runs = build_participant_workflow(opts, layout, errors)
+        if wf is not None:
+            try:
+                _run_workflow(wf, opts, work_dir)
+            except RuntimeError as exc:  # Nipype: some nodes crashed; others completed
+                LOGGER.error("some nodes failed (%s); crash files in %s", exc,
+                             work_dir / "crashes")
+        for run in runs:
+            chimap = derivative_path(str(opts.output_dir), run.entities, suffix="Chimap")
+            if not os.path.exists(chimap):
+                errors.setdefault(run.subject, []).append(
+                    f"{run.key}: processing failed; see the crash files in {work_dir}/crashes")
+    finally:
+        write_dataset_description(str(opts.output_dir), bids_dir=str(opts.bids_dir),
+                                  container=opts.container)
+        write_citations(str(opts.output_dir))
+        prov = {"bids_qsmnet command": " ".join(sys.argv), "work dir": str(work_dir),
+                "plugin": opts.plugin, "device": opts.device,
+                "elapsed (s)": round(time.time() - t0, 1)}
+        for subject in subjects:
+            write_subject_report(str(opts.output_dir), subject, errors=errors.get(subject, []),
+                                 provenance=prov)
+    done = len(runs) - sum(1 for v in errors.values() for m in v if "processing failed" in m)
+    LOGGER.info("wrote %d χ map(s) to %s in %.0f s", done, opts.output_dir, time.time() - t0)
+    if errors:
+        n = sum(len(v) for v in errors.values())
+        print(f"bids_qsmnet: {n} problem(s); first: {next(iter(errors.values()))[0]}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+# --------------------------------------------------------------------------- group
+
+
+def build_group_workflow(opts, layout):
+    """Collect runs with labels, split off validation subjects, build ``init_training_wf``."""
+    import numpy as np
+
+    from ..bids.discovery import DiscoveryError, collect_runs
+    from ..models.registry import list_architectures
+    from ..workflows.base import SettingsError, run_settings
+    from ..workflows.training import init_training_wf
+
+    arch = opts.model or "qsmnet"
+    if arch not in list_architectures():
+        raise CLIError(f"--model {arch!r}: group level trains an architecture; choose one of "
+                       + ", ".join(list_architectures()))
+    runs = []
+    for subject in _subjects(layout, opts.participant_label):
+        try:
+            runs += collect_runs(layout, subject, sessions=opts.session_label,
+                                 filters=opts.bids_filter_file, require_label=True)
+        except DiscoveryError as exc:
+            LOGGER.warning("%s", exc)
+    if not runs:
+        raise CLIError(f"no subject in {layout.root} has both a local field and a Chimap label")
+    for run in runs:
+        units = str(run.label_metadata.get("Units", "ppm"))
+        if units.lower() != "ppm":
+            raise CLIError(f"{run.label}: Chimap Units must be ppm, got {units!r}")
+    subjects = sorted({r.subject for r in runs})
+    if opts.validation_participant:
+        val_subjects = set(opts.validation_participant)
+        unknown = val_subjects - set(subjects)
+        if unknown:
+            raise CLIError("--validation-participant without labelled data: "
+                           + ", ".join(f"sub-{s}" for s in sorted(unknown)))
+    elif opts.validation_fraction > 0 and len(subjects) > 1:
+        n_val = max(1, int(round(opts.validation_fraction * len(subjects))))
+        rng = np.random.default_rng(opts.seed)
+        val_subjects = set(rng.choice(subjects, size=min(n_val, len(subjects) - 1),
+                                      replace=False).tolist())
+    else:
+        val_subjects = set()
+    train_runs = [r for r in runs if r.subject not in val_subjects]
+    val_runs = [r for r in runs if r.subject in val_subjects]
+    if not train_runs:
+        raise CLIError("every labelled subject is held out for validation: nothing to train on")
+    LOGGER.info("training on %d run(s) of %s; validating on %s", len(train_runs),
+                ", ".join(sorted({f"sub-{r.subject}" for r in train_runs})),
+                ", ".join(sorted(f"sub-{s}" for s in val_subjects)) or "none")
+    patch = opts.patch_size or (32 if arch == "toy" else 64)
+    name = opts.model_name or arch
+    wf = init_training_wf(architecture=arch, model_name=name, patch_size=patch,
+                          linearity_factor=opts.linearity_factor, sign_flip=opts.sign_flip,
+                          batch_size=opts.batch_size, epochs=opts.epochs,
+                          learning_rate=opts.learning_rate, save_step=opts.save_step,
+                          seed=opts.seed, device=opts.device, max_steps=opts.max_steps,
+                          omp_nthreads=opts.omp_nthreads, with_validation=bool(val_runs),
+                          name=f"training_{''.join(c if c.isalnum() else '_' for c in name)}_wf")
+
+    def settings(rs):
+        try:
+            return [run_settings(r, b0_strength=opts.b0_strength) for r in rs]
+        except SettingsError as exc:
+            raise CLIError(str(exc)) from None
+
+    inp = wf.inputs.inputnode
+    st = settings(train_runs)
+    inp.field_files = [r.field for r in train_runs]
+    inp.units = [s["units"] for s in st]
+    inp.b0_strengths = [s["b0_strength"] for s in st]
+    inp.echo_times = [s["echo_time"] for s in st]
+    inp.mask_files = [r.mask for r in train_runs]
+    inp.label_files = [r.label for r in train_runs]
+    inp.subject_ids = [r.key for r in train_runs]
+    if val_runs:
+        sv = settings(val_runs)
+        inp.val_field_files = [r.field for r in val_runs]
+        inp.val_units = [s["units"] for s in sv]
+        inp.val_b0_strengths = [s["b0_strength"] for s in sv]
+        inp.val_echo_times = [s["echo_time"] for s in sv]
+        inp.val_mask_files = [r.mask for r in val_runs]
+        inp.val_label_files = [r.label for r in val_runs]
+    return wf, name
+
+
+def _group(opts, layout, work_dir: Path) -> int:
+    import glob
+    import shutil
+
+    from ..bids.derivatives import copy_atomic, write_dataset_description
+
+    wf, name = build_group_workflow(opts, layout)
+    try:
+        _run_workflow(wf, opts, work_dir)
+    except RuntimeError as exc:
+        raise CLIError(f"training failed ({exc}); crash files in {work_dir / 'crashes'}") \
+            from None
+    finally:
+        write_dataset_description(str(opts.output_dir), bids_dir=str(opts.bids_dir),
+                                  container=opts.container)
+    train_dirs = glob.glob(str(work_dir / wf.name / "train" / "training"))
+    if not train_dirs:
+        raise CLIError(f"training produced no output in {work_dir / wf.name}")
+    src = Path(train_dirs[0])
+    dest = opts.output_dir / "models" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "training_log.csv", "loss_curves.png",
+              "training_summary.json"):
+        if (src / f).exists():
+            copy_atomic(str(src / f), str(dest / f), overwrite=True)
+    if (src / "validation").is_dir():
+        shutil.copytree(src / "validation", dest / "validation", dirs_exist_ok=True)
+    LOGGER.info("trained model written to %s (use: bids_qsmnet BIDS OUT participant --model "
+                "%s)", dest / "model.safetensors", dest)
+    return 0
+
+
+def main(argv=None) -> int:
+    from .parser import parse_args
+
+    opts = parse_args(argv)
+    _setup_logging(opts.verbose)
+    work_dir = opts.work_dir or _default_work_dir(opts.output_dir)
+    try:
+        if not opts.skip_bids_validation:
+            _validate_dataset(opts.bids_dir)
+        from ..bids.discovery import DiscoveryError, build_layout
+
+        with _output_lock(opts.output_dir):
+            try:
+                layout = build_layout(opts.bids_dir)
+            except DiscoveryError as exc:
+                raise CLIError(str(exc)) from None
+            if opts.analysis_level == "participant":
+                return _participant(opts, layout, work_dir)
+            return _group(opts, layout, work_dir)
+    except CLIError as exc:
+        print(f"bids_qsmnet: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bids_qsmnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

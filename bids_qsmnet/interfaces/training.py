@@ -1,0 +1,183 @@
+"""Nipype interfaces for training: ``ExtractPatches`` and ``TrainQSMnet``.
+
+Thin adapters: the work is done by :func:`bids_qsmnet.training.patches.extract_patches` and
+:func:`bids_qsmnet.training.trainer.train`, imported inside ``_run_interface`` so that building
+a workflow does not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+__all__ = ["ExtractPatches", "TrainQSMnet", "iter_training_volumes"]
+
+
+def iter_training_volumes(field_files, label_files, mask_files=None, subject_ids=None):
+    """Yield :class:`TrainingVolume` s from NIfTI triplets, one subject at a time.
+
+    Fields and labels must be in ppm; voxel size and B0 direction come from the field's affine.
+    """
+    import numpy as np
+
+    from ..io.nifti import InputError, load_volume
+    from ..physics.orientation import b0_dir_from_affine, voxel_sizes_from_affine
+    from ..training.patches import TrainingVolume
+
+    if len(label_files) != len(field_files):
+        raise InputError(f"{len(field_files)} field files but {len(label_files)} labels")
+    masks = list(mask_files) if mask_files else [None] * len(field_files)
+    ids = list(subject_ids) if subject_ids else [
+        os.path.basename(f).split("_")[0] for f in field_files]
+    for f, c, m, sid in zip(field_files, label_files, masks, ids):
+        field, img = load_volume(f, what="local field")
+        chi, cimg = load_volume(c, what="χ label")
+        if chi.shape != field.shape or not np.allclose(cimg.affine, img.affine, atol=1e-3):
+            raise InputError(f"{c}: label grid {chi.shape} differs from the field's ({f})")
+        if m:
+            mask, mimg = load_volume(m, what="mask")
+            if mask.shape != field.shape or not np.allclose(mimg.affine, img.affine, atol=1e-3):
+                raise InputError(f"{m}: mask grid {mask.shape} differs from the field's ({f})")
+            mask = mask > 0
+        else:
+            mask = field != 0
+        yield TrainingVolume(field, chi, mask, voxel_size=voxel_sizes_from_affine(img.affine),
+                             b0_dir=b0_dir_from_affine(img.affine), subject=sid,
+                             sources={"field": os.path.basename(f), "label": os.path.basename(c),
+                                      "mask": os.path.basename(m) if m else None})
+
+
+class _ExtractPatchesInputSpec(BaseInterfaceInputSpec):
+    field_files = InputMultiObject(File(exists=True), mandatory=True,
+                                   desc="local-field NIfTI files, ppm, one per subject/run")
+    label_files = InputMultiObject(File(exists=True), mandatory=True,
+                                   desc="χ label NIfTI files (ppm), same order and grids")
+    mask_files = InputMultiObject(File(exists=True),
+                                  desc="brain masks (default: nonzero voxels of the field)")
+    subject_ids = InputMultiObject(traits.Str, desc="identifiers recorded as provenance")
+    patch_size = traits.Int(64, usedefault=True, desc="edge of the cubic patches, voxels")
+    counts = traits.List(traits.Int, minlen=3, maxlen=3,
+                         desc="patches per axis (QSMnet: 7, 8, 6); default from max_stride")
+    max_stride = traits.Int(desc="largest step between patches, voxels (default patch/3)")
+    min_mask_fraction = traits.Float(0.1, usedefault=True,
+                                     desc="skip patches with less brain than this fraction")
+    linearity_factor = traits.Float(desc="QSMnet+ augmentation: scale positive χ by this "
+                                         "factor and re-simulate the field (QSMnet+: 4)")
+    sign_flip = traits.Bool(False, usedefault=True, desc="add sign-flipped copies")
+    b0_tilts = traits.Int(0, usedefault=True, desc="copies re-simulated with a tilted B0")
+    max_tilt_deg = traits.Float(30.0, usedefault=True, desc="largest B0 tilt, degrees")
+    seed = traits.Int(0, usedefault=True, desc="random seed of the augmentation")
+    out_name = traits.Str("patches.h5", usedefault=True, desc="file name of the store")
+
+
+class _ExtractPatchesOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="HDF5 patch store")
+    n_patches = traits.Int(desc="number of patches written")
+    normalization = traits.Dict(desc="in-mask mean/std of input and label, ppm")
+
+
+class ExtractPatches(SimpleInterface):
+    """Cut overlapping training patches from field/label pairs into one HDF5 store."""
+
+    input_spec = _ExtractPatchesInputSpec
+    output_spec = _ExtractPatchesOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..training.patches import extract_patches
+
+        i = self.inputs
+        vols = iter_training_volumes(
+            i.field_files, i.label_files, i.mask_files if isdefined(i.mask_files) else None,
+            i.subject_ids if isdefined(i.subject_ids) else None)
+        info = extract_patches(
+            vols, os.path.join(runtime.cwd, i.out_name), patch_size=i.patch_size,
+            counts=i.counts if isdefined(i.counts) else None,
+            max_stride=i.max_stride if isdefined(i.max_stride) else None,
+            min_mask_fraction=i.min_mask_fraction,
+            linearity_factor=i.linearity_factor if isdefined(i.linearity_factor) else None,
+            sign_flip=i.sign_flip, b0_tilts=i.b0_tilts, max_tilt_deg=i.max_tilt_deg,
+            seed=i.seed)
+        self._results.update(out_file=info.path, n_patches=info.n_patches,
+                             normalization=info.normalization)
+        return runtime
+
+
+class _TrainInputSpec(BaseInterfaceInputSpec):
+    patches = File(exists=True, mandatory=True, desc="HDF5 patch store from ExtractPatches")
+    architecture = traits.Str("qsmnet", usedefault=True,
+                              desc="toy, qsmnet, qsmnet+, qsmnet-slim, qsmnet-lite")
+    model_name = traits.Str(desc="name written into the model file (default: architecture)")
+    batch_size = traits.Int(12, usedefault=True, desc="patches per step")
+    learning_rate = traits.Float(1e-3, usedefault=True, desc="initial Adam learning rate")
+    lr_decay = traits.Float(0.95, usedefault=True, desc="learning-rate factor per decay period")
+    lr_decay_steps = traits.Int(600, usedefault=True, desc="steps per decay period")
+    epochs = traits.Int(25, usedefault=True, desc="training epochs")
+    save_step = traits.Int(5, usedefault=True, desc="checkpoint every this many epochs")
+    w_model = traits.Float(5.0, usedefault=True, desc="model (dipole-consistency) loss weight")
+    w_grad = traits.Float(0.1, usedefault=True, desc="gradient loss weight")
+    seed = traits.Int(0, usedefault=True, desc="seed of initial weights and patch order")
+    device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
+    use_cuda = traits.Bool(False, usedefault=True,
+                           desc="schedule as a GPU job in MultiProc (n_gpu_procs)")
+    amp = traits.Bool(False, usedefault=True, desc="bf16 autocast on CUDA")
+    num_threads = traits.Int(desc="torch CPU threads")
+    val_fields = InputMultiObject(File(exists=True), desc="whole validation fields (ppm)")
+    val_labels = InputMultiObject(File(exists=True), desc="validation χ labels (ppm)")
+    val_masks = InputMultiObject(File(exists=True), desc="validation masks")
+    val_every = traits.Int(2, usedefault=True, desc="validate every this many epochs")
+    max_steps = traits.Int(0, usedefault=True, desc="stop after this many steps (0: no limit)")
+
+
+class _TrainOutputSpec(TraitedSpec):
+    model_file = File(exists=True, desc="trained model (.safetensors)")
+    log_file = File(exists=True, desc="training log (CSV)")
+    curves_file = File(desc="loss curves (PNG)")
+    summary_file = File(exists=True, desc="training summary (JSON)")
+    train_dir = Directory(exists=True, desc="folder with checkpoints, figures and logs")
+
+
+class TrainQSMnet(SimpleInterface):
+    """Train a QSMnet-family network on a patch store (resumes within its working folder)."""
+
+    input_spec = _TrainInputSpec
+    output_spec = _TrainOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..train import load_validation_volume
+        from ..training.trainer import TrainingConfig, train
+
+        i = self.inputs
+        out_dir = os.path.join(runtime.cwd, "training")
+        val = []
+        if isdefined(i.val_fields):
+            labels = i.val_labels if isdefined(i.val_labels) else []
+            masks = i.val_masks if isdefined(i.val_masks) else [None] * len(i.val_fields)
+            if len(labels) != len(i.val_fields):
+                raise ValueError("val_fields and val_labels must have the same length")
+            val = [load_validation_volume(",".join(p for p in t if p))
+                   for t in zip(i.val_fields, labels, masks)]
+        cfg = TrainingConfig(
+            patches=i.patches, out_dir=out_dir, architecture=i.architecture,
+            name=i.model_name if isdefined(i.model_name) else i.architecture,
+            batch_size=i.batch_size, learning_rate=i.learning_rate, lr_decay=i.lr_decay,
+            lr_decay_steps=i.lr_decay_steps, epochs=i.epochs, save_step=i.save_step,
+            w_model=i.w_model, w_grad=i.w_grad, seed=i.seed, device=i.device, amp=i.amp,
+            val_every=i.val_every, max_steps=i.max_steps, resume=True,
+            threads=i.num_threads if isdefined(i.num_threads) else None)
+        result = train(cfg, val)
+        self._results.update(
+            model_file=result.model_path, log_file=result.log_path,
+            summary_file=os.path.join(out_dir, "training_summary.json"), train_dir=out_dir)
+        if result.curves_path:
+            self._results["curves_file"] = result.curves_path
+        return runtime

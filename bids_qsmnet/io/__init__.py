@@ -1,0 +1,1 @@
+"""Reading and writing volumes and files (NIfTI via nibabel, atomic writes)."""

@@ -1,0 +1,133 @@
+"""Unit conversion of field maps: Hz, radians and ppm.
+
+The local field is stored by pipelines in one of three units (BIDS sidecar ``Units``):
+
+* ``ppm`` — relative field ΔB/B0 × 10⁶, what QSM inverts;
+* ``Hz``  — frequency offset Δf = γ̄ · ΔB;
+* ``rad`` — phase accumulated at echo time TE, φ = 2π · Δf · TE.
+
+so that
+
+.. math:: \\mathrm{ppm} = \\frac{\\Delta f\\,[\\mathrm{Hz}]}{\\bar\\gamma\\,[\\mathrm{MHz/T}] \\cdot B_0\\,[\\mathrm{T}]},
+   \\qquad \\Delta f = \\frac{\\varphi}{2\\pi\\,\\mathrm{TE}}
+
+with γ̄ = 42.57747892 MHz/T (CODATA 2018 proton gyromagnetic ratio / 2π).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "GAMMA_BAR_MHZ_PER_T",
+    "UNITS",
+    "normalise_units",
+    "hz_to_ppm",
+    "ppm_to_hz",
+    "rad_to_hz",
+    "hz_to_rad",
+    "field_to_ppm",
+    "ppm_to_field",
+]
+
+#: proton gyromagnetic ratio / 2π in MHz/T
+GAMMA_BAR_MHZ_PER_T = 42.57747892
+
+#: the units a field map may carry, as spelled in BIDS sidecars (case-insensitive aliases)
+UNITS = ("ppm", "Hz", "rad")
+_ALIASES = {
+    "ppm": "ppm",
+    "hz": "Hz",
+    "hertz": "Hz",
+    "rad": "rad",
+    "rads": "rad",
+    "radian": "rad",
+    "radians": "rad",
+}
+
+
+def normalise_units(units: str) -> str:
+    """Canonical spelling of a field unit (``ppm``, ``Hz`` or ``rad``).
+
+    >>> normalise_units("hz"), normalise_units("radians")
+    ('Hz', 'rad')
+    """
+    key = str(units).strip().lower()
+    if key not in _ALIASES:
+        raise ValueError(f"unknown field units {units!r}: expected one of ppm, Hz, rad")
+    return _ALIASES[key]
+
+
+def _check_b0(b0: float | None) -> float:
+    if b0 is None:
+        raise ValueError("the main field strength B0 (tesla, MagneticFieldStrength) is required")
+    b0 = float(b0)
+    if not np.isfinite(b0) or b0 <= 0:
+        raise ValueError(f"B0 must be a positive field strength in tesla, got {b0}")
+    return b0
+
+
+def _check_te(te: float | None) -> float:
+    if te is None:
+        raise ValueError("the echo time TE (seconds, EchoTime) is required for units 'rad'")
+    te = float(te)
+    if not np.isfinite(te) or te <= 0:
+        raise ValueError(f"TE must be a positive echo time in seconds, got {te}")
+    if te > 1.0:
+        raise ValueError(f"TE = {te} s is implausible: BIDS EchoTime is in seconds, not ms")
+    return te
+
+
+def hz_to_ppm(field_hz, b0: float):
+    """Frequency offset (Hz) → relative field (ppm).  ``b0`` in tesla.
+
+    >>> round(float(hz_to_ppm(127.7324, 3.0)), 6)
+    1.0
+    """
+    return np.asarray(field_hz) / (GAMMA_BAR_MHZ_PER_T * _check_b0(b0))
+
+
+def ppm_to_hz(field_ppm, b0: float):
+    """Relative field (ppm) → frequency offset (Hz).  ``b0`` in tesla."""
+    return np.asarray(field_ppm) * (GAMMA_BAR_MHZ_PER_T * _check_b0(b0))
+
+
+def rad_to_hz(phase_rad, te: float):
+    """Phase (rad) accumulated at echo time ``te`` (seconds) → frequency offset (Hz)."""
+    return np.asarray(phase_rad) / (2.0 * np.pi * _check_te(te))
+
+
+def hz_to_rad(field_hz, te: float):
+    """Frequency offset (Hz) → phase (rad) at echo time ``te`` (seconds)."""
+    return np.asarray(field_hz) * (2.0 * np.pi * _check_te(te))
+
+
+def field_to_ppm(data, units: str, *, b0: float | None = None, te: float | None = None):
+    """Convert a field map to ppm.
+
+    Parameters
+    ----------
+    data : ndarray — the field in ``units``
+    units : {"ppm", "Hz", "rad"} — BIDS ``Units`` of ``data``
+    b0 : float — tesla; required for Hz and rad
+    te : float — seconds; required for rad
+
+    Returns
+    -------
+    field : ndarray — ppm
+    """
+    u = normalise_units(units)
+    if u == "ppm":
+        return np.asarray(data)
+    if u == "Hz":
+        return hz_to_ppm(data, b0)
+    return hz_to_ppm(rad_to_hz(data, te), b0)
+
+
+def ppm_to_field(data, units: str, *, b0: float | None = None, te: float | None = None):
+    """Inverse of :func:`field_to_ppm`: a ppm map expressed in ``units``."""
+    u = normalise_units(units)
+    if u == "ppm":
+        return np.asarray(data)
+    hz = ppm_to_hz(data, b0)
+    return hz if u == "Hz" else hz_to_rad(hz, te)

@@ -2,8 +2,8 @@
 
 Sub-packages (one concern each):
 
-``physics``     dipole kernel, forward model, unit conversion, classical inversions (TKD, iterative)
-``models``      the configurable 3-D U-Net (toy, QSMnet, QSMnet+, slim variants), model files, losses
+``physics``     dipole kernel, forward model, units, classical inversions (TKD, iterative)
+``models``      the 3-D U-Net family (toy, QSMnet, QSMnet+, slim), model files, losses
 ``metrics``     NRMSE, HFEN, SSIM, PSNR, region means
 ``data``        synthetic susceptibility phantoms and the example BIDS dataset
 ``training``    patch extraction to HDF5 and the trainer

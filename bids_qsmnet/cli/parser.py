@@ -92,7 +92,6 @@ def get_parser() -> argparse.ArgumentParser:
                     "has a Chimap label.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     PathExists = partial(_path_exists, parser=parser)
-    IsFile = partial(_is_file, parser=parser)
 
     parser.add_argument("bids_dir", type=PathExists,
                         help="BIDS dataset (raw or derivative) holding the local field maps")
@@ -117,8 +116,8 @@ def get_parser() -> argparse.ArgumentParser:
                         "replacing the default queries")
     g.add_argument("--skip-bids-validation", action="store_true",
                    help="do not check the input dataset's file names")
-    g.add_argument("--b0-strength", type=partial(_positive_float, parser=parser, what="--b0-strength"),
-                   default=None, metavar="TESLA",
+    g.add_argument("--b0-strength", default=None, metavar="TESLA",
+                   type=partial(_positive_float, parser=parser, what="--b0-strength"),
                    help="field strength for inputs whose sidecar lacks MagneticFieldStrength")
 
     g = parser.add_argument_group("Model and inference")

@@ -15,8 +15,19 @@ import numpy as np
 __all__ = ["load_mat_volume", "TUTORIAL_KEYS"]
 
 #: variable names used in the tutorial's files, tried in order when no key is given
-TUTORIAL_KEYS = ("phs_tissue", "chi_cosmos", "multiphs", "multicos", "phs", "chi", "mask",
-                 "msk", "sus", "field", "label")
+TUTORIAL_KEYS = (
+    "phs_tissue",
+    "chi_cosmos",
+    "multiphs",
+    "multicos",
+    "phs",
+    "chi",
+    "mask",
+    "msk",
+    "sus",
+    "field",
+    "label",
+)
 
 
 def _is_hdf5(path: str) -> bool:

@@ -26,8 +26,12 @@ def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,
     idempotent); a different one is replaced only with ``overwrite``.
     Returns ``(out_file, sidecar or None)``.
     """
-    from ..bids.derivatives import OutputExistsError, copy_atomic, derivative_path, \
-        write_json_atomic
+    from ..bids.derivatives import (
+        OutputExistsError,
+        copy_atomic,
+        derivative_path,
+        write_json_atomic,
+    )
 
     ext = ".nii.gz" if in_file.endswith(".nii.gz") else os.path.splitext(in_file)[1]
     dest = derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)

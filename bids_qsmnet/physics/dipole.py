@@ -17,7 +17,9 @@ Conventions (used everywhere in bids_qsmnet)
 
 The kernel is
 
-.. math:: D(\\mathbf{k}) = \\frac{1}{3} - \\frac{(\\mathbf{k}\\cdot\\hat{\\mathbf{b}})^2}{|\\mathbf{k}|^2}
+.. math::
+   D(\\mathbf{k}) = \\frac{1}{3}
+   - \\frac{(\\mathbf{k}\\cdot\\hat{\\mathbf{b}})^2}{|\\mathbf{k}|^2}
 
 with ``k`` in cycles/mm on the grid's FFT frequencies.  Its values lie in ``[-2/3, 1/3]``.
 

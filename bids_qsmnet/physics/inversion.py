@@ -22,8 +22,9 @@ Conventions shared by the regularised methods: finite differences are forward di
 periodic grid, **scaled by the voxel size** (``∂_i χ = (χ[n + e_i] − χ[n]) / h_i``, ppm/mm), so
 a regularisation weight means the same physical smoothing at any resolution; its unit is given
 with each function.  The k = 0 component, which the dipole kernel does not see
-(``D(0) = 0``), is set to zero by every method (the mean of ``chi`` over the padded grid is
-zero before masking): QSM is relative, reference it to a region afterwards if needed.
+(``D(0) = 0``), is set to zero by :func:`tkd`, :func:`closed_form_l2` and :func:`tv_admm`
+(the mean of ``chi`` over the padded grid is zero before masking), and left at the initial
+map's by :func:`data_consistency`: QSM is relative, reference it to a region if needed.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def closed_form_l2(
     field: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    lam: float = 0.02,
+    lam: float = 1e-2,
     voxel_size: _Vec3 = (1.0, 1.0, 1.0),
     b0_dir: _Vec3 = (0.0, 0.0, 1.0),
     pad: int = 0,
@@ -238,8 +239,8 @@ def closed_form_l2(
     field : (X, Y, Z) ndarray — local field, ppm
     mask : (X, Y, Z) ndarray, optional — region of interest; the field is zeroed outside it
         before the inversion and ``chi`` afterwards.  ``None``: the whole grid.
-    lam : float — regularisation weight λ, mm² (the gradient is in ppm/mm); 0.02 is a
-        starting point for 1 mm data with a few percent field noise: tune it (L-curve)
+    lam : float — regularisation weight λ, mm² (the gradient is in ppm/mm); 1e-2 is a
+        starting point for 1 mm data with ~0.002–0.005 ppm field noise; tune it (L-curve)
     voxel_size : (3,) float — mm
     b0_dir : (3,) float — main-field direction in voxel space
     pad : int — zero voxels added on every side before the FFT; cropped afterwards
@@ -308,9 +309,9 @@ def tv_admm(
     mask : (X, Y, Z) ndarray, optional — region where the field is trusted; ``chi`` is zeroed
         outside it.  ``None``: the whole grid.
     lam : float — TV weight λ, ppm·mm (the data term is in ppm², the gradient in ppm/mm);
-        3e-4 is a starting point for 1 mm data with a few percent field noise: tune it
-    rho : float, optional — ADMM penalty of the gradient split, mm²·(dimensionless);
-        default ``100 · lam`` (FANSI's rule)
+        3e-4 is a starting point for 1 mm data with ~0.002–0.005 ppm field noise; tune it
+    rho : float, optional — ADMM penalty of the gradient split, mm²; default ``100 · lam``
+        (numerically; FANSI's rule)
     rho_data : float — ADMM penalty of the data split, dimensionless
     n_iter : int — maximum number of iterations
     tol : float — stop when ``‖χ_k − χ_{k−1}‖ / ‖χ_k‖ < tol``
@@ -344,8 +345,8 @@ def tv_admm(
 
     where ``shrink(a, κ) = sign(a) max(|a| − κ, 0)``.  Because ``W = 0`` outside the mask, the
     field there is not fitted (``v`` is free), so the mask edge does not bias the inside; all
-    steps are voxel-wise or diagonal in k-space (one FFT pair per iteration for χ plus one for
-    ``D ∗ χ``).  Iterations are logged at DEBUG level.
+    steps are voxel-wise or diagonal in k-space (five 3-D FFTs per iteration).  Iterations are
+    logged at DEBUG level; not reaching ``tol`` within ``n_iter`` is logged at INFO level.
 
     References
     ----------
@@ -382,7 +383,7 @@ def tv_admm(
     chi = np.zeros(shape)
     z = np.zeros((3, *shape))
     u = np.zeros_like(z)
-    v = f_p.copy()
+    v = np.where(w2 > 0, f_p, 0.0)  # unweighted data must not enter, not even at the start
     s = np.zeros(shape)
     for it in range(1, n_iter + 1):
         rhs = rho * np.fft.fftn(_grad_adjoint(z - u, vs)) + rho_d * D * np.fft.fftn(v - s)

@@ -8,10 +8,13 @@ The local field is stored by pipelines in one of three units (BIDS sidecar ``Uni
 
 so that
 
-.. math:: \\mathrm{ppm} = \\frac{\\Delta f\\,[\\mathrm{Hz}]}{\\bar\\gamma\\,[\\mathrm{MHz/T}] \\cdot B_0\\,[\\mathrm{T}]},
+.. math::
+   \\mathrm{ppm} = \\frac{\\Delta f\\,[\\mathrm{Hz}]}
+   {\\bar\\gamma\\,[\\mathrm{MHz/T}] \\cdot B_0\\,[\\mathrm{T}]},
    \\qquad \\Delta f = \\frac{\\varphi}{2\\pi\\,\\mathrm{TE}}
 
-with γ̄ = 42.57747892 MHz/T (CODATA 2018 proton gyromagnetic ratio / 2π).
+with γ̄ = 42.57747892 MHz/T (proton gyromagnetic ratio / 2π, CODATA 2014, as QSM
+toolboxes use it).
 """
 
 from __future__ import annotations

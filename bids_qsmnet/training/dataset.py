@@ -31,20 +31,25 @@ class PatchDataset:
         self.indices = (np.arange(self.info.n_patches) if indices is None
                         else np.asarray(indices, dtype=np.int64))
         self._h5 = None
+        self._h5_pid = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _file(self):
-        if self._h5 is None:
+        # A handle opened before a fork (DataLoader workers on Linux) is not pickled but
+        # inherited, and HDF5 handles must not be shared across processes: reopen per process.
+        if self._h5 is None or self._h5_pid != os.getpid():
             import h5py
 
             self._h5 = h5py.File(self.path, "r")
+            self._h5_pid = os.getpid()
         return self._h5
 
     def __getstate__(self):  # picklable for DataLoader workers: drop the open handle
         state = self.__dict__.copy()
         state["_h5"] = None
+        state["_h5_pid"] = None
         return state
 
     def __getitem__(self, item: int) -> dict:

@@ -63,7 +63,8 @@ __all__ = [
 FORMAT = "bids_qsmnet-patches"
 FORMAT_VERSION = 1
 #: codes stored in the ``augmentation`` dataset
-AUGMENTATIONS = ("none", "linearity", "sign_flip", "linearity+sign_flip", "b0_tilt")
+AUGMENTATIONS = ("none", "linearity", "sign_flip", "linearity+sign_flip", "b0_tilt",
+                 "b0_tilt+sign_flip")
 
 
 @dataclass
@@ -394,11 +395,10 @@ def extract_patches(
                 for b in tilted_b0_dirs(b0_tilts, max_tilt_deg, rng) if b0_tilts else []:
                     f_t = (forward_field(chi_c, vol.voxel_size, b, pad=16) * mask_c)
                     variants.append(("b0_tilt", f_t.astype(np.float32), chi_c, tuple(b)))
-                if sign_flip:
+                if sign_flip:  # -χ makes -field under any B0: every variant gets a copy
                     variants += [
                         ("sign_flip" if name == "none" else f"{name}+sign_flip", -f, -c, b)
                         for name, f, c, b in variants
-                        if name in ("none", "linearity")
                     ]
                 n_before = writer.n
                 for name, f, c, b in variants:

@@ -53,8 +53,10 @@ def test_mask_is_one_brain_of_realistic_size(brain):
     mask = brain.mask
     _, n = ndi.label(mask)
     assert n == 1
-    extent = [np.ptp(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) + 1
-              for d in range(3)]
+    extent = [
+        np.ptp(np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != d)))[0]) + 1
+        for d in range(3)
+    ]
     lr, ap, si = np.array(extent) * 1.5  # mm
     # adult brains are about 140 × 170 mm; this grid forces a slight shrink (AP 168 mm)
     assert 100 <= lr <= 155 and 130 <= ap <= 168 and 90 <= si <= 150
@@ -74,17 +76,38 @@ def test_brain_is_scaled_into_a_small_grid():
 
 def test_tissues_and_value_ranges(brain):
     chi, labels = brain.chi, brain.labels
-    mean = {name: float(chi[labels == lab].mean()) for lab, name in BRAIN_LABELS.items()
-            if lab and (labels == lab).any()}
-    for name in ("csf", "cortical_gm", "white_matter", "caudate", "putamen", "globus_pallidus",
-                 "thalamus", "red_nucleus", "substantia_nigra", "dentate_nucleus", "vein"):
+    mean = {
+        name: float(chi[labels == lab].mean())
+        for lab, name in BRAIN_LABELS.items()
+        if lab and (labels == lab).any()
+    }
+    for name in (
+        "csf",
+        "cortical_gm",
+        "white_matter",
+        "caudate",
+        "putamen",
+        "globus_pallidus",
+        "thalamus",
+        "red_nucleus",
+        "substantia_nigra",
+        "dentate_nucleus",
+        "vein",
+    ):
         assert name in mean, f"{name} missing"
     # drawn ranges, widened a little for partial volume, texture and tracts
     expected = {
-        "csf": (-0.02, 0.02), "cortical_gm": (-0.005, 0.04), "white_matter": (-0.07, -0.01),
-        "caudate": (0.02, 0.09), "putamen": (0.02, 0.09), "globus_pallidus": (0.07, 0.21),
-        "thalamus": (-0.01, 0.03), "red_nucleus": (0.06, 0.21), "substantia_nigra": (0.06, 0.21),
-        "dentate_nucleus": (0.04, 0.17), "vein": (0.15, 0.6),
+        "csf": (-0.02, 0.02),
+        "cortical_gm": (-0.005, 0.04),
+        "white_matter": (-0.07, -0.01),
+        "caudate": (0.02, 0.09),
+        "putamen": (0.02, 0.09),
+        "globus_pallidus": (0.07, 0.21),
+        "thalamus": (-0.01, 0.03),
+        "red_nucleus": (0.06, 0.21),
+        "substantia_nigra": (0.06, 0.21),
+        "dentate_nucleus": (0.04, 0.17),
+        "vein": (0.15, 0.6),
     }
     for name, (lo, hi) in expected.items():
         assert lo <= mean[name] <= hi, (name, mean[name])
@@ -127,11 +150,25 @@ def test_source_phantom():
     assert a.chi.dtype == np.float32 and a.mask.all() and a.label_names == SOURCE_LABELS
     assert set(np.unique(a.labels)) <= set(SOURCE_LABELS)
     assert (a.chi > 0.02).any() and (a.chi < -0.02).any()
-    one = make_source_phantom((32, 32, 32), rng=1, n_sources=1, strong_fraction=0.0,
-                              background_std=0.0, blur_sigma_max=0.0, size_range=(0.4, 0.5))
+    one = make_source_phantom(
+        (32, 32, 32),
+        rng=1,
+        n_sources=1,
+        strong_fraction=0.0,
+        background_std=0.0,
+        blur_sigma_max=0.0,
+        size_range=(0.4, 0.5),
+    )
     assert 0 < np.abs(one.chi).max() <= 0.3 + 1e-6
-    strong = make_source_phantom((32, 32, 32), rng=1, n_sources=3, strong_fraction=1.0,
-                                 background_std=0.0, blur_sigma_max=0.0, size_range=(0.3, 0.5))
+    strong = make_source_phantom(
+        (32, 32, 32),
+        rng=1,
+        n_sources=3,
+        strong_fraction=1.0,
+        background_std=0.0,
+        blur_sigma_max=0.0,
+        size_range=(0.3, 0.5),
+    )
     assert np.abs(strong.chi).max() >= 0.3
     # sizes span from a voxel or two to a large fraction of the grid
     many = make_source_phantom((64, 64, 64), rng=3, n_sources=200, blur_sigma_max=0.0)
@@ -170,14 +207,16 @@ def test_noise_has_the_requested_std(brain):
     clean = simulate_local_field(brain.chi, brain.mask, voxel_size=brain.voxel_size)
     std = snr_to_noise_std(clean, brain.mask, 20.0)
     assert std == pytest.approx(np.std(clean[brain.mask].astype(np.float64)) / 20, rel=1e-9)
-    noisy = simulate_local_field(brain.chi, brain.mask, voxel_size=brain.voxel_size,
-                                 noise_std=std, rng=5)
+    noisy = simulate_local_field(
+        brain.chi, brain.mask, voxel_size=brain.voxel_size, noise_std=std, rng=5
+    )
     noise = (noisy - clean)[brain.mask]
     assert noise.std() == pytest.approx(std, rel=0.02)
     assert abs(noise.mean()) < 5 * std / np.sqrt(noise.size)
     assert np.all(noisy[~brain.mask] == 0)
-    again = simulate_local_field(brain.chi, brain.mask, voxel_size=brain.voxel_size,
-                                 noise_std=std, rng=5)
+    again = simulate_local_field(
+        brain.chi, brain.mask, voxel_size=brain.voxel_size, noise_std=std, rng=5
+    )
     np.testing.assert_array_equal(noisy, again)
     with pytest.raises(ValueError):
         snr_to_noise_std(clean, brain.mask, 0.0)

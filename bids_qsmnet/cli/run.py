@@ -47,6 +47,7 @@ def _output_lock(out_dir: Path):
     try:
         yield
     finally:
+        (out_dir / ".bids_qsmnet.lock").unlink(missing_ok=True)
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 
@@ -107,7 +108,13 @@ def _run_workflow(workflow, opts, work_dir: Path) -> None:
         "execution": {"crashdump_dir": str(work_dir / "crashes"), "crashfile_format": "txt",
                       "hash_method": "content", "stop_on_first_crash": False,
                       "remove_unnecessary_outputs": False, "check_version": False},
-        "monitoring": {"enabled": False}})
+        "monitoring": {"enabled": False},
+        "logging": {level: "INFO" if opts.verbose > 0 else "WARNING"
+                    for level in ("workflow_level", "interface_level", "utils_level")}})
+    from nipype import logging as nlogging
+
+    nlogging.update_logging(ncfg)
+    logging.getLogger("nipype").propagate = False  # Nipype has its own handler
     workflow.base_dir = str(work_dir)
     plugin_args = dict(opts.plugin_args or {})
     if opts.plugin == "MultiProc":

@@ -80,7 +80,7 @@ SOURCE_LABELS: dict[int, str] = {0: "background", 1: "ellipsoid", 2: "box", 3: "
 _CSF, _GM, _WM, _VEIN, _CALC, _HEM, _LESION = 1, 2, 3, 11, 12, 13, 14
 
 
-@dataclass
+@dataclass(eq=False)
 class Phantom:
     """A synthetic susceptibility map with its masks.
 
@@ -340,6 +340,7 @@ _SULCAL_SPHERE = 65.0  # radius (template mm) at which the sulcal pattern is dra
 _FIT_LO = np.array([-68.0, -84.0, -71.0])  # bounding box that must fit the grid (brain stem
 _FIT_HI = np.array([68.0, 84.0, 60.0])  # below the cerebellum may be cut, as in real scans
 
+# fmt: off
 # (label, centre of the right-hemisphere structure, semi-axes, yaw in degrees)
 _NUCLEI = (
     (4, (15.0, 31.0, -7.0), (4.5, 9.0, 8.0), 0.0),  # caudate head
@@ -352,70 +353,39 @@ _NUCLEI = (
 )
 # susceptibility ranges (ppm) drawn per subject; see the module docstring for their origin
 _CHI_RANGE = {
-    _CSF: (-0.01, 0.01),
-    _GM: (0.01, 0.03),
-    _WM: (-0.05, -0.02),
-    4: (0.03, 0.08),
-    5: (0.03, 0.08),
-    6: (0.10, 0.20),
-    7: (0.00, 0.02),
-    8: (0.10, 0.20),
-    9: (0.10, 0.20),
-    10: (0.06, 0.16),
+    _CSF: (-0.01, 0.01), _GM: (0.01, 0.03), _WM: (-0.05, -0.02),
+    4: (0.03, 0.08), 5: (0.03, 0.08), 6: (0.10, 0.20), 7: (0.00, 0.02),  # caudate … thalamus
+    8: (0.10, 0.20), 9: (0.10, 0.20), 10: (0.06, 0.16),  # red nucleus, nigra, dentate
 }
 _CAUDATE_BODY = ((16.0, 26.0, 0.0), (19.0, 12.0, 8.0), (22.0, -3.0, 10.0), (26.0, -15.0, 5.0))
 _CAUDATE_BODY_R = (3.5, 3.0, 2.2, 1.5)
-_LAT_VENTRICLE = (
-    (6.0, 44.0, -3.0),
-    (8.0, 30.0, 0.0),
-    (11.0, 12.0, 5.0),
-    (15.0, -5.0, 6.0),
-    (24.0, -19.0, 2.0),
-    (22.0, -35.0, -3.0),
-    (18.0, -48.0, -6.0),
-)  # frontal horn → body → atrium → occipital horn
+# lateral ventricle: frontal horn → body → atrium → occipital horn, then the temporal horn
+_LAT_VENTRICLE = ((6.0, 44.0, -3.0), (8.0, 30.0, 0.0), (11.0, 12.0, 5.0), (15.0, -5.0, 6.0),
+                  (24.0, -19.0, 2.0), (22.0, -35.0, -3.0), (18.0, -48.0, -6.0))
 _LAT_VENTRICLE_R = (3.0, 4.0, 3.5, 3.5, 5.0, 3.0, 2.0)
 _TEMPORAL_HORN = ((24.0, -19.0, 2.0), (30.0, -10.0, -14.0), (28.0, 8.0, -28.0))
 _TEMPORAL_HORN_R = (4.0, 2.5, 2.0)
-_THIRD_VENTRICLE = ((0.0, 2.0, -9.0), (1.5, 12.0, 8.0))
+_THIRD_VENTRICLE = ((0.0, 2.0, -9.0), (1.5, 12.0, 8.0))  # (centre, semi-axes)
 _FOURTH_VENTRICLE = ((0.0, -26.0, -46.0), (5.0, 2.5, 5.0))
 # white-matter tracts with extra diamagnetism (myelin): (points, radius)
 _TRACTS = (
-    (
-        (
-            (0.0, 45.0, -11.0),
-            (0.0, 40.0, 2.0),
-            (0.0, 27.0, 8.0),
-            (0.0, 2.0, 10.0),
-            (0.0, -19.0, 2.0),
-            (0.0, -23.0, -6.0),
-        ),
-        4.0,
-    ),  # corpus callosum
-    (
-        (
-            (22.0, 20.0, 20.0),
-            (18.0, 5.0, -5.0),
-            (14.0, -5.0, -20.0),
-            (8.0, -8.0, -35.0),
-            (5.0, -12.0, -60.0),
-        ),
-        3.0,
-    ),  # corticospinal tract / internal capsule
-    (
-        ((20.0, -5.0, -12.0), (30.0, -20.0, -8.0), (28.0, -45.0, -5.0), (18.0, -70.0, -2.0)),
-        3.0,
-    ),  # optic radiation
+    (((0.0, 45.0, -11.0), (0.0, 40.0, 2.0), (0.0, 27.0, 8.0), (0.0, 2.0, 10.0),
+      (0.0, -19.0, 2.0), (0.0, -23.0, -6.0)), 4.0),  # corpus callosum
+    (((22.0, 20.0, 20.0), (18.0, 5.0, -5.0), (14.0, -5.0, -20.0), (8.0, -8.0, -35.0),
+      (5.0, -12.0, -60.0)), 3.0),  # corticospinal tract through the internal capsule
+    (((20.0, -5.0, -12.0), (30.0, -20.0, -8.0), (28.0, -45.0, -5.0),
+      (18.0, -70.0, -2.0)), 3.0),  # optic radiation
     (((35.0, 40.0, 10.0), (38.0, 0.0, 15.0), (35.0, -35.0, 10.0)), 4.0),  # longitudinal fasc.
 )
-_DEEP_VEINS = (  # (points, radius range in mm); right side, mirrored where x != 0
-    (((2.0, 20.0, -2.0), (2.0, 5.0, 0.0), (1.5, -15.0, 0.0), (0.0, -25.0, 0.0)), (0.8, 1.5)),
-    (
-        ((18.0, 15.0, -25.0), (14.0, -5.0, -25.0), (8.0, -18.0, -12.0), (0.0, -25.0, 0.0)),
-        (0.7, 1.2),
-    ),  # basal vein
+# deep veins (points, radius range in mm) on the right, mirrored to the left
+_DEEP_VEINS = (
+    (((2.0, 20.0, -2.0), (2.0, 5.0, 0.0), (1.5, -15.0, 0.0), (0.0, -25.0, 0.0)),
+     (0.8, 1.5)),  # internal cerebral vein
+    (((18.0, 15.0, -25.0), (14.0, -5.0, -25.0), (8.0, -18.0, -12.0), (0.0, -25.0, 0.0)),
+     (0.7, 1.2)),  # basal vein
     (((14.0, -10.0, 4.0), (9.0, 10.0, 2.0), (2.0, 18.0, -2.0)), (0.5, 1.0)),  # thalamostriate
 )
+# fmt: on
 _PINEAL = (0.0, -22.0, -4.0)
 _ATRIUM = (24.0, -19.0, 2.0)
 
@@ -433,10 +403,6 @@ class _Frame:
     def to_vox(self, q):
         q = np.atleast_2d(np.asarray(q, dtype=np.float64))
         return (self.origin_mm + self.scale * q @ self.rot.T) / self.voxel_size
-
-    def to_template(self, vox):
-        vox = np.atleast_2d(np.asarray(vox, dtype=np.float64))
-        return ((vox * self.voxel_size - self.origin_mm) @ self.rot) / self.scale
 
     def template_coords(self):
         """Template coordinates (3 float32 arrays of the grid's shape)."""
@@ -478,6 +444,19 @@ def _fit_frame(shape, vs, aspect, rng, max_tilt_deg):
     half = np.minimum((hi_o - lo_o) / 2, 8.0)  # placement jitter, at most 8 mm
     origin = (lo_o + hi_o) / 2 + rng.uniform(-1.0, 1.0, 3) * half
     return _Frame(tuple(shape), vs, origin, rot, scale)
+
+
+def _rho(q, centre, semi, rot=None):
+    """Normalised radius (1 on the surface) of an ellipsoid whose axes are ``rot``'s columns."""
+    d = [q[i] - np.float32(centre[i]) for i in range(3)]
+    if rot is not None:
+        d = [sum(np.float32(rot[e, k]) * d[e] for e in range(3)) for k in range(3)]
+    return np.sqrt(sum((d[k] / np.float32(semi[k])) ** 2 for k in range(3)))
+
+
+def _tube_occ(shape, voxel_size, pts_vox, radii_mm):
+    """``(slices, occ)`` of a whole tube (see :func:`_tube_pieces`), or None."""
+    return _union_pieces(list(_tube_pieces(shape, voxel_size, pts_vox, radii_mm)))
 
 
 def _mirror(p, side):
@@ -546,6 +525,7 @@ def make_brain_phantom(
     aspect = 1.0 + rng.uniform(-0.06, 0.06, 3)
     frame = _fit_frame(shape, vs, aspect, rng, max_tilt_deg)
     s = frame.scale
+    log.debug("brain phantom: scale %.3f, origin %s mm", s, np.round(frame.origin_mm, 1))
     q0, q1, q2 = frame.template_coords()
 
     # --- brain shape: union of three deformed ellipsoids, F < 0 inside ----------------------
@@ -557,29 +537,12 @@ def make_brain_phantom(
     f_cer = np.sqrt((q0 / np.float32(a[0])) ** 2 + (q1 / np.float32(a[1])) ** 2 + (q2 / zs) ** 2)
     f_cer -= 1.0 + delta
     del zs
-    c_cb = _CEREBELLUM[0] * aspect
     a_cb = _CEREBELLUM[1] * aspect * rng.uniform(0.92, 1.08, 3)
-    f_cb = np.sqrt(
-        sum(
-            ((q - np.float32(c)) / np.float32(r)) ** 2
-            for q, c, r in zip((q0, q1, q2), c_cb, a_cb, strict=True)
-        )
-    )
-    f_cb -= 1.0 + 0.6 * delta
-    c_bs, a_bs, pitch = _BRAINSTEM[0] * aspect, _BRAINSTEM[1] * aspect, np.deg2rad(_BRAINSTEM[2])
-    y_bs = (q1 - np.float32(c_bs[1])) * np.float32(np.cos(pitch)) - (
-        q2 - np.float32(c_bs[2])
-    ) * np.float32(np.sin(pitch))
-    z_bs = (q1 - np.float32(c_bs[1])) * np.float32(np.sin(pitch)) + (
-        q2 - np.float32(c_bs[2])
-    ) * np.float32(np.cos(pitch))
-    f_bs = np.sqrt(
-        (q0 / np.float32(a_bs[0])) ** 2
-        + (y_bs / np.float32(a_bs[1])) ** 2
-        + (z_bs / np.float32(a_bs[2])) ** 2
-    )
+    f_cb = _rho((q0, q1, q2), _CEREBELLUM[0] * aspect, a_cb) - (1.0 + 0.6 * delta)
+    tilt_bs = _rotation(0.0, -np.deg2rad(_BRAINSTEM[2]), 0.0)  # top tilted forwards
+    f_bs = _rho((q0, q1, q2), _BRAINSTEM[0] * aspect, _BRAINSTEM[1] * aspect, tilt_bs)
     f_bs -= 1.0 + 0.3 * delta
-    del y_bs, z_bs, delta
+    del delta
     region = np.where(f_cb < f_cer, np.int8(1), np.int8(0))
     F = np.minimum(f_cer, f_cb)
     region[f_bs < F] = 2
@@ -699,25 +662,15 @@ def make_brain_phantom(
                     np.asarray(_CAUDATE_BODY_R) * rng.uniform(0.8, 1.2),
                     0.5 / s,
                 )
-                occ = np.zeros(shape, np.float32)
-                val = np.zeros(shape, np.float32)
-                _paint_tube(occ, val, frame.to_vox(pts), r * s, 1.0, vs)
-                sel = mask & (occ >= 0.5)
-                labels[sel] = 4
-                base[sel] = value[4]
+                paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), lab, value[lab])
 
     # ventricles (size varies strongly between people and with age)
     atrophy = rng.uniform(0.6, 1.7)
-    occ = np.zeros(shape, np.float32)
-    val = np.zeros(shape, np.float32)
     for ctrl, radii in ((_LAT_VENTRICLE, _LAT_VENTRICLE_R), (_TEMPORAL_HORN, _TEMPORAL_HORN_R)):
         for side in (1.0, -1.0):
             ctrl_q = _mirror(ctrl, side) * aspect + shift + rng.normal(0, 1.0, (len(ctrl), 3))
             pts, r = _sample_curve(ctrl_q, np.asarray(radii) * atrophy, 0.5 / s)
-            _paint_tube(occ, val, frame.to_vox(pts), r * s, 1.0, vs)
-    sel = mask & (occ >= 0.5)
-    labels[sel] = _CSF
-    base[sel] = value[_CSF]
+            paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), _CSF, value[_CSF])
     for centre, semi in (_THIRD_VENTRICLE, _FOURTH_VENTRICLE):
         e = np.asarray(semi) * aspect * np.array([np.sqrt(atrophy), 1.0, 1.0])
         paint(tmpl_blob(np.asarray(centre) * aspect + shift, e, np.eye(3)), _CSF, value[_CSF])
@@ -725,9 +678,8 @@ def make_brain_phantom(
     # white-matter lesions (periventricular ovoids, mildly paramagnetic)
     if rng.uniform() < p_lesions:
         for _ in range(int(rng.integers(2, 11))):
-            p = np.asarray(_LAT_VENTRICLE[rng.integers(1, 6)]) * aspect + shift
-            p = _mirror(p, rng.choice([-1.0, 1.0]))
-            p += rng.normal(0, 1.0, 3) * np.array([6.0, 6.0, 6.0]) + np.array([0, 0, 5.0])
+            p = _mirror(_LAT_VENTRICLE[rng.integers(1, 6)], rng.choice([-1.0, 1.0]))
+            p = p * aspect + shift + rng.normal(0, 6.0, 3) + np.array([0, 0, 5.0])
             d = rng.uniform(3.0, 12.0)
             e = np.array([d / 2, d / 2 * rng.uniform(1.0, 2.0), d / 2]) / s
             paint(

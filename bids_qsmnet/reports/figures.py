@@ -98,7 +98,8 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
                 axial_slices: Sequence[int] | None = None) -> str:
     """Axial, coronal and sagittal slice mosaics of a volume (one row each).
 
-    Axial slices default to the tutorial's 52, 72, 92, 112 where the volume has them; the
+    Axial slices are the tutorial's 52, 72, 92, 112 when all lie within the brain, else six
+    slices spread over it (as coronal and sagittal rows are); the
     display window defaults to the 1st–99th percentile inside the mask, symmetric for signed
     maps.
     """
@@ -119,7 +120,9 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
         lo, hi = bounds[axis]
         return np.linspace(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo), n_slices).astype(int)
 
-    ax_slices = valid_slices(vol.shape[2], axial_slices or (52, 72, 92, 112))
+    wanted = [int(z) for z in (axial_slices or (52, 72, 92, 112))]
+    lo_z, hi_z = bounds[2]
+    ax_slices = wanted if all(lo_z <= z <= hi_z for z in wanted) else spread(2)
     rows = [("axial", 2, ax_slices), ("coronal", 1, spread(1)), ("sagittal", 0, spread(0))]
     ncol = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(3, ncol, figsize=(2.0 * ncol, 6.4), squeeze=False)

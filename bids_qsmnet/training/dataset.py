@@ -42,6 +42,11 @@ class PatchDataset:
         if self._h5 is None or self._h5_pid != os.getpid():
             import h5py
 
+            if self._h5 is not None:  # HDF5 would hand back the inherited file otherwise
+                try:
+                    self._h5.close()
+                except Exception:  # noqa: BLE001  (a broken inherited handle is dropped anyway)
+                    pass
             self._h5 = h5py.File(self.path, "r")
             self._h5_pid = os.getpid()
         return self._h5

@@ -200,9 +200,21 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _architecture_config(arch):
-    from ..models.registry import architecture_config
+    """Canonical UNet3d config of a registry name or a (possibly partial) config dict.
 
-    return dict(arch) if isinstance(arch, dict) else architecture_config(arch)
+    A dict is completed with the defaults and checked here, before training starts: the model
+    file needs the full config, and a bad option must not surface only when the first model
+    file is written, epochs later.
+    """
+    from ..models.registry import architecture_config
+    from ..models.unet import check_unet_config
+
+    if not isinstance(arch, dict):
+        return architecture_config(arch)
+    try:
+        return check_unet_config(**arch)
+    except TypeError as exc:  # an unknown option
+        raise ValueError(f"invalid network config {arch!r}: {exc}") from None
 
 
 def _make_spec(cfg: TrainingConfig, arch_config: dict, normalization: dict, extra: dict):
@@ -425,6 +437,9 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                                     and sys.stderr.isatty()))
         sums = {"loss": 0.0, "count": 0}
         for batch in loader:
+            if cfg.max_steps and step >= cfg.max_steps:  # e.g. resumed at the step limit
+                stop = True
+                break
             x = batch["input"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
             m = batch["mask"].to(device, non_blocking=True)

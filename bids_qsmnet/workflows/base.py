@@ -59,9 +59,17 @@ def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
             "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine"}
 
 
-def _sidecar_extras(model_info, b0_dir):
+def _sidecar_extras(model_info, b0_dir, frame_file):
     """Sidecar entries known only after inference (a Nipype Function: self-contained)."""
+    import json
     import math
+
+    with open(frame_file) as fh:
+        frame = json.load(fh)
+    resampled = (
+        "no (B0 along the third axis at the model's voxel size already)" if frame["identity"]
+        else f"yes: {frame['target_voxel']} mm isotropic grid {frame['shape']} with B0 along "
+             "its third axis, then back onto the input grid (cubic B-splines)")
 
     z = abs(float(b0_dir[2])) / math.sqrt(sum(float(v) ** 2 for v in b0_dir))
     return {
@@ -70,6 +78,7 @@ def _sidecar_extras(model_info, b0_dir):
         "B0Direction": [round(float(v), 6) for v in b0_dir],
         "ObliquityDeg": round(math.degrees(math.acos(min(1.0, z))), 3),
         "DataConsistency": model_info["data_consistency"],
+        "ResampledToNetworkFrame": resampled,
         "Device": model_info["device"],
     }
 
@@ -93,14 +102,13 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     metadata = {
         "Units": "ppm", "SkullStripped": True, "Sources": sources,
         "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
-        "ResampledToNetworkFrame": "B0 along the third axis, 1 mm isotropic; back to input grid",
         "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
         "Description": "Magnetic susceptibility (χ, ppm) by a QSMnet-family network",
     }
     if settings["b0_strength"] is not None:
         metadata["MagneticFieldStrength"] = settings["b0_strength"]
     entities = {k: v for k, v in run.entities.items() if v is not None}
-    extras = pe.Node(niu.Function(function=_sidecar_extras, input_names=["model_info", "b0_dir"],
+    extras = pe.Node(niu.Function(function=_sidecar_extras, input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras")
     ds_chimap = pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, suffix="Chimap",
                                         metadata=metadata, overwrite=overwrite),
@@ -113,7 +121,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                         name="ds_report_chimap")
     workflow.connect([
         (qsm_wf, extras, [("outputnode.model_info", "model_info"),
-                          ("outputnode.b0_dir", "b0_dir")]),
+                          ("outputnode.b0_dir", "b0_dir"),
+                          ("outputnode.frame_file", "frame_file")]),
         (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
         (extras, ds_chimap, [("extras", "extra_metadata")]),
         (qsm_wf, ds_mask, [("outputnode.mask_file", "in_file")]),

@@ -48,6 +48,7 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
     mask_file : brain mask used (input grid)
     field_ppm : masked local field, ppm (input grid)
     b0_dir : B0 direction used (voxel space)
+    frame_file : JSON description of the network frame (identity when nothing was resampled)
     model_info : model name, sha256, path, device, refinement
     """
     workflow = pe.Workflow(name=name)
@@ -55,7 +56,7 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
         fields=["in_file", "units", "b0_strength", "echo_time", "mask_file", "b0_dir"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["chi_file", "mask_file", "field_ppm", "b0_dir", "model_info"]),
+        fields=["chi_file", "mask_file", "field_ppm", "b0_dir", "frame_file", "model_info"]),
         name="outputnode")
 
     to_ppm = pe.Node(ConvertToPPM(), name="to_ppm")
@@ -86,7 +87,7 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
         (mask, from_frame, [("out_file", "reference"), ("out_mask", "mask_file")]),
         (from_frame, outputnode, [("out_file", "chi_file")]),
         (mask, outputnode, [("out_mask", "mask_file"), ("out_file", "field_ppm")]),
-        (to_frame, outputnode, [("b0_dir", "b0_dir")]),
+        (to_frame, outputnode, [("b0_dir", "b0_dir"), ("frame_file", "frame_file")]),
         (inference, outputnode, [("model_info", "model_info")]),
     ])
     return workflow

@@ -125,7 +125,8 @@ def write_dataset_description(out_dir: str, *, bids_dir: str, container: str | N
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
         "GeneratedBy": [gen],
-        "SourceDatasets": [{"URL": "file://" + os.path.abspath(bids_dir)}] + list(extra_sources or []),
+        "SourceDatasets": ([{"URL": "file://" + os.path.abspath(bids_dir)}]
+                           + list(extra_sources or [])),
         "DatasetLinks": {"raw": "file://" + os.path.abspath(bids_dir)},
     }
     return write_json_atomic(desc, os.path.join(out_dir, "dataset_description.json"))

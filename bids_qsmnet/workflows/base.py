@@ -108,7 +108,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     if settings["b0_strength"] is not None:
         metadata["MagneticFieldStrength"] = settings["b0_strength"]
     entities = {k: v for k, v in run.entities.items() if v is not None}
-    extras = pe.Node(niu.Function(function=_sidecar_extras, input_names=["model_info", "b0_dir", "frame_file"],
+    extras = pe.Node(niu.Function(function=_sidecar_extras,
+                                  input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras")
     ds_chimap = pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, suffix="Chimap",
                                         metadata=metadata, overwrite=overwrite),

@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", action="append", default=[], metavar="FIELD,CHI[,MASK]",
                    help="whole validation volume (NIfTI, ppm, network frame); repeatable")
     p.add_argument("--val-every", type=int, default=d.val_every)
+    p.add_argument("--log-every", type=int, default=d.log_every,
+                   help="write a training-log row every this many steps")
     p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
         lr_decay_steps=args.lr_decay_steps, epochs=args.epochs, save_step=args.save_step,
         w_model=args.w_model, w_grad=args.w_grad, seed=args.seed, device=args.device,
         amp=args.amp, channels_last=args.channels_last, num_workers=args.num_workers,
-        val_every=args.val_every, checkpoint_every_steps=args.checkpoint_every_steps,
+        val_every=args.val_every, log_every=args.log_every,
+        checkpoint_every_steps=args.checkpoint_every_steps,
         resume=args.resume, max_steps=args.max_steps, threads=args.threads,
         training_info={"command": " ".join(sys.argv)})
     validation = [load_validation_volume(v) for v in args.val]

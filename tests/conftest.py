@@ -18,8 +18,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHAPE = (40, 40, 40)
 
 
-def sphere_phantom(shape=SHAPE, *, seed: int = 0, n_spheres: int = 6, voxel_size=(1.0, 1.0, 1.0),
-                   b0_dir=(0.0, 0.0, 1.0)) -> dict:
+def sphere_phantom(
+    shape=SHAPE,
+    *,
+    seed: int = 0,
+    n_spheres: int = 6,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+) -> dict:
     """A brain-like ellipsoid mask holding spheres of known χ, and the local field they make.
 
     Returns a dict with ``chi`` (ppm, zero outside the mask), ``mask`` (bool), ``field``
@@ -44,8 +50,14 @@ def sphere_phantom(shape=SHAPE, *, seed: int = 0, n_spheres: int = 6, voxel_size
         spheres.append((c, radius, value))
     chi *= mask
     field = forward_field(chi, voxel_size, b0_dir, pad=16) * mask
-    return {"chi": chi.astype(np.float32), "mask": mask, "field": field.astype(np.float32),
-            "spheres": spheres, "voxel_size": tuple(voxel_size), "b0_dir": tuple(b0_dir)}
+    return {
+        "chi": chi.astype(np.float32),
+        "mask": mask,
+        "field": field.astype(np.float32),
+        "spheres": spheres,
+        "voxel_size": tuple(voxel_size),
+        "b0_dir": tuple(b0_dir),
+    }
 
 
 def write_nifti(data: np.ndarray, path, *, voxel_size=(1.0, 1.0, 1.0), dtype=np.float32) -> str:
@@ -70,9 +82,17 @@ def training_volumes(phantoms):
     """The phantoms as :class:`~bids_qsmnet.training.patches.TrainingVolume` s."""
     from bids_qsmnet.training.patches import TrainingVolume
 
-    return [TrainingVolume(p["field"], p["chi"], p["mask"], voxel_size=p["voxel_size"],
-                           b0_dir=p["b0_dir"], subject=f"sub-{i + 1:02d}")
-            for i, p in enumerate(phantoms)]
+    return [
+        TrainingVolume(
+            p["field"],
+            p["chi"],
+            p["mask"],
+            voxel_size=p["voxel_size"],
+            b0_dir=p["b0_dir"],
+            subject=f"sub-{i + 1:02d}",
+        )
+        for i, p in enumerate(phantoms)
+    ]
 
 
 @pytest.fixture
@@ -83,13 +103,37 @@ def nifti_triplets(tmp_path, phantoms):
         sub = f"sub-{i + 1:02d}"
         d = tmp_path / "inputs"
         d.mkdir(exist_ok=True)
-        out.append({
-            "subject": sub,
-            "field": write_nifti(p["field"], d / f"{sub}_desc-localfield_ppm.nii.gz"),
-            "chi": write_nifti(p["chi"], d / f"{sub}_Chimap.nii.gz"),
-            "mask": write_nifti(p["mask"], d / f"{sub}_desc-brain_mask.nii.gz", dtype=np.uint8),
-        })
+        out.append(
+            {
+                "subject": sub,
+                "field": write_nifti(p["field"], d / f"{sub}_desc-localfield_ppm.nii.gz"),
+                "chi": write_nifti(p["chi"], d / f"{sub}_Chimap.nii.gz"),
+                "mask": write_nifti(p["mask"], d / f"{sub}_desc-brain_mask.nii.gz", dtype=np.uint8),
+            }
+        )
     return out
+
+
+#: shape of the phantoms behind :func:`small_store` (training tests: 16³ patches are 8× cheaper)
+SMALL_SHAPE = (24, 24, 24)
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory):
+    """16 patches of 16³ (2 subjects × a 2 × 2 × 2 grid) cut from 24³ phantoms, made once.
+
+    16 patches make whole batches of 4 (and 2 ranks × 2) for the trainer and DDP tests.
+    """
+    from bids_qsmnet.training.patches import TrainingVolume, extract_patches
+
+    vols = []
+    for seed in (1, 2):
+        p = sphere_phantom(SMALL_SHAPE, seed=seed, n_spheres=4)
+        vols.append(TrainingVolume(p["field"], p["chi"], p["mask"], subject=f"sub-{seed:02d}"))
+    path = tmp_path_factory.mktemp("small_store") / "patches.h5"
+    info = extract_patches(vols, path, patch_size=16, counts=(2, 2, 2))
+    assert info.n_patches == 16
+    return info
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def dipole_convolve(chi: np.ndarray, b0_dir, *, pad: int = 16) -> np.ndarray:
 
 def _crop(vol, origin, p=P):
     i, j, k = (int(v) for v in origin)
-    return vol[i:i + p, j:j + p, k:k + p]
+    return vol[i : i + p, j : j + p, k : k + p]
 
 
 # --------------------------------------------------------------------------- grid geometry
@@ -62,10 +62,18 @@ def test_grid_positions_qsmnet_grid():
     assert len({tuple(c) for c in corners}) == 336
 
 
-@pytest.mark.parametrize("length, patch, max_stride", [
-    (172, 64, None), (176, 64, None), (159, 64, None), (40, 32, None), (100, 32, 7),
-    (64, 64, None), (65, 64, None),
-])
+@pytest.mark.parametrize(
+    "length, patch, max_stride",
+    [
+        (172, 64, None),
+        (176, 64, None),
+        (159, 64, None),
+        (40, 32, None),
+        (100, 32, 7),
+        (64, 64, None),
+        (65, 64, None),
+    ],
+)
 def test_grid_positions_default_stride(length, patch, max_stride):
     pos = grid_positions(length, patch, max_stride=max_stride)
     step = patch // 3 if max_stride is None else max_stride
@@ -93,10 +101,15 @@ def test_grid_positions_single_and_errors():
         grid_positions(40, 32, count=0)
 
 
-@pytest.mark.parametrize("shape, patch, counts", [
-    ((40, 40, 40), 32, None), ((70, 55, 48), 32, None), ((172, 176, 159), 64, (7, 8, 6)),
-    ((50, 60, 33), 16, (4, 1, 3)),
-])
+@pytest.mark.parametrize(
+    "shape, patch, counts",
+    [
+        ((40, 40, 40), 32, None),
+        ((70, 55, 48), 32, None),
+        ((172, 176, 159), 64, (7, 8, 6)),
+        ((50, 60, 33), 16, (4, 1, 3)),
+    ],
+)
 def test_patch_grid_inside_and_overlapping(shape, patch, counts):
     corners = patch_grid(shape, patch, counts=counts)
     per_axis = [np.unique(corners[:, a]) for a in range(3)]
@@ -116,7 +129,7 @@ def test_crop_to_mask_contains_mask():
         mask = np.zeros(shape, bool)
         lo = [int(rng.integers(0, n - 2)) for n in shape]
         hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, shape)]
-        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
         crop = crop_to_mask(mask, 24, margin=3)
         assert mask[crop].sum() == mask.sum()  # nothing of the brain is cut away
         for s, a, b, n in zip(crop, lo, hi, shape):
@@ -144,8 +157,14 @@ def test_patches_with_little_brain_are_skipped(tmp_path, training_volumes):
     mask[47, 31, 31] = True
     field = np.where(mask, 0.01, 0.0)
     vol = TrainingVolume(field, field, mask, subject="sub-x")
-    info = extract_patches([vol], tmp_path / "p.h5", patch_size=16, counts=(5, 2, 2),
-                           min_mask_fraction=0.4, crop_margin=0)
+    info = extract_patches(
+        [vol],
+        tmp_path / "p.h5",
+        patch_size=16,
+        counts=(5, 2, 2),
+        min_mask_fraction=0.4,
+        crop_margin=0,
+    )
     assert info.n_patches == 8
     assert info.subjects[0]["grid_positions"] == 20
     assert info.subjects[0]["patches_kept"] == 8
@@ -155,14 +174,19 @@ def test_patches_with_little_brain_are_skipped(tmp_path, training_volumes):
     assert origins == {(x, y, z) for x in (0, 8) for y in (0, 16) for z in (0, 16)}
     assert sorted(np.round(fractions, 6)) == [0.5] * 4 + [1.0] * 4
     # threshold 0 keeps every grid position
-    info0 = extract_patches([vol], tmp_path / "q.h5", patch_size=16, counts=(5, 2, 2),
-                            min_mask_fraction=0.0, crop_margin=0)
+    info0 = extract_patches(
+        [vol],
+        tmp_path / "q.h5",
+        patch_size=16,
+        counts=(5, 2, 2),
+        min_mask_fraction=0.0,
+        crop_margin=0,
+    )
     assert info0.n_patches == 20
     # a threshold no patch reaches leaves nothing: an error, and no file (no 32³ cube fits
     # inside the phantom's ellipsoid brain)
     with pytest.raises(ValueError, match="no patches"):
-        extract_patches(training_volumes, tmp_path / "r.h5", patch_size=P,
-                        min_mask_fraction=1.0)
+        extract_patches(training_volumes, tmp_path / "r.h5", patch_size=P, min_mask_fraction=1.0)
     assert not (tmp_path / "r.h5").exists()
 
 
@@ -202,8 +226,9 @@ def test_running_stats_equals_numpy():
 
 
 def test_store_normalisation_equals_numpy(tmp_path, training_volumes):
-    info = extract_patches(training_volumes, tmp_path / "p.h5", patch_size=P,
-                           linearity_factor=4.0, sign_flip=True)
+    info = extract_patches(
+        training_volumes, tmp_path / "p.h5", patch_size=P, linearity_factor=4.0, sign_flip=True
+    )
     with h5py.File(info.path) as h5:
         m = h5["mask"][:].astype(bool)
         inputs = h5["input"][:][m].astype(np.float64)
@@ -223,9 +248,16 @@ def test_store_normalisation_equals_numpy(tmp_path, training_volumes):
 
 
 def test_store_layout_and_content(tmp_path, training_volumes, phantoms):
-    vols = [TrainingVolume(v.field, v.chi, v.mask, subject=v.subject,
-                           sources={"field": f"{v.subject}_field.nii.gz"})
-            for v in training_volumes]
+    vols = [
+        TrainingVolume(
+            v.field,
+            v.chi,
+            v.mask,
+            subject=v.subject,
+            sources={"field": f"{v.subject}_field.nii.gz"},
+        )
+        for v in training_volumes
+    ]
     info = extract_patches(vols, tmp_path / "p.h5", patch_size=P)
     assert info.n_patches == 16 and info.patch_size == P
     assert os.listdir(tmp_path) == ["p.h5"]  # no temporary file left behind
@@ -235,9 +267,13 @@ def test_store_layout_and_content(tmp_path, training_volumes, phantoms):
             ds = h5[name]
             assert ds.shape == (n, 1, P, P, P) and ds.dtype == dtype
             assert ds.chunks == (1, 1, P, P, P)  # one patch per chunk: cheap random reads
-        for name, shape, kind in (("b0_dir", (n, 3), "f"), ("voxel_size", (n, 3), "f"),
-                                  ("subject", (n,), "i"), ("origin", (n, 3), "i"),
-                                  ("augmentation", (n,), "i")):
+        for name, shape, kind in (
+            ("b0_dir", (n, 3), "f"),
+            ("voxel_size", (n, 3), "f"),
+            ("subject", (n,), "i"),
+            ("origin", (n, 3), "i"),
+            ("augmentation", (n,), "i"),
+        ):
             assert h5[name].shape == shape and h5[name].dtype.kind == kind
         attrs = h5.attrs
         assert attrs["format"] == FORMAT and int(attrs["format_version"]) == FORMAT_VERSION
@@ -268,8 +304,13 @@ def test_store_layout_and_content(tmp_path, training_volumes, phantoms):
 
 def test_linearity_and_sign_flip(tmp_path, training_volumes, phantoms):
     factor = 4.0
-    info = extract_patches(training_volumes[:1], tmp_path / "p.h5", patch_size=P,
-                           linearity_factor=factor, sign_flip=True)
+    info = extract_patches(
+        training_volumes[:1],
+        tmp_path / "p.h5",
+        patch_size=P,
+        linearity_factor=factor,
+        sign_flip=True,
+    )
     ph = phantoms[0]
     assert info.subjects[0]["crop"] == [[0, 40]] * 3  # the phantom's crop is the whole volume
     chi_lin = np.where(ph["chi"] > 0, factor * ph["chi"].astype(np.float64), ph["chi"])
@@ -284,8 +325,9 @@ def test_linearity_and_sign_flip(tmp_path, training_volumes, phantoms):
         for a in counts:  # every variant covers the same grid positions, in the same order
             np.testing.assert_array_equal(origins[by_name[a]], origins[by_name["none"]])
         inp, lab = h5["input"][:, 0], h5["label"][:, 0]
-        for i_none, i_lin, i_flip, i_lflip in zip(*(by_name[a] for a in (
-                "none", "linearity", "sign_flip", "linearity+sign_flip"))):
+        for i_none, i_lin, i_flip, i_lflip in zip(
+            *(by_name[a] for a in ("none", "linearity", "sign_flip", "linearity+sign_flip"))
+        ):
             o = origins[i_none]
             np.testing.assert_allclose(lab[i_lin], _crop(chi_lin, o), rtol=1e-6)
             assert np.any(lab[i_lin] != lab[i_none])  # positive χ was scaled
@@ -306,20 +348,27 @@ def test_linearity_of_positive_sources(tmp_path):
     chi = 0.1 * ((g - np.array([3, -2, 4])[:, None, None, None]) ** 2).sum(0) <= 5**2
     chi = 0.1 * chi + 0.02 * ((g**2).sum(0) <= 3**2)
     field = forward_field(chi, pad=16) * mask
-    info = extract_patches([TrainingVolume(field, chi, mask)], tmp_path / "p.h5", patch_size=P,
-                           linearity_factor=2.5)
+    info = extract_patches(
+        [TrainingVolume(field, chi, mask)], tmp_path / "p.h5", patch_size=P, linearity_factor=2.5
+    )
     with h5py.File(info.path) as h5:
         aug = h5["augmentation"][:]
         none, lin = np.flatnonzero(aug == 0), np.flatnonzero(aug == 1)
         assert len(none) == len(lin) == 8
-        np.testing.assert_allclose(h5["input"][lin], 2.5 * h5["input"][none], rtol=1e-5,
-                                   atol=1e-8)
+        np.testing.assert_allclose(h5["input"][lin], 2.5 * h5["input"][none], rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(h5["label"][lin], 2.5 * h5["label"][none], rtol=1e-6)
 
 
 def test_b0_tilt_copies(tmp_path, training_volumes, phantoms):
-    info = extract_patches(training_volumes[:1], tmp_path / "p.h5", patch_size=P, b0_tilts=2,
-                           max_tilt_deg=25.0, sign_flip=True, seed=5)
+    info = extract_patches(
+        training_volumes[:1],
+        tmp_path / "p.h5",
+        patch_size=P,
+        b0_tilts=2,
+        max_tilt_deg=25.0,
+        sign_flip=True,
+        seed=5,
+    )
     ph = phantoms[0]
     with h5py.File(info.path) as h5:
         names = np.asarray([AUGMENTATIONS[a] for a in h5["augmentation"][:]])
@@ -338,8 +387,9 @@ def test_b0_tilt_copies(tmp_path, training_volumes, phantoms):
             assert len(rows) == 8
             for r in rows:
                 o = h5["origin"][r]
-                np.testing.assert_allclose(h5["input"][r, 0], _crop(field_b, o), rtol=1e-4,
-                                           atol=1e-7)
+                np.testing.assert_allclose(
+                    h5["input"][r, 0], _crop(field_b, o), rtol=1e-4, atol=1e-7
+                )
                 np.testing.assert_array_equal(h5["label"][r, 0], _crop(ph["chi"], o))
         # the sign-flipped tilted copies keep their direction and negate field and χ
         flip = np.flatnonzero(names == "b0_tilt+sign_flip")
@@ -379,25 +429,36 @@ def test_read_store_info_refuses_other_files(tmp_path, patch_store):
         src.copy("input", dst)
     text = tmp_path / "notes.h5"
     text.write_text("not HDF5")
-    for path, match in ((foreign, "not a complete"), (incomplete, "not a complete"),
-                        (newer, "newer"), (text, "not a readable"),
-                        (tmp_path / "missing.h5", "not a readable")):
+    for path, match in (
+        (foreign, "not a complete"),
+        (incomplete, "not a complete"),
+        (newer, "newer"),
+        (text, "not a readable"),
+        (tmp_path / "missing.h5", "not a readable"),
+    ):
         with pytest.raises(ValueError, match=match):
             read_store_info(path)
         with pytest.raises(ValueError):
             PatchDataset(path)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"chi": np.zeros((8, 8, 9))}, "same shape"),
-    ({"field": np.full((8, 8, 8), np.nan)}, "NaN"),
-    ({"mask": np.zeros((8, 8, 8))}, "empty"),
-    ({"field": np.zeros((8, 8))}, "3-D"),
-    ({"b0_dir": (0, 0, 0)}, "zero"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"chi": np.zeros((8, 8, 9))}, "same shape"),
+        ({"field": np.full((8, 8, 8), np.nan)}, "NaN"),
+        ({"mask": np.zeros((8, 8, 8))}, "empty"),
+        ({"field": np.zeros((8, 8))}, "3-D"),
+        ({"b0_dir": (0, 0, 0)}, "zero"),
+    ],
+)
 def test_training_volume_checks(change, match):
-    args = {"field": np.zeros((8, 8, 8)), "chi": np.zeros((8, 8, 8)),
-            "mask": np.ones((8, 8, 8)), **change}
+    args = {
+        "field": np.zeros((8, 8, 8)),
+        "chi": np.zeros((8, 8, 8)),
+        "mask": np.ones((8, 8, 8)),
+        **change,
+    }
     with pytest.raises(ValueError, match=match):
         TrainingVolume(**args)
 
@@ -436,9 +497,12 @@ def test_patch_dataset_normalises(patch_store, phantoms):
     assert len(sub) == 2
     ph = phantoms[int(subjects[7])]
     m = _crop(ph["mask"], origins[7])
-    np.testing.assert_allclose(sub[1]["label"][0].numpy(),
-                               (_crop(ph["chi"], origins[7]) - 0.1) / 2.0 * m, rtol=1e-6,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        sub[1]["label"][0].numpy(),
+        (_crop(ph["chi"], origins[7]) - 0.1) / 2.0 * m,
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 class _ProbeDataset(PatchDataset):
@@ -476,8 +540,9 @@ def test_patch_dataset_in_dataloader_workers(patch_store):
 def test_kernel_cache(tmp_path, training_volumes):
     from bids_qsmnet.physics.dipole import dipole_kernel
 
-    info = extract_patches(training_volumes[:1], tmp_path / "p.h5", patch_size=P, b0_tilts=1,
-                           seed=2)
+    info = extract_patches(
+        training_volumes[:1], tmp_path / "p.h5", patch_size=P, b0_tilts=1, seed=2
+    )
     ds = PatchDataset(info.path)
     cache = KernelCache()
     straight, tilted = ds[0], ds[len(ds) - 1]
@@ -496,11 +561,15 @@ def test_kernel_cache(tmp_path, training_volumes):
     # a batch of one geometry shares one kernel; a mixed batch stacks one per patch
     same = cache.batch((P, P, P), torch.ones(3, 3), torch.tensor([[0.0, 0, 1]] * 3))
     assert same.shape == (P, P, P)
-    mixed = cache.batch((P, P, P), torch.stack([straight["voxel_size"], tilted["voxel_size"]]),
-                        torch.stack([straight["b0_dir"], tilted["b0_dir"]]))
+    mixed = cache.batch(
+        (P, P, P),
+        torch.stack([straight["voxel_size"], tilted["voxel_size"]]),
+        torch.stack([straight["b0_dir"], tilted["b0_dir"]]),
+    )
     assert mixed.shape == (2, 1, P, P, P)
-    torch.testing.assert_close(mixed[0, 0], torch.as_tensor(
-        dipole_kernel((P, P, P)), dtype=torch.float32))
+    torch.testing.assert_close(
+        mixed[0, 0], torch.as_tensor(dipole_kernel((P, P, P)), dtype=torch.float32)
+    )
     # anisotropic voxels change the kernel
     k_aniso = cache.get((P, P, P), (1.0, 1.0, 2.0), (0, 0, 1))
     assert not torch.allclose(k_aniso, cache.get((P, P, P), (1.0, 1.0, 1.0), (0, 0, 1)))

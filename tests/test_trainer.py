@@ -15,13 +15,22 @@ from bids_qsmnet.models.modelfile import load_model
 from bids_qsmnet.models.registry import architecture_config
 from bids_qsmnet.training.trainer import TrainingConfig, ValidationVolume, train
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # two cores shared with other jobs: more threads only contend
 
 
 def _config(store, out_dir, **kw) -> TrainingConfig:
-    base = {"architecture": "toy", "name": "toy-test", "batch_size": 4, "epochs": 2,
-            "learning_rate": 1e-2, "log_every": 1, "device": "cpu", "threads": 2, "seed": 3,
-            "val_every": 1}
+    base = {
+        "architecture": "toy",
+        "name": "toy-test",
+        "batch_size": 4,
+        "epochs": 2,
+        "learning_rate": 1e-2,
+        "log_every": 1,
+        "device": "cpu",
+        "threads": 1,
+        "seed": 3,
+        "val_every": 1,
+    }
     return TrainingConfig(patches=store.path, out_dir=str(out_dir), **{**base, **kw})
 
 
@@ -38,17 +47,17 @@ def _weights(out_dir) -> dict:
 @pytest.fixture(scope="module")
 def validation_volume():
     """A phantom the network never saw in training (another seed)."""
-    from conftest import sphere_phantom
+    from conftest import SMALL_SHAPE, sphere_phantom
 
-    ph = sphere_phantom(seed=7)
+    ph = sphere_phantom(SMALL_SHAPE, seed=7, n_spheres=4)
     return ValidationVolume("sub-val", ph["field"], ph["chi"], ph["mask"])
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, patch_store, validation_volume):
+def trained(tmp_path_factory, small_store, validation_volume):
     """Three epochs of the toy network (12 steps of 4 patches) with validation every epoch."""
     out = tmp_path_factory.mktemp("trained")
-    cfg = _config(patch_store, out, epochs=3, lr_decay=0.5, lr_decay_steps=5)
+    cfg = _config(small_store, out, epochs=3, lr_decay=0.5, lr_decay_steps=5)
     result = train(cfg, [validation_volume])
     return out, cfg, result
 
@@ -80,14 +89,14 @@ def test_learning_rate_schedule(trained):
             assert float(r["lr"]) == pytest.approx(1e-2 * 0.5 ** (step // 5), rel=1e-9)
 
 
-def test_output_files(trained, patch_store):
+def test_output_files(trained, small_store):
     out, cfg, result = trained
     assert result.model_path == str(out / "model.safetensors")
     loaded = load_model(result.model_path)
     spec = loaded.spec
     assert spec.name == "toy-test"
     assert spec.architecture == architecture_config("toy")
-    for k, v in patch_store.normalization.items():
+    for k, v in small_store.normalization.items():
         assert getattr(spec.normalization, k) == pytest.approx(v, rel=1e-12)
     assert spec.training["epochs_done"] == 3 and spec.training["steps_done"] == 12
     assert spec.training["architecture_name"] == "toy" and spec.training["seed"] == 3
@@ -100,7 +109,7 @@ def test_output_files(trained, patch_store):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["epochs_done"] == 3 and summary["steps_done"] == 12
     assert summary["patches"] == 16 and summary["world_size"] == 1
-    assert summary["normalization"] == patch_store.normalization
+    assert summary["normalization"] == small_store.normalization
     assert set(summary["validation"]) == {"sub-val"}
     assert result.curves_path == str(out / "loss_curves.png")
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -134,18 +143,17 @@ def test_validation_outputs(trained, validation_volume):
     chi = predict_chi(loaded, vol.field, vol.mask)
     assert float(last["nrmse"]) == pytest.approx(nrmse(chi, vol.chi, vol.mask), rel=1e-4)
     assert float(last["hfen"]) == pytest.approx(hfen(chi, vol.chi, vol.mask), rel=1e-4)
-    assert float(last["ssim"]) == pytest.approx(ssim(chi, vol.chi, vol.mask), rel=1e-4,
-                                                abs=1e-6)
+    assert float(last["ssim"]) == pytest.approx(ssim(chi, vol.chi, vol.mask), rel=1e-4, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- exact resume
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, patch_store):
+def uninterrupted(tmp_path_factory, small_store):
     """Two epochs (8 steps) without a stop: the reference for the resume tests."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    train(_config(patch_store, out, val_every=0))
+    train(_config(small_store, out, val_every=0))
     return out
 
 
@@ -165,18 +173,18 @@ def _assert_same_run(a, b):
     assert la == lb  # the resumed log has each step once, with the same losses
 
 
-def test_resume_after_max_steps_is_exact(tmp_path, patch_store, uninterrupted):
+def test_resume_after_max_steps_is_exact(tmp_path, small_store, uninterrupted):
     out = tmp_path / "run"
-    first = train(_config(patch_store, out, val_every=0, max_steps=3, checkpoint_every_steps=2))
+    first = train(_config(small_store, out, val_every=0, max_steps=3, checkpoint_every_steps=2))
     assert first.steps_done == 3 and first.epochs_done == 0  # stopped inside epoch 1
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 3, 3)
-    second = train(_config(patch_store, out, val_every=0, resume=True))
+    second = train(_config(small_store, out, val_every=0, resume=True))
     assert second.steps_done == 8 and second.epochs_done == 2
     _assert_same_run(uninterrupted, out)
 
 
-def test_resume_after_crash_is_exact(tmp_path, patch_store, uninterrupted, monkeypatch):
+def test_resume_after_crash_is_exact(tmp_path, small_store, uninterrupted, monkeypatch):
     """A crash in step 4 leaves the checkpoint of step 2 and log rows up to step 3."""
     from bids_qsmnet.models import losses
 
@@ -192,50 +200,90 @@ def test_resume_after_crash_is_exact(tmp_path, patch_store, uninterrupted, monke
     out = tmp_path / "run"
     monkeypatch.setattr(losses, "qsmnet_loss", crashing)
     with pytest.raises(RuntimeError, match="node lost"):
-        train(_config(patch_store, out, val_every=0, checkpoint_every_steps=2))
+        train(_config(small_store, out, val_every=0, checkpoint_every_steps=2))
     monkeypatch.setattr(losses, "qsmnet_loss", real)
     assert [int(r["step"]) for r in _log(out)] == [1, 2, 3]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
-    train(_config(patch_store, out, val_every=0, resume=True))
+    train(_config(small_store, out, val_every=0, resume=True))
     _assert_same_run(uninterrupted, out)
 
 
-def test_resume_at_the_step_limit_does_nothing_more(tmp_path, patch_store):
+def test_resume_at_the_step_limit_does_nothing_more(tmp_path, small_store):
     out = tmp_path / "run"
-    train(_config(patch_store, out, val_every=0, max_steps=3))
+    train(_config(small_store, out, val_every=0, max_steps=3))
     before = _weights(out)
-    again = train(_config(patch_store, out, val_every=0, max_steps=3, resume=True))
+    again = train(_config(small_store, out, val_every=0, max_steps=3, resume=True))
     assert again.steps_done == 3
     for k, v in _weights(out).items():
         assert torch.equal(v, before[k])
 
 
-def test_resume_refuses_another_architecture(tmp_path, uninterrupted, patch_store):
+def test_resume_refuses_another_architecture(tmp_path, uninterrupted, small_store):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     other = {**architecture_config("toy"), "channels": [2, 2]}
     with pytest.raises(ValueError, match="another architecture"):
-        train(_config(patch_store, out, architecture=other, resume=True))
+        train(_config(small_store, out, architecture=other, resume=True))
     # a fresh (non-resumed) run in that folder simply starts over
-    fresh = train(_config(patch_store, out, architecture=other, max_steps=1, val_every=0))
+    fresh = train(_config(small_store, out, architecture=other, max_steps=1, val_every=0))
     assert fresh.steps_done == 1 and len(_log(out)) == 1
 
 
-def test_partial_config_dict_is_completed(tmp_path, patch_store):
+def test_partial_config_dict_is_completed(tmp_path, small_store):
     """A JSON config naming only some options gets the defaults (and a valid model file)."""
     arch = {"channels": [2, 4], "kernel_size": 3, "act": "relu", "norm": None}
-    result = train(_config(patch_store, tmp_path, architecture=arch, max_steps=1, val_every=0))
+    result = train(_config(small_store, tmp_path, architecture=arch, max_steps=1, val_every=0))
     spec = load_model(result.model_path).spec
     assert spec.architecture["channels"] == [2, 4] and spec.architecture["norm"] is None
     assert spec.architecture["in_channels"] == 1 and spec.architecture["out_channels"] == 1
     with pytest.raises(ValueError, match="invalid network config"):
-        train(_config(patch_store, tmp_path / "bad", architecture={"chanels": [2, 4]}))
+        train(_config(small_store, tmp_path / "bad", architecture={"chanels": [2, 4]}))
     with pytest.raises(ValueError, match="kernel_size"):
-        train(_config(patch_store, tmp_path / "bad", architecture={**arch, "kernel_size": 4}))
+        train(_config(small_store, tmp_path / "bad", architecture={**arch, "kernel_size": 4}))
 
 
-@pytest.mark.parametrize("change", [{"batch_size": 0}, {"epochs": 0}, {"learning_rate": 0.0},
-                                    {"lr_decay": 1.5}, {"w_model": -1.0}])
-def test_config_is_checked(tmp_path, patch_store, change):
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"batch_size": 0},
+        {"epochs": 0},
+        {"learning_rate": 0.0},
+        {"lr_decay": 1.5},
+        {"w_model": -1.0},
+    ],
+)
+def test_config_is_checked(tmp_path, small_store, change):
     with pytest.raises(ValueError):
-        train(_config(patch_store, tmp_path, **change))
+        train(_config(small_store, tmp_path, **change))
+
+
+def test_resume_after_crash_following_validation(
+    tmp_path, small_store, validation_volume, monkeypatch
+):
+    """Checkpoint at the last step of epoch 1, validation of epoch 1 logged, crash in epoch 2:
+    the resumed run validates epoch 1 again, and the log keeps one row per validation."""
+    from bids_qsmnet.models import losses
+
+    real = losses.qsmnet_loss
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # 4 training steps, 1 validation, then the 5th training step
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    cfg = {"checkpoint_every_steps": 4, "val_every": 1}
+    monkeypatch.setattr(losses, "qsmnet_loss", crashing)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(_config(small_store, out, **cfg), [validation_volume])
+    monkeypatch.setattr(losses, "qsmnet_loss", real)
+    assert [(r["kind"], int(r["step"])) for r in _log(out)][-1] == ("val", 4)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 4, 4)
+    train(_config(small_store, out, resume=True, **cfg), [validation_volume])
+    rows = [(r["kind"], int(r["step"])) for r in _log(out)]
+    assert rows == [("train", s) for s in (1, 2, 3, 4)] + [("val", 4)] + [
+        ("train", s) for s in (5, 6, 7, 8)
+    ] + [("val", 8)]

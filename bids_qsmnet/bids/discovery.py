@@ -173,15 +173,23 @@ def _describe(filters: Sequence[dict]) -> str:
 
 
 def _match(layout, filters, ents: dict, what: str, field_path: str):
-    """The unique file of ``filters`` whose subject/session/acquisition/run equal ``ents``."""
+    """The unique file of ``filters`` that belongs to the field with entities ``ents``.
+
+    Subject and session must be equal (both absent counts as equal); acquisition and run must
+    be equal where the file has them, so a mask without ``run`` serves every run of its
+    session.  A file with exactly the field's entities is preferred over such a shared one.
+    """
     query = {k: ents.get(k) for k in MATCH_ENTITIES}
-    # pybids: None means "entity absent"; fall back to ignoring acquisition/run if needed
-    found = _query(layout, filters, **{k: v for k, v in query.items() if v is not None})
-    found = [f for f in found if all(f.get_entities().get(k) == query[k]
-                                     for k in MATCH_ENTITIES if query[k] is not None)]
-    exact = [f for f in found if all(f.get_entities().get(k) == query[k] for k in MATCH_ENTITIES)]
-    chosen = exact or [f for f in found if not any(
-        f.get_entities().get(k) is not None and query[k] is None for k in MATCH_ENTITIES)]
+    found = _query(layout, filters, subject=query["subject"])
+
+    def ent(f, k):
+        return f.get_entities().get(k)
+
+    found = [f for f in found if ent(f, "session") == query["session"]]
+    shared = [f for f in found
+              if all(ent(f, k) is None or ent(f, k) == query[k] for k in ("acquisition", "run"))]
+    exact = [f for f in shared if all(ent(f, k) == query[k] for k in ("acquisition", "run"))]
+    chosen = exact or shared
     if len(chosen) > 1:
         raise DiscoveryError(
             f"{field_path}: {len(chosen)} {what} files match it ("

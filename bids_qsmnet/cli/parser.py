@@ -187,8 +187,10 @@ def parse_args(argv=None):
     opts.output_dir = out
     if out == bids_dir:
         parser.error("output_dir must differ from bids_dir")
-    if bids_dir in out.parents and out.parent.name != "derivatives" and \
-            "derivatives" not in out.relative_to(bids_dir).parts:
+    # inside the dataset only as a pipeline folder of its top-level derivatives/ (not
+    # derivatives/ itself, not a derivatives/ folder deeper in the tree)
+    rel = out.relative_to(bids_dir).parts if bids_dir in out.parents else None
+    if rel is not None and (rel[0] != "derivatives" or len(rel) < 2):
         parser.error(f"output_dir {out} is inside bids_dir: use {bids_dir}/derivatives/"
                      "bids_qsmnet or a folder outside the dataset")
     if opts.work_dir is not None:

@@ -30,10 +30,31 @@ TUTORIAL_KEYS = (
 )
 
 
+#: MATLAB classes of v7.3 variables that are not numeric arrays
+_NON_NUMERIC_CLASSES = {"char", "cell", "struct", "function_handle", "string", "table"}
+
+
 def _is_hdf5(path: str) -> bool:
+    import h5py
+
     with open(path, "rb") as fh:
-        head = fh.read(512)
-    return b"\x89HDF\r\n\x1a\n" in head or b"MATLAB 7.3" in head[:128]
+        head = fh.read(128)
+    # h5py also finds the HDF5 signature behind a user block of any size (MATLAB: 512 bytes)
+    return head.startswith(b"MATLAB 7.3") or h5py.is_hdf5(path)
+
+
+def _read_hdf5_variable(f, k: str, path: str) -> np.ndarray:
+    import h5py
+
+    obj = f[k]
+    cls = obj.attrs.get("MATLAB_class", b"")
+    cls = cls.decode() if isinstance(cls, bytes) else str(cls)
+    if not isinstance(obj, h5py.Dataset) or cls in _NON_NUMERIC_CLASSES:
+        raise ValueError(
+            f"{path}: variable {k!r} is not a numeric array "
+            f"(MATLAB class {cls or type(obj).__name__})"
+        )
+    return np.asarray(obj[()]).T  # h5py reverses MATLAB's column-major axes
 
 
 def _pick(names, key, path):
@@ -73,8 +94,7 @@ def load_mat_volume(path: str | os.PathLike, key: str | None = None) -> np.ndarr
         with h5py.File(path, "r") as f:
             names = [k for k in f.keys() if not k.startswith("#")]
             k = _pick(names, key, path)
-            arr = np.asarray(f[k][()])
-            arr = arr.T  # h5py reverses MATLAB's column-major axes
+            arr = _read_hdf5_variable(f, k, path)
     else:
         from scipy.io import loadmat
 

@@ -4,9 +4,11 @@ The network expects a field in ppm in its training frame (B0 along the third axi
 model's voxel size); bringing a volume into that frame is the job of
 :mod:`bids_qsmnet.inference.frame`.  Here the volume is already in that frame.
 
-Large volumes are predicted in overlapping tiles whose outputs are blended with a weight that
-falls off towards the tile borders (a separable Hann-like window, computed once), so peak
-memory is bounded by the tile size instead of the volume.
+Large volumes are predicted in overlapping tiles whose outputs are blended with a separable
+weight that is zero on the outer quarter of each overlap (where a tile's prediction sees its
+zero padding instead of the neighbouring data) and rises as a raised cosine over the middle
+half, so peak memory is bounded by the tile size instead of the volume, and a network whose
+receptive field fits in that margin gives exactly its whole-volume prediction.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_window"]
+__all__ = [
+    "pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_weights",
+]
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -40,34 +44,61 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[sli
     return np.pad(x, pads), tuple(crop)
 
 
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+def tile_starts(length: int, tile: int, overlap: float, *, multiple: int = 1) -> list[int]:
     """Start indices of tiles of size ``tile`` covering ``length`` with the given overlap
     fraction; the last tile ends exactly at ``length``.
 
+    The step ``tile · (1 − overlap)`` is rounded down to a multiple of ``multiple`` (a U-Net
+    with ``d`` poolings sees the same pooling grid in every tile only when the tiles start at
+    multiples of ``2**d``).
+
     >>> tile_starts(160, 96, 0.25)
     [0, 64]
+    >>> tile_starts(96, 32, 0.3, multiple=16)
+    [0, 16, 32, 48, 64]
     """
     if tile >= length:
         return [0]
-    step = max(1, int(tile * (1.0 - overlap)))
+    step = max(multiple, int(tile * (1.0 - overlap)) // multiple * multiple)
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return sorted(set(starts))
 
 
-def blend_window(tile: Sequence[int], overlap: float) -> np.ndarray:
-    """Separable blending weight for a tile: 1 in the centre, a raised-cosine ramp over the
-    overlapping border (``overlap · tile`` voxels), never exactly 0 so that edge voxels of the
-    volume, covered by a single tile, keep a finite weight."""
-    axes = []
-    for n in tile:
-        ramp = max(1, int(round(n * overlap / 2)))
-        w = np.ones(n)
-        r = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
-        w[:ramp] = r
-        w[n - ramp:] = np.minimum(w[n - ramp:], r[::-1])
-        axes.append(np.maximum(w, 1e-3))
-    return np.einsum("i,j,k->ijk", *axes).astype(np.float32)
+def _rising_edge(overlap_vox: int, tile: int) -> np.ndarray:
+    """Weight of a tile along one axis near a side shared with a neighbour overlapping it by
+    ``overlap_vox`` voxels: 0 on the outer quarter of the overlap, a raised cosine over its
+    middle half, 1 beyond."""
+    w = np.ones(tile)
+    zero = overlap_vox // 4
+    ramp = overlap_vox - 2 * zero
+    w[:zero] = 0.0
+    w[zero:zero + ramp] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
+    return w
+
+
+def blend_weights(tile: int, starts: Sequence[int]) -> list[np.ndarray]:
+    """1-D blending weights along one axis: one array of length ``tile`` per tile start.
+
+    Where a tile overlaps a neighbour by ``o`` voxels its weight is 0 on the outer ``o // 4``
+    voxels, rises as a raised cosine over the middle half of the overlap and is 1 inside; on a
+    side at the volume border it stays 1 (no other tile covers those voxels).  Every voxel is
+    at least ``o / 2`` voxels inside the tile nearest to it, where the weight is positive, so the
+    summed weight never vanishes; and a network whose receptive-field radius is at most
+    ``o // 4`` voxels reproduces its whole-volume output exactly.
+
+    >>> [np.round(w, 2).tolist() for w in blend_weights(8, [0, 4])]
+    [[1.0, 1.0, 1.0, 1.0, 1.0, 0.85, 0.15, 0.0], [0.0, 0.15, 0.85, 1.0, 1.0, 1.0, 1.0, 1.0]]
+    """
+    out = []
+    for n, s in enumerate(starts):
+        w = np.ones(tile)
+        if n > 0:
+            w = np.minimum(w, _rising_edge(starts[n - 1] + tile - s, tile))
+        if n + 1 < len(starts):
+            w = np.minimum(w, _rising_edge(s + tile - starts[n + 1], tile)[::-1])
+        out.append(w)
+    return out
 
 
 def _run(network, x: np.ndarray, device) -> np.ndarray:
@@ -99,16 +130,17 @@ def predict_normalised(network, x: np.ndarray, *, multiple: int, device="cpu",
     if not 0.0 <= overlap < 0.9:
         raise ValueError(f"overlap must be within [0, 0.9), got {overlap}")
     sizes = [min(tile, n) for n in xp.shape]
-    window = blend_window(sizes, overlap)
     out = np.zeros(xp.shape, np.float32)
     weight = np.zeros(xp.shape, np.float32)
-    starts = [tile_starts(n, s, overlap) for n, s in zip(xp.shape, sizes)]
+    starts = [tile_starts(n, s, overlap, multiple=multiple) for n, s in zip(xp.shape, sizes)]
+    weights = [blend_weights(s, st) for s, st in zip(sizes, starts)]
     n_tiles = math.prod(len(s) for s in starts)
     LOGGER.debug("tiled inference: %d tiles of %s over %s", n_tiles, sizes, xp.shape)
-    for i in starts[0]:
-        for j in starts[1]:
-            for k in starts[2]:
+    for i, wi in zip(starts[0], weights[0]):
+        for j, wj in zip(starts[1], weights[1]):
+            for k, wk in zip(starts[2], weights[2]):
                 sl = (slice(i, i + sizes[0]), slice(j, j + sizes[1]), slice(k, k + sizes[2]))
+                window = np.einsum("i,j,k->ijk", wi, wj, wk).astype(np.float32)
                 out[sl] += _run(network, xp[sl], device) * window
                 weight[sl] += window
     return (out / weight)[crop]

@@ -31,11 +31,15 @@ def plot_validation_slices(pred: np.ndarray, label: np.ndarray, out_png: str | o
                            vmax: float = 0.2, title: str = "") -> str:
     """Prediction, label and difference on axial slices (third axis), χ in ppm.
 
-    The tutorial shows slices 52, 72, 92, 112 with a −0.1…0.2 ppm window; slices outside the
-    volume are replaced by central ones.
+    The tutorial shows slices 52, 72, 92, 112 with a −0.1…0.2 ppm window; when one of them
+    misses the brain, four slices spread over the brain are shown instead.
     """
     plt = _pyplot()
     idx = valid_slices(pred.shape[2], slices)
+    z = np.nonzero(np.any(label != 0, axis=(0, 1)))[0]
+    if z.size and not all(z.min() <= i <= z.max() for i in idx):
+        # the tutorial's slices miss this (smaller) brain: four slices spread over it instead
+        idx = sorted({int(round(z.min() + f * (z.max() - z.min()))) for f in (0.2, 0.4, 0.6, 0.8)})
     fig, axes = plt.subplots(3, len(idx), figsize=(2.4 * len(idx), 7.2), squeeze=False)
     rows = (("prediction", pred, (vmin, vmax)), ("label", label, (vmin, vmax)),
             ("difference", pred - label, (-(vmax - vmin) / 2, (vmax - vmin) / 2)))

@@ -250,9 +250,14 @@ def _read_log(path: str) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _truncate_log(path: str, step: int) -> None:
-    """Drop rows written after the checkpoint we resume from (they will be written again)."""
-    rows = [r for r in _read_log(path) if int(r["step"]) <= step]
+def _truncate_log(path: str, step: int, *, epoch_done: bool = True) -> None:
+    """Drop rows written after the checkpoint we resume from (they will be written again).
+
+    A checkpoint taken inside an epoch (``epoch_done`` False), even at its last step, comes
+    before that epoch's validation, which the resumed run repeats: its rows at ``step`` go too.
+    """
+    rows = [r for r in _read_log(path) if int(r["step"]) < step
+            or (int(r["step"]) == step and (epoch_done or r["kind"] != "val"))]
     if os.path.exists(path):
         os.remove(path)
     for r in rows:
@@ -379,11 +384,15 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                                        int(state["step"]))
         _set_rng_state(state["rng"])
         if is_main:
-            _truncate_log(log_path, step)
+            _truncate_log(log_path, step, epoch_done=batch_in_epoch == 0)
             LOGGER.info("resuming from %s: epoch %d, batch %d, step %d", ckpt_path,
                         epoch + 1, batch_in_epoch, step)
     elif is_main and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
+    if is_main and not os.path.exists(log_path):
+        # the header at least: a run shorter than log_every still has a (valid) log file
+        with open(log_path, "w", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=LOG_FIELDS).writeheader()
 
     model = network
     if world > 1:
@@ -457,7 +466,14 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
             scheduler.step()
             step += 1
             batch_in_epoch += 1
-            loss = terms["total"].item()
+            # the loss of the whole batch over all ranks: what one process would log, and the
+            # same on every rank, so that a divergence stops all of them together
+            values = torch.stack([terms[k].detach().float()
+                                  for k in ("total", "l1", "model", "grad")])
+            if world > 1:
+                dist.all_reduce(values)
+                values /= world
+            loss, l1_value, model_value, grad_value = values.tolist()
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training diverged at step {step} (loss {loss}); lower the learning rate")
@@ -470,9 +486,9 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                 _append_log(log_path, {
                     "kind": "train", "epoch": epoch + 1, "step": step,
                     "lr": scheduler.get_last_lr()[0], "loss": loss,
-                    "l1": terms["l1"].item(),
-                    "model": terms["model"].item() if cfg.w_model else None,
-                    "gradient": terms["grad"].item() if cfg.w_grad else None,
+                    "l1": l1_value,
+                    "model": model_value if cfg.w_model else None,
+                    "gradient": grad_value if cfg.w_grad else None,
                     "seconds": round(time.perf_counter() - t_start, 2)})
             if is_main and bar is not None and bar.disable and step % (cfg.log_every * 10) == 0:
                 LOGGER.info("epoch %d/%d, step %d/%d: loss %.5f", epoch + 1, cfg.epochs,

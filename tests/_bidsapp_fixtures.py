@@ -16,8 +16,7 @@ import numpy as np
 GAMMA_BAR_MHZ_PER_T = 42.57747892
 
 #: normalisation of the test models (ppm); non-zero means so that de-normalisation is visible
-TEST_NORMALIZATION = {"input_mean": 0.002, "input_std": 0.02, "label_mean": 0.01,
-                      "label_std": 0.05}
+TEST_NORMALIZATION = {"input_mean": 0.002, "input_std": 0.02, "label_mean": 0.01, "label_std": 0.05}
 
 
 def write_json(path, obj) -> str:
@@ -45,16 +44,20 @@ def write_nifti(path, data, affine=None, *, dtype=np.float32, code: int = 1) -> 
 def make_dataset(root, *, derivative: bool, name: str = "test dataset") -> Path:
     """An empty BIDS dataset (raw or derivative) with its ``dataset_description.json``."""
     root = Path(root)
-    desc = {"Name": name, "BIDSVersion": "1.10.0",
-            "DatasetType": "derivative" if derivative else "raw"}
+    desc = {
+        "Name": name,
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative" if derivative else "raw",
+    }
     if derivative:
         desc["GeneratedBy"] = [{"Name": "test-pipeline"}]
     write_json(root / "dataset_description.json", desc)
     return root
 
 
-def add_volume(root, rel: str, sidecar: dict | None = None, *, data=None, affine=None,
-               dtype=np.float32) -> str:
+def add_volume(
+    root, rel: str, sidecar: dict | None = None, *, data=None, affine=None, dtype=np.float32
+) -> str:
     """Write a small NIfTI at ``root/rel`` (``.nii`` or ``.nii.gz``) and its sidecar."""
     root = Path(root)
     if data is None:
@@ -67,8 +70,14 @@ def add_volume(root, rel: str, sidecar: dict | None = None, *, data=None, affine
     return path
 
 
-def make_model_file(path, *, architecture: str = "qsmnet-lite", seed: int = 0,
-                    name: str = "test-lite", normalization: dict | None = None) -> str:
+def make_model_file(
+    path,
+    *,
+    architecture: str = "qsmnet-lite",
+    seed: int = 0,
+    name: str = "test-lite",
+    normalization: dict | None = None,
+) -> str:
     """A small, randomly initialised model file (deterministic for a given seed)."""
     import torch
 
@@ -77,8 +86,9 @@ def make_model_file(path, *, architecture: str = "qsmnet-lite", seed: int = 0,
 
     torch.manual_seed(seed)
     net = build_network(architecture)
-    spec = ModelSpec(name=name, architecture=net.config,
-                     normalization=normalization or TEST_NORMALIZATION)
+    spec = ModelSpec(
+        name=name, architecture=net.config, normalization=normalization or TEST_NORMALIZATION
+    )
     return str(save_model(path, net, spec))
 
 
@@ -100,16 +110,25 @@ def identity_unet():
         c = 1  # centre tap of a 3³ kernel
         w = net.down_0.convs.conv_0.conv.weight
         w[0, 0, c, c, c], w[1, 0, c, c, c] = 1.0, -1.0
-        for conv in (net.down_0.convs.conv_1.conv, net.upcat_1.convs.conv_0.conv,
-                     net.upcat_1.convs.conv_1.conv):
+        for conv in (
+            net.down_0.convs.conv_1.conv,
+            net.upcat_1.convs.conv_0.conv,
+            net.upcat_1.convs.conv_1.conv,
+        ):
             conv.weight[0, 0, c, c, c] = 1.0  # [skip, up] concatenation: skip channels first
             conv.weight[1, 1, c, c, c] = 1.0
         net.final.weight[0, 0, 0, 0, 0], net.final.weight[0, 1, 0, 0, 0] = 1.0, -1.0
     return net.eval()
 
 
-def sphere_field(shape=(32, 32, 32), *, radius: float = 5.0, chi: float = 0.1,
-                 voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0)):
+def sphere_field(
+    shape=(32, 32, 32),
+    *,
+    radius: float = 5.0,
+    chi: float = 0.1,
+    voxel_size=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+):
     """Local field (ppm) of a sphere of ``chi`` ppm inside an ellipsoidal brain mask.
 
     Returns ``(field, mask, chi_map)``; the field is the dipole convolution of ``chi_map``
@@ -117,8 +136,9 @@ def sphere_field(shape=(32, 32, 32), *, radius: float = 5.0, chi: float = 0.1,
     """
     from bids_qsmnet.physics.dipole import forward_field
 
-    g = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * v for n, v in zip(shape, voxel_size)],
-                    indexing="ij")
+    g = np.meshgrid(
+        *[(np.arange(n) - (n - 1) / 2) * v for n, v in zip(shape, voxel_size)], indexing="ij"
+    )
     semi = [0.4 * n * v for n, v in zip(shape, voxel_size)]
     mask = sum((gi / s) ** 2 for gi, s in zip(g, semi)) <= 1.0
     chi_map = np.where(sum(gi**2 for gi in g) <= radius**2, chi, 0.0)

@@ -26,7 +26,8 @@ def bids(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
     (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+        json.dumps({"Name": "x", "BIDSVersion": "1.10.0"})
+    )
     return root, tmp_path / "out"
 
 
@@ -43,16 +44,22 @@ def _exit_code(argv, capsys):
 
 @pytest.mark.parametrize(
     ("labels", "expected"),
-    [(["01"], ["01"]), (["sub-01"], ["01"]), (["sub-01", "02", "sub-A1"], ["01", "02", "A1"]),
-     ([" sub-07 "], ["07"])])
+    [
+        (["01"], ["01"]),
+        (["sub-01"], ["01"]),
+        (["sub-01", "02", "sub-A1"], ["01", "02", "A1"]),
+        ([" sub-07 "], ["07"]),
+    ],
+)
 def test_participant_labels_with_and_without_prefix(bids, labels, expected):
     root, out = bids
     opts = parse_args([str(root), str(out), "participant", "--participant-label", *labels])
     assert opts.participant_label == expected
 
 
-@pytest.mark.parametrize(("labels", "expected"),
-                         [(["pre"], ["pre"]), (["ses-pre", "post"], ["pre", "post"])])
+@pytest.mark.parametrize(
+    ("labels", "expected"), [(["pre"], ["pre"]), (["ses-pre", "post"], ["pre", "post"])]
+)
 def test_session_labels_with_and_without_prefix(bids, labels, expected):
     root, out = bids
     opts = parse_args([str(root), str(out), "participant", "--session-label", *labels])
@@ -94,16 +101,22 @@ def test_nonexistent_bids_dir_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("spelling", ["same", "trailing-slash", "dot-dot", "symlink"])
 def test_output_dir_equal_to_bids_dir_exits_2(bids, capsys, spelling):
     root, _ = bids
-    out = {"same": str(root), "trailing-slash": f"{root}/",
-           "dot-dot": f"{root}/sub/..", "symlink": str(root.parent / "link")}[spelling]
+    out = {
+        "same": str(root),
+        "trailing-slash": f"{root}/",
+        "dot-dot": f"{root}/sub/..",
+        "symlink": str(root.parent / "link"),
+    }[spelling]
     if spelling == "symlink":
         os.symlink(root, out)
     code, err = _exit_code([root, out, "participant"], capsys)
     assert code == 2 and "must differ from bids_dir" in err
 
 
-@pytest.mark.parametrize("inside", ["out", "sub-01/out", "derivatives",
-                                    "sub-01/derivatives/bids_qsmnet", "code/derivatives/x"])
+@pytest.mark.parametrize(
+    "inside",
+    ["out", "sub-01/out", "derivatives", "sub-01/derivatives/bids_qsmnet", "code/derivatives/x"],
+)
 def test_output_dir_inside_bids_dir_exits_2(bids, capsys, inside):
     root, _ = bids
     code, err = _exit_code([root, root / inside, "participant"], capsys)
@@ -133,9 +146,14 @@ def test_work_dir_outside_bids_dir_is_accepted(bids, tmp_path):
 # --------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize(("value", "message"),
-                         [("{not json", "not valid JSON"), ("[1, 2]", "must be a JSON object"),
-                          ("'x'", "not valid JSON")])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ("'x'", "not valid JSON"),
+    ],
+)
 def test_bad_plugin_args_exit_2(bids, capsys, value, message):
     root, out = bids
     code, err = _exit_code([root, out, "participant", "--plugin-args", value], capsys)
@@ -144,8 +162,17 @@ def test_bad_plugin_args_exit_2(bids, capsys, value, message):
 
 def test_plugin_args_parsed(bids):
     root, out = bids
-    opts = parse_args([str(root), str(out), "participant", "--plugin", "SLURM",
-                       "--plugin-args", '{"sbatch_args": "-p gpu", "max_jobs": 4}'])
+    opts = parse_args(
+        [
+            str(root),
+            str(out),
+            "participant",
+            "--plugin",
+            "SLURM",
+            "--plugin-args",
+            '{"sbatch_args": "-p gpu", "max_jobs": 4}',
+        ]
+    )
     assert opts.plugin == "SLURM"
     assert opts.plugin_args == {"sbatch_args": "-p gpu", "max_jobs": 4}
 
@@ -156,13 +183,16 @@ def test_unknown_plugin_exits_2(bids, capsys):
     assert code == 2
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("{\"localfield\": ", "not valid JSON"),
-    ("[{\"suffix\": \"localfield\"}]", "must hold a JSON object"),
-    ("{\"phase\": {\"suffix\": \"phase\"}}", "unknown input kind(s) phase"),
-    ("{\"localfield\": \"localfield\"}", "must be a filter object or a list of them"),
-    ("{\"mask\": []}", "must be a filter object or a list of them"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"localfield": ', "not valid JSON"),
+        ('[{"suffix": "localfield"}]', "must hold a JSON object"),
+        ('{"phase": {"suffix": "phase"}}', "unknown input kind(s) phase"),
+        ('{"localfield": "localfield"}', "must be a filter object or a list of them"),
+        ('{"mask": []}', "must be a filter object or a list of them"),
+    ],
+)
 def test_bad_bids_filter_file_exits_2(bids, tmp_path, capsys, content, message):
     root, out = bids
     f = tmp_path / "filters.json"
@@ -173,26 +203,45 @@ def test_bad_bids_filter_file_exits_2(bids, tmp_path, capsys, content, message):
 
 def test_missing_bids_filter_file_exits_2(bids, tmp_path, capsys):
     root, out = bids
-    code, err = _exit_code([root, out, "participant", "--bids-filter-file",
-                            tmp_path / "nope.json"], capsys)
+    code, err = _exit_code(
+        [root, out, "participant", "--bids-filter-file", tmp_path / "nope.json"], capsys
+    )
     assert code == 2 and "does not exist" in err
 
 
 def test_bids_filter_file_loaded_as_lists(bids, tmp_path):
     root, out = bids
     f = tmp_path / "filters.json"
-    f.write_text(json.dumps({"localfield": {"suffix": "tissuefield"},
-                             "mask": [{"desc": "brain", "suffix": "mask"}, {"suffix": "mask"}]}))
+    f.write_text(
+        json.dumps(
+            {
+                "localfield": {"suffix": "tissuefield"},
+                "mask": [{"desc": "brain", "suffix": "mask"}, {"suffix": "mask"}],
+            }
+        )
+    )
     opts = parse_args([str(root), str(out), "participant", "--bids-filter-file", str(f)])
-    assert opts.bids_filter_file == {"localfield": [{"suffix": "tissuefield"}],
-                                     "mask": [{"desc": "brain", "suffix": "mask"},
-                                              {"suffix": "mask"}]}
+    assert opts.bids_filter_file == {
+        "localfield": [{"suffix": "tissuefield"}],
+        "mask": [{"desc": "brain", "suffix": "mask"}, {"suffix": "mask"}],
+    }
 
 
-@pytest.mark.parametrize(("option", "value"), [
-    ("--b0-strength", "0"), ("--b0-strength", "-3"), ("--b0-strength", "three"),
-    ("--tile", "0"), ("--tile", "6.5"), ("--nprocs", "0"), ("--epochs", "-1"),
-    ("--validation-fraction", "1.0"), ("--device", "tpu"), ("--learning-rate", "0")])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--b0-strength", "0"),
+        ("--b0-strength", "-3"),
+        ("--b0-strength", "three"),
+        ("--tile", "0"),
+        ("--tile", "6.5"),
+        ("--nprocs", "0"),
+        ("--epochs", "-1"),
+        ("--validation-fraction", "1.0"),
+        ("--device", "tpu"),
+        ("--learning-rate", "0"),
+    ],
+)
 def test_bad_numbers_exit_2(bids, capsys, option, value):
     root, out = bids
     code, _ = _exit_code([root, out, "participant", option, value], capsys)
@@ -224,8 +273,9 @@ sys.stderr.write("PROBE %s %s %.3f\\n" % (code, ",".join(heavy) or "-", time.per
 
 @pytest.mark.parametrize("arg", ["--version", "--help"])
 def test_help_and_version_import_nothing_heavy(arg):
-    proc = subprocess.run([sys.executable, "-c", _PROBE.format(arg=arg)], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(arg=arg)], capture_output=True, text=True, timeout=60
+    )
     probe = [line for line in proc.stderr.splitlines() if line.startswith("PROBE")]
     assert probe, proc.stderr
     _, code, heavy, _seconds = probe[0].split()
@@ -241,8 +291,7 @@ def test_help_and_version_import_nothing_heavy(arg):
 def test_console_script_is_fast(arg):
     assert CONSOLE_SCRIPT.exists(), f"{CONSOLE_SCRIPT} (the package is installed editable)"
     t0 = time.perf_counter()
-    proc = subprocess.run([str(CONSOLE_SCRIPT), arg], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([str(CONSOLE_SCRIPT), arg], capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0
     assert elapsed < 1.5, f"bids_qsmnet {arg} took {elapsed:.2f} s"

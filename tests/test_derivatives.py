@@ -22,29 +22,56 @@ from bids_qsmnet.bids.derivatives import (
 from bids_qsmnet.interfaces.derivatives import DerivativesSink, sink_derivative
 
 OUT = "/out"
-FIELD = {"subject": "01", "session": "pre", "acquisition": "gre", "run": "02",
-         "desc": "localfield", "suffix": "unwrapped", "datatype": "anat",
-         "extension": ".nii.gz"}
+FIELD = {
+    "subject": "01",
+    "session": "pre",
+    "acquisition": "gre",
+    "run": "02",
+    "desc": "localfield",
+    "suffix": "unwrapped",
+    "datatype": "anat",
+    "extension": ".nii.gz",
+}
 
 
 # --------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize(("entities", "kwargs", "expected"), [
-    (FIELD, {"suffix": "Chimap"},
-     "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz"),
-    (FIELD, {"suffix": "Chimap", "extension": ".json"},
-     "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.json"),
-    (FIELD, {"suffix": "mask", "desc": "brain"},
-     "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_desc-brain_mask.nii.gz"),
-    ({"subject": "01", "suffix": "localfield"}, {"suffix": "Chimap"},
-     "sub-01/anat/sub-01_Chimap.nii.gz"),
-    ({"subject": "A", "echo": 2, "part": "phase", "suffix": "MEGRE"}, {"suffix": "Chimap"},
-     "sub-A/anat/sub-A_Chimap.nii.gz"),
-    ({"subject": "01", "run": 3, "suffix": "localfield"},
-     {"suffix": "mosaic", "desc": "chimap", "extension": ".png"},
-     "sub-01/anat/sub-01_run-3_desc-chimap_mosaic.png"),
-])
+@pytest.mark.parametrize(
+    ("entities", "kwargs", "expected"),
+    [
+        (
+            FIELD,
+            {"suffix": "Chimap"},
+            "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz",
+        ),
+        (
+            FIELD,
+            {"suffix": "Chimap", "extension": ".json"},
+            "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.json",
+        ),
+        (
+            FIELD,
+            {"suffix": "mask", "desc": "brain"},
+            "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_desc-brain_mask.nii.gz",
+        ),
+        (
+            {"subject": "01", "suffix": "localfield"},
+            {"suffix": "Chimap"},
+            "sub-01/anat/sub-01_Chimap.nii.gz",
+        ),
+        (
+            {"subject": "A", "echo": 2, "part": "phase", "suffix": "MEGRE"},
+            {"suffix": "Chimap"},
+            "sub-A/anat/sub-A_Chimap.nii.gz",
+        ),
+        (
+            {"subject": "01", "run": 3, "suffix": "localfield"},
+            {"suffix": "mosaic", "desc": "chimap", "extension": ".png"},
+            "sub-01/anat/sub-01_run-3_desc-chimap_mosaic.png",
+        ),
+    ],
+)
 def test_names_from_source_entities(entities, kwargs, expected):
     assert derivative_path(OUT, entities, **kwargs) == f"{OUT}/{expected}"
 
@@ -54,17 +81,29 @@ def test_names_from_discovered_entities(tmp_path):
     from bids_qsmnet.bids.discovery import build_layout, collect_runs
 
     root = make_dataset(tmp_path / "ds", derivative=True)
-    add_volume(root, "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_desc-localfield_"
-               "unwrapped.nii.gz", {"Units": "ppm"})
+    add_volume(
+        root,
+        "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_desc-localfield_unwrapped.nii.gz",
+        {"Units": "ppm"},
+    )
     (run,) = collect_runs(build_layout(root), "01")
     out = str(tmp_path / "out")
     assert derivative_path(out, run.entities, suffix="Chimap") == os.path.join(
-        out, "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz")
+        out, "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz"
+    )
 
 
-@pytest.mark.parametrize(("entity", "value"), [
-    ("subject", "../x"), ("subject", ".."), ("session", "../../etc"), ("subject", "a/b"),
-    ("acquisition", "x/../../y"), ("reconstruction", "/abs")])
+@pytest.mark.parametrize(
+    ("entity", "value"),
+    [
+        ("subject", "../x"),
+        ("subject", ".."),
+        ("session", "../../etc"),
+        ("subject", "a/b"),
+        ("acquisition", "x/../../y"),
+        ("reconstruction", "/abs"),
+    ],
+)
 def test_paths_never_leave_the_output_folder(tmp_path, entity, value):
     ents = {"subject": "01", "suffix": "localfield", entity: value}
     with pytest.raises(ValueError):
@@ -73,10 +112,14 @@ def test_paths_never_leave_the_output_folder(tmp_path, entity, value):
 
 
 def test_bids_uri():
-    assert bids_uri("/data/ds/sub-01/anat/sub-01_localfield.nii.gz", "/data/ds") == \
-        "bids:raw:sub-01/anat/sub-01_localfield.nii.gz"
-    assert bids_uri("/d/ds/derivatives/sepia/sub-01/anat/f.nii", "/d/ds", "sepia") == \
-        "bids:sepia:derivatives/sepia/sub-01/anat/f.nii"
+    assert (
+        bids_uri("/data/ds/sub-01/anat/sub-01_localfield.nii.gz", "/data/ds")
+        == "bids:raw:sub-01/anat/sub-01_localfield.nii.gz"
+    )
+    assert (
+        bids_uri("/d/ds/derivatives/sepia/sub-01/anat/f.nii", "/d/ds", "sepia")
+        == "bids:sepia:derivatives/sepia/sub-01/anat/f.nii"
+    )
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -127,8 +170,9 @@ def chimap(tmp_path):
 
 def test_sink_writes_named_file_and_sidecar(tmp_path, chimap):
     out = tmp_path / "out"
-    dest, sidecar = sink_derivative(chimap, str(out), FIELD, suffix="Chimap",
-                                    metadata={"Units": "ppm"})
+    dest, sidecar = sink_derivative(
+        chimap, str(out), FIELD, suffix="Chimap", metadata={"Units": "ppm"}
+    )
     assert dest == str(out / "sub-01/ses-pre/anat/sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz")
     assert sidecar == dest[:-7] + ".json"
     assert json.loads(open(sidecar).read()) == {"Units": "ppm"}
@@ -152,13 +196,19 @@ def test_sink_accepts_identical_refuses_different_content(tmp_path, chimap):
 def test_derivatives_sink_interface_merges_metadata(tmp_path, chimap, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    res = DerivativesSink(in_file=chimap, out_dir=str(out), entities=FIELD, suffix="Chimap",
-                          metadata={"Units": "ppm", "B0Direction": None},
-                          extra_metadata={"B0Direction": [0, 0, 1]}).run()
-    assert os.path.basename(res.outputs.out_file) == \
-        "sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz"
-    assert json.loads(open(res.outputs.out_meta).read()) == {"Units": "ppm",
-                                                            "B0Direction": [0, 0, 1]}
+    res = DerivativesSink(
+        in_file=chimap,
+        out_dir=str(out),
+        entities=FIELD,
+        suffix="Chimap",
+        metadata={"Units": "ppm", "B0Direction": None},
+        extra_metadata={"B0Direction": [0, 0, 1]},
+    ).run()
+    assert os.path.basename(res.outputs.out_file) == "sub-01_ses-pre_acq-gre_run-02_Chimap.nii.gz"
+    assert json.loads(open(res.outputs.out_meta).read()) == {
+        "Units": "ppm",
+        "B0Direction": [0, 0, 1],
+    }
 
 
 # --------------------------------------------------------------------------- description

@@ -38,14 +38,17 @@ def test_desc_localfield_any_suffix_and_sepia_suffix(tmp_path):
     """``desc-localfield`` with any suffix and the SEPIA suffix ``localfield`` are both found."""
     root = make_dataset(tmp_path / "ds", derivative=True)
     add_volume(root, "sub-01/anat/sub-01_acq-a_desc-localfield_phase.nii.gz", PPM)
-    add_volume(root, "sub-01/anat/sub-01_acq-b_localfield.nii", {"Units": "Hz",
-                                                                   "MagneticFieldStrength": 3})
+    add_volume(
+        root, "sub-01/anat/sub-01_acq-b_localfield.nii", {"Units": "Hz", "MagneticFieldStrength": 3}
+    )
     add_volume(root, "sub-01/anat/sub-01_acq-a_T2starw.nii.gz", {})  # not a field
     (root / "sub-01/anat/sub-01_acq-c_desc-localfield_phase.mat").write_bytes(b"")  # not NIfTI
     layout = build_layout(root)
     runs = collect_runs(layout, "01")
-    assert _names(runs) == ["sub-01_acq-a_desc-localfield_phase.nii.gz",
-                            "sub-01_acq-b_localfield.nii"]
+    assert _names(runs) == [
+        "sub-01_acq-a_desc-localfield_phase.nii.gz",
+        "sub-01_acq-b_localfield.nii",
+    ]
     assert [r.units for r in runs] == ["ppm", "Hz"]
     assert runs[0].entities["desc"] == "localfield" and runs[0].entities["acquisition"] == "a"
     assert runs[1].metadata["MagneticFieldStrength"] == 3
@@ -57,10 +60,12 @@ def test_raw_dataset_with_pipeline_derivatives(tmp_path):
     root = make_dataset(tmp_path / "raw", derivative=False)
     add_volume(root, "sub-01/anat/sub-01_part-phase_MEGRE.nii.gz", {"EchoTime": 0.02})
     sepia = make_dataset(root / "derivatives" / "sepia", derivative=True, name="SEPIA")
-    add_volume(sepia, "sub-01/anat/sub-01_localfield.nii.gz",
-               {"Units": "Hz", "MagneticFieldStrength": 7.0})
-    add_volume(sepia, "sub-01/anat/sub-01_desc-brain_mask.nii.gz", {"Type": "Brain"},
-               dtype=np.uint8)
+    add_volume(
+        sepia, "sub-01/anat/sub-01_localfield.nii.gz", {"Units": "Hz", "MagneticFieldStrength": 7.0}
+    )
+    add_volume(
+        sepia, "sub-01/anat/sub-01_desc-brain_mask.nii.gz", {"Type": "Brain"}, dtype=np.uint8
+    )
     layout = build_layout(root)
     assert "01" in layout.get_subjects()
     (run,) = collect_runs(layout, "01")
@@ -131,15 +136,18 @@ def multi_session(tmp_path_factory):
     add_volume(root, f"{b}_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
     add_volume(root, f"{b}_Chimap.nii.gz", {"Units": "ppm"})
     add_volume(root, "sub-02/ses-b/anat/sub-02_ses-b_localfield.nii.gz", PPM)
-    add_volume(root, "sub-02/ses-b/anat/sub-02_ses-b_desc-brain_mask.nii.gz", {},
-               dtype=np.uint8)
+    add_volume(root, "sub-02/ses-b/anat/sub-02_ses-b_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
     return build_layout(root)
 
 
 def test_masks_and_labels_matched_by_session_acq_run(multi_session):
     runs = {r.key: r for r in collect_runs(multi_session, "01")}
-    assert sorted(runs) == ["sub-01_ses-a_acq-gre_run-01", "sub-01_ses-a_acq-gre_run-02",
-                            "sub-01_ses-a_acq-x", "sub-01_ses-b"]
+    assert sorted(runs) == [
+        "sub-01_ses-a_acq-gre_run-01",
+        "sub-01_ses-a_acq-gre_run-02",
+        "sub-01_ses-a_acq-x",
+        "sub-01_ses-b",
+    ]
     r1, r2 = runs["sub-01_ses-a_acq-gre_run-01"], runs["sub-01_ses-a_acq-gre_run-02"]
     assert _base(r1.mask) == "sub-01_ses-a_acq-gre_run-01_desc-brain_mask.nii.gz"
     assert _base(r2.mask) == "sub-01_ses-a_acq-gre_run-02_desc-brain_mask.nii.gz"
@@ -176,8 +184,10 @@ def test_mask_shared_by_the_runs_of_a_session(tmp_path):
     add_volume(root, "sub-02/anat/sub-02_run-1_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
     layout = build_layout(root)
     runs = collect_runs(layout, "01")
-    assert [_base(r.mask) for r in runs] == ["sub-01_desc-brain_mask.nii.gz",
-                                             "sub-01_run-2_desc-brain_mask.nii.gz"]
+    assert [_base(r.mask) for r in runs] == [
+        "sub-01_desc-brain_mask.nii.gz",
+        "sub-01_run-2_desc-brain_mask.nii.gz",
+    ]
     (run,) = collect_runs(layout, "02")
     assert run.mask is None
 
@@ -186,8 +196,7 @@ def test_ambiguous_masks_are_an_error(tmp_path):
     root = make_dataset(tmp_path / "ds", derivative=True)
     add_volume(root, "sub-01/anat/sub-01_localfield.nii.gz", PPM)
     add_volume(root, "sub-01/anat/sub-01_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
-    add_volume(root, "sub-01/anat/sub-01_space-orig_desc-brain_mask.nii.gz", {},
-               dtype=np.uint8)
+    add_volume(root, "sub-01/anat/sub-01_space-orig_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
     with pytest.raises(DiscoveryError) as info:
         collect_runs(build_layout(root), "01")
     msg = str(info.value)
@@ -214,8 +223,14 @@ def test_filter_file_overrides_the_default_query(tmp_path):
     add_volume(root, "sub-01/anat/sub-01_desc-brain_mask.nii.gz", {}, dtype=np.uint8)
     add_volume(root, "sub-01/anat/sub-01_desc-eroded_mask.nii.gz", {}, dtype=np.uint8)
     flt = tmp_path / "filters.json"
-    flt.write_text(json.dumps({"localfield": {"suffix": "tissuefield", "desc": "sharp"},
-                               "mask": [{"desc": "eroded", "suffix": "mask"}]}))
+    flt.write_text(
+        json.dumps(
+            {
+                "localfield": {"suffix": "tissuefield", "desc": "sharp"},
+                "mask": [{"desc": "eroded", "suffix": "mask"}],
+            }
+        )
+    )
     filters = load_filter_file(flt)
     assert filters["localfield"] == [{"suffix": "tissuefield", "desc": "sharp"}]
     layout = build_layout(root)
@@ -226,8 +241,9 @@ def test_filter_file_overrides_the_default_query(tmp_path):
     assert _base(custom.field) == "sub-01_desc-sharp_tissuefield.nii.gz"
     assert _base(custom.mask) == "sub-01_desc-eroded_mask.nii.gz"
     with pytest.raises(DiscoveryError, match=r"looked for \{desc=none, suffix=tissuefield\}"):
-        collect_runs(layout, "01", filters={"localfield": [{"suffix": "tissuefield",
-                                                            "desc": "none"}]})
+        collect_runs(
+            layout, "01", filters={"localfield": [{"suffix": "tissuefield", "desc": "none"}]}
+        )
 
 
 def test_a_broad_filter_never_takes_a_label_or_mask_for_a_field(tmp_path):
@@ -249,19 +265,28 @@ def test_default_filters_documented():
 
 
 def _run(metadata, field="/data/sub-01_localfield.nii.gz"):
-    return FieldRun(field=field, entities={"subject": "01"}, metadata=metadata,
-                    units=metadata.get("Units"))
+    return FieldRun(
+        field=field, entities={"subject": "01"}, metadata=metadata, units=metadata.get("Units")
+    )
 
 
 def test_settings_ppm():
     s = run_settings(_run({"Units": "ppm"}))
-    assert s == {"units": "ppm", "b0_strength": None, "echo_time": None, "b0_dir": None,
-                 "b0_dir_source": "affine"}
+    assert s == {
+        "units": "ppm",
+        "b0_strength": None,
+        "echo_time": None,
+        "b0_dir": None,
+        "b0_dir_source": "affine",
+    }
 
 
 def test_settings_missing_units_names_the_file():
-    with pytest.raises(SettingsError, match=r"sub-01_localfield.nii.gz: the sidecar has no "
-                                            r"'Units'"):
+    with pytest.raises(
+        SettingsError,
+        match=r"sub-01_localfield.nii.gz: the sidecar has no "
+        r"'Units'",
+    ):
         run_settings(_run({"MagneticFieldStrength": 3.0}))
 
 
@@ -278,16 +303,19 @@ def test_settings_hz_needs_field_strength_unless_given():
     s = run_settings(_run({"Units": "Hz"}), b0_strength=2.89)
     assert s["units"] == "Hz" and s["b0_strength"] == 2.89
     # the sidecar's own value wins over the command-line fallback
-    assert run_settings(_run({"Units": "Hz", "MagneticFieldStrength": 7}),
-                        b0_strength=3.0)["b0_strength"] == 7.0
+    assert (
+        run_settings(_run({"Units": "Hz", "MagneticFieldStrength": 7}), b0_strength=3.0)[
+            "b0_strength"
+        ]
+        == 7.0
+    )
 
 
 def test_settings_rad_needs_echo_time():
     with pytest.raises(SettingsError, match="'rad' needs EchoTime"):
         run_settings(_run({"Units": "rad", "MagneticFieldStrength": 3.0}))
     with pytest.raises(SettingsError, match="EchoTime is a list"):
-        run_settings(_run({"Units": "rad", "MagneticFieldStrength": 3.0,
-                           "EchoTime": [0.01, 0.02]}))
+        run_settings(_run({"Units": "rad", "MagneticFieldStrength": 3.0, "EchoTime": [0.01, 0.02]}))
     s = run_settings(_run({"Units": "rad", "MagneticFieldStrength": 3.0, "EchoTime": 0.02}))
     assert (s["units"], s["b0_strength"], s["echo_time"]) == ("rad", 3.0, 0.02)
 
@@ -315,8 +343,9 @@ def test_sidecar_b0_dir_overrides_an_oblique_affine(tmp_path):
     field = add_volume(tmp_path, "f.nii.gz", data=data, affine=affine)
     mask = add_volume(tmp_path, "m.nii.gz", data=data != 0, affine=affine, dtype=np.uint8)
     s = run_settings(_run({"Units": "ppm", "B0_dir": [0, 0, 1]}))
-    _, _, frame_json, used = resample_to_frame(field, mask, b0_dir=s["b0_dir"],
-                                               newpath=str(tmp_path))
+    _, _, frame_json, used = resample_to_frame(
+        field, mask, b0_dir=s["b0_dir"], newpath=str(tmp_path)
+    )
     assert used == [0.0, 0.0, 1.0]
     assert json.loads(open(frame_json).read())["identity"] is True
     _, _, frame_json, used = resample_to_frame(field, mask, newpath=str(tmp_path))

@@ -44,7 +44,7 @@ def _smooth_map(shape, voxel_size):
     """A smooth (≥ 10 mm features) signed map on the grid, peak ≈ 1."""
     g = [(np.arange(n) - (n - 1) / 2) * v for n, v in zip(shape, voxel_size)]
     x, y, z = np.meshgrid(*g, indexing="ij")
-    return np.cos(2 * np.pi * x / 40) * np.exp(-(x / 15) ** 2 - (y / 12) ** 2 - (z / 10) ** 2)
+    return np.cos(2 * np.pi * x / 40) * np.exp(-((x / 15) ** 2) - (y / 12) ** 2 - (z / 10) ** 2)
 
 
 def _interior(shape, voxel_size, margin_mm):
@@ -194,8 +194,15 @@ def axial_and_oblique():
     from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
 
     n = 64
-    ph = make_brain_phantom((n, n, n), rng=3, veins=False, p_calcification=0,
-                            p_hemorrhage=0, p_microbleeds=0, p_lesions=0)
+    ph = make_brain_phantom(
+        (n, n, n),
+        rng=3,
+        veins=False,
+        p_calcification=0,
+        p_hemorrhage=0,
+        p_microbleeds=0,
+        p_lesions=0,
+    )
     rot = _rot_x(TILT)
     c = (np.array([n, n, n]) - 1) / 2
     offset = c - rot @ c
@@ -208,8 +215,12 @@ def axial_and_oblique():
     mask_ob = affine_transform(mask_ax.astype(float), rot, offset, order=1) > 0.5
     chi_ob *= mask_ob
     return {
-        "rot": rot, "offset": offset, "affine": affine, "b0": b0,
-        "field_ax": simulate_local_field(chi_ax, mask_ax, pad=16), "mask_ax": mask_ax,
+        "rot": rot,
+        "offset": offset,
+        "affine": affine,
+        "b0": b0,
+        "field_ax": simulate_local_field(chi_ax, mask_ax, pad=16),
+        "mask_ax": mask_ax,
         "field_ob": simulate_local_field(chi_ob, mask_ob, b0_dir=b0, pad=16),
         "mask_ob": mask_ob,
     }

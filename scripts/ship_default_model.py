@@ -1,0 +1,47 @@
+"""Copy a trained checkpoint into the package as the shipped default model.
+
+    python scripts/ship_default_model.py runs/default/train/model_epoch-006.safetensors \
+        --dc-lambda 0.1
+
+The weights and normalisation are taken unchanged; the model is renamed ``default`` and its
+``inference`` section gets the data-consistency weight chosen on a held-out tuning brain
+(``benchmarks/accuracy.py --tune-dc``).  The sha256 of the source file is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="trained model file (from the default recipe)")
+    p.add_argument("--dc-lambda", type=float, required=True)
+    p.add_argument("--dc-iterations", type=int, default=30)
+    p.add_argument("--note", default="", help="free text recorded in training.shipping_note")
+    args = p.parse_args(argv)
+
+    from bids_qsmnet.models.modelfile import load_model, save_model, shipped_models_dir
+
+    src = load_model(args.source)
+    training = dict(src.spec.training)
+    training["source_sha256"] = src.sha256
+    training["source_file"] = Path(args.source).name
+    if args.note:
+        training["shipping_note"] = args.note
+    spec = dataclasses.replace(
+        src.spec, name="default", training=training,
+        inference={**(src.spec.inference or {}), "dc_lambda": args.dc_lambda,
+                   "dc_iterations": args.dc_iterations})
+    dest = shipped_models_dir() / "default.safetensors"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    save_model(dest, src.network, spec)
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

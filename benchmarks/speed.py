@@ -151,6 +151,49 @@ def bench_all(args) -> list[dict]:
     return rows
 
 
+def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
+    """The speed section of ``docs/benchmarks.md`` (replaced whole on every run)."""
+    head = [
+        "# Benchmarks",
+        "",
+        f"Machine: {meta['cpus']} CPU cores ({meta['machine']}), Python {meta['python']}, "
+        f"torch {meta['torch']}; no GPU was lent for these runs.  Command: "
+        f"`{meta['command']}` (each line below runs in its own process; peak RSS is that "
+        "process's maximum resident memory).",
+        "",
+        "## Inference per volume (network only, CPU)",
+        "",
+        "| model | volume | tiles | time (s) | first call (s) | peak RSS (MB) |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    lines = list(head)
+    for r in rows:
+        if r["bench"] == "inference":
+            lines.append(f"| {r['arch']} | {'×'.join(map(str, r['shape']))} | "
+                         f"{r['tile'] or 'whole volume'} | {r['seconds']} | {r['first_s']} | "
+                         f"{r['peak_rss_mb']} |")
+    lines += ["", "## Training throughput (one Adam step incl. the QSMnet loss, CPU)", "",
+              "| model | patch | batch | s/step | patches/s | peak RSS (MB) |",
+              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["bench"] == "training":
+            lines.append(f"| {r['arch']} | {r['patch']}³ | {r['batch']} | "
+                         f"{r['seconds_per_step']} | {r['patches_per_s']} | "
+                         f"{r['peak_rss_mb']} |")
+    lines += ["", "## Patch extraction (HDF5, synthetic subjects)", "",
+              "| subjects | volume | patch | linearity copy | patches | s/subject | file (MB) "
+              "| peak RSS (MB) |",
+              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["bench"] == "patches":
+            lines.append(f"| {r['subjects']} | {'×'.join(map(str, r['shape']))} | "
+                         f"{r['patch']}³ | {'yes' if r['linearity'] else 'no'} | "
+                         f"{r['patches']} | {r['seconds_per_subject']} | {r['file_mb']} | "
+                         f"{r['peak_rss_mb']} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -174,6 +217,7 @@ def main(argv=None) -> int:
             s.add_argument("--linearity", action="store_true")
         if name == "all":
             s.add_argument("--json", default="docs/benchmarks.json")
+            s.add_argument("--md", default="docs/benchmarks.md")
     args = p.parse_args(argv)
     if args.cmd == "all":
         rows = bench_all(args)
@@ -184,6 +228,7 @@ def main(argv=None) -> int:
         meta["torch"] = torch.__version__
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+        write_markdown(meta, rows, args.md)
         return 0
     fn = {"inference": bench_inference, "training": bench_training,
           "patches": bench_patches}[args.cmd]

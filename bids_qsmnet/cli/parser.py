@@ -159,8 +159,8 @@ def get_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("Execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
-                   help="Nipype working folder (reused by reruns); default: <output_dir>/../work "
-                        "when writable, else a temporary folder")
+                   help="Nipype working folder (reused by reruns); default: a folder named after "
+                        "output_dir in the system temporary directory")
     g.add_argument("--nprocs", "--n-cpus", type=partial(_positive_int, parser=parser,
                                                         what="--nprocs"),
                    default=os.cpu_count() or 1, help="processes for MultiProc")

@@ -32,24 +32,47 @@ def _setup_logging(verbose: int) -> None:
 
 
 @contextmanager
-def _output_lock(out_dir: Path):
-    """One run per output folder at a time (an advisory lock, released on exit or crash)."""
+def _output_lock(out_dir: Path, subjects=None):
+    """One run per output folder and subject at a time (advisory locks, released on exit or
+    crash).
+
+    A run of every subject holds the folder's lock exclusively; a run restricted with
+    ``--participant-label`` shares it and holds one exclusive lock per subject, so that the
+    tasks of a SLURM job array (one participant each) can write into one output folder.  The
+    lock files stay (hidden): removing a lock file that another run has opened breaks locking.
+    """
     import fcntl
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(out_dir / ".bids_qsmnet.lock", "w")
+    held = []
+
+    def take(path: Path, mode: int, what: str) -> None:
+        fh = open(path, "a")
+        try:
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise CLIError(f"another bids_qsmnet run is writing {what} in {out_dir}; wait for "
+                           "it to finish or choose another output folder") from None
+        except OSError as exc:  # a file system without flock (e.g. Lustre mounted noflock)
+            fh.close()
+            LOGGER.warning("cannot lock %s (%s): concurrent runs are not detected", path, exc)
+            return
+        held.append(fh)
+
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise CLIError(f"another bids_qsmnet run is writing {out_dir}; wait for it to finish "
-                       "or choose another output folder") from None
-    try:
+        take(out_dir / ".bids_qsmnet.lock", fcntl.LOCK_SH if subjects else fcntl.LOCK_EX,
+             "this output folder")
+        if subjects:
+            (out_dir / ".bids_qsmnet.locks").mkdir(exist_ok=True)
+        for subject in sorted(set(subjects or ())):
+            take(out_dir / ".bids_qsmnet.locks" / f"sub-{subject}.lock", fcntl.LOCK_EX,
+                 f"sub-{subject}")
         yield
     finally:
-        (out_dir / ".bids_qsmnet.lock").unlink(missing_ok=True)
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        for fh in reversed(held):
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
 
 def _default_work_dir(out_dir: Path) -> Path:
@@ -123,9 +146,56 @@ def _run_workflow(workflow, opts, work_dir: Path) -> None:
         plugin_args.setdefault("maxtasksperchild", 1)
     if opts.plugin == "SLURM":
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
+    if opts.plugin == "SLURMGraph":
+        # Nipype 1.11 sets this attribute only when plugin_args is non-empty (AttributeError
+        # otherwise); False is its documented default
+        plugin_args.setdefault("dont_resubmit_completed_jobs", False)
     LOGGER.info("running %s with the %s plugin (work dir %s)", workflow.name, opts.plugin,
                 work_dir)
     workflow.run(plugin=opts.plugin, plugin_args=plugin_args)
+    if opts.plugin == "SLURMGraph":
+        _wait_for_slurm_graph(work_dir / workflow.name / "batch")
+
+
+def _wait_for_slurm_graph(batch_dir: Path, *, poll: float = 3.0) -> None:
+    """Wait until the jobs that SLURMGraph queued have left the queue.
+
+    SLURMGraph's ``run()`` returns once the whole graph is submitted (with ``afterok``
+    dependencies), before any output exists.  The job names come from the ``submit_jobs.sh``
+    that Nipype wrote into ``batch_dir``; jobs whose dependency failed would stay pending for
+    ever, so they are cancelled (their runs then lack outputs and are reported as failed).
+    """
+    import getpass
+    import re
+    import subprocess
+
+    script = batch_dir / "submit_jobs.sh"
+    names = sorted(set(re.findall(r" -J (\S+) ", script.read_text()))) if script.exists() \
+        else []
+    if not names:
+        return
+    LOGGER.info("waiting for the %d SLURM job(s) queued by SLURMGraph", len(names))
+    cmd = ["squeue", "-h", "-u", getpass.getuser(), "--name", ",".join(names), "-o", "%i %r"]
+    failures = 0
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:  # the controller may be briefly unreachable: retry a while
+            failures += 1
+            if failures > 20:
+                raise CLIError(f"squeue failed while waiting for SLURM jobs: "
+                               f"{res.stderr.strip()}")
+            time.sleep(poll)
+            continue
+        failures = 0
+        rows = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip()]
+        if not rows:
+            return
+        doomed = [r[0] for r in rows if len(r) == 2 and "DependencyNeverSatisfied" in r[1]]
+        if doomed:  # their dependants follow on the next polls
+            LOGGER.error("cancelling SLURM job(s) %s: a job they depend on failed",
+                         ", ".join(doomed))
+            subprocess.run(["scancel", *doomed], check=False)
+        time.sleep(poll)
 
 
 # --------------------------------------------------------------------------- participant
@@ -353,7 +423,7 @@ def main(argv=None) -> int:
             _validate_dataset(opts.bids_dir)
         from ..bids.discovery import DiscoveryError, build_layout
 
-        with _output_lock(opts.output_dir):
+        with _output_lock(opts.output_dir, opts.participant_label):
             try:
                 layout = build_layout(opts.bids_dir)
             except DiscoveryError as exc:

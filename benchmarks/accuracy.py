@@ -238,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer cases (smoke test)")
     p.add_argument("--tune-dc", action="store_true",
                    help="choose the data-consistency λ on the tuning brain (else: model's)")
+    p.add_argument("--tune-dc-only", action="store_true",
+                   help="only choose the data-consistency λ on the tuning brain; print it")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -257,10 +259,13 @@ def main(argv=None) -> int:
     tp = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(TUNE_SEED))
     tcase = _case("tuning", tp.chi, tp.mask, tp.labels, tp.label_names, (1, 1, 1), (0, 0, 1),
                   20, TUNE_SEED)
-    tv_lam = tune(tcase, tv_admm, (1e-4, 3e-4, 1e-3), "lam", {"n_iter": 60})
     dc_table = None
-    if args.tune_dc:
-        dc_model, dc_table = tune_dc(loaded, tcase, (0.0, 0.03, 0.1, 0.3, 1.0))
+    if args.tune_dc or args.tune_dc_only:
+        dc_model, dc_table = tune_dc(loaded, tcase, (0.0, 0.01, 0.03, 0.1, 0.3, 1.0))
+        if args.tune_dc_only:
+            print(json.dumps({"dc_lambda": dc_model, "table": dc_table}))
+            return 0
+    tv_lam = tune(tcase, tv_admm, (1e-4, 3e-4, 1e-3), "lam", {"n_iter": 60})
 
     cases = synthetic_cases(args.brains, tuple(args.shape), args.quick)
     mni = mni_case()

@@ -27,7 +27,7 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
     # Nipype's own loggers are chatty at INFO; keep them at WARNING unless -vv
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bidsschematools"):
         logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.WARNING)
 
 

@@ -7,7 +7,7 @@ One seeded command reproduces the shipped weights::
 and ``--resume`` continues an interrupted run (the patch store is reused when the recipe is
 unchanged, and training resumes from ``runs/default/train/checkpoint.pt``).
 
-Training data (why each choice, see ``docs/default_model.md`` and the field's lessons)
+Training data (why each choice: ``MODEL_CARD.md`` and the field's lessons)
 --------------------------------------------------------------------------------------
 * **Brain-like phantoms** (:func:`~bids_qsmnet.data.synthetic.make_brain_phantom`): procedural
   anatomy with per-subject tissue values (deep grey nuclei, cortex ribbon, white matter,

@@ -426,6 +426,17 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                                "world_size": world, "device": str(device)})
             save_model(path, network, spec)
 
+    def run_validation(epoch_label: int) -> dict:
+        rows = _validate(network, validation, cfg, kernels, device, epoch_label, out_dir,
+                         qsmnet_loss, norm)
+        for r in rows:
+            r["step"] = step
+            _append_log(log_path, r)
+            LOGGER.info("validation %s, epoch %d: loss %.5f, NRMSE %.1f %%, HFEN %.1f %%, "
+                        "SSIM %.3f", r["name"], epoch_label, r["loss"], r["nrmse"], r["hfen"],
+                        r["ssim"])
+        return {r["name"]: {k: r[k] for k in ("loss", "nrmse", "hfen", "ssim")} for r in rows}
+
     last_val: dict = {}
     stop = False
     network.train()
@@ -511,16 +522,7 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                         time.perf_counter() - t_epoch, scheduler.get_last_lr()[0])
         if is_main and validation and cfg.val_every and (
                 epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            rows = _validate(network, validation, cfg, kernels, device, epoch, out_dir,
-                             qsmnet_loss, norm)
-            for r in rows:
-                r["step"] = step
-                _append_log(log_path, r)
-                LOGGER.info("validation %s, epoch %d: loss %.5f, NRMSE %.1f %%, HFEN %.1f %%, "
-                            "SSIM %.3f", r["name"], epoch, r["loss"], r["nrmse"], r["hfen"],
-                            r["ssim"])
-            last_val = {r["name"]: {k: r[k] for k in ("loss", "nrmse", "hfen", "ssim")}
-                        for r in rows}
+            last_val = run_validation(epoch)
         if epoch % cfg.save_step == 0 or epoch == cfg.epochs:
             checkpoint(epoch, 0)
             save_model_file(os.path.join(out_dir, f"model_epoch-{epoch:03d}.safetensors"), epoch)
@@ -528,6 +530,8 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
             dist.barrier()
 
     curves = None
+    if is_main and stop and batch_in_epoch and validation and cfg.val_every:
+        last_val = run_validation(epoch + 1)  # a time-boxed run still ends with a validation
     if is_main:
         checkpoint(epoch, batch_in_epoch)
         save_model_file(model_path, epoch)

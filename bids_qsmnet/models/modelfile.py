@@ -487,6 +487,9 @@ def save_model(path: str | os.PathLike, network, spec: ModelSpec) -> Path:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a model file is shareable
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

@@ -157,7 +157,10 @@ def test_train_node(tmp_path, small_store):
     assert summary["steps_done"] == 3 and summary["epochs_done"] == 0
     assert out.train_dir.endswith("training")
     rows = open(out.log_file).read().splitlines()
-    assert len(rows) == 1 + 3 // 10  # header only: log_every is 10 and 3 steps ran
+    # header, no training row (log_every is 10 and 3 steps ran), and the validation that
+    # ends a run stopped by max_steps
+    assert len(rows) == 1 + 3 // 10 + 1
+    assert rows[-1].startswith("val,1,3,")
 
 
 # --------------------------------------------------------------------------- workflow

@@ -134,7 +134,6 @@ def bench_all(args) -> list[dict]:
         ["inference", "--arch", "default", "--shape", "160", "160", "160"],
         ["inference", "--arch", "default", "--shape", "256", "256", "176"],
         ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128"],
-        ["inference", "--arch", "qsmnet", "--shape", "160", "160", "160", "--repeats", "1"],
         ["training", "--arch", "toy", "--patch", "64", "--batch", "12"],
         ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "4"],
         ["training", "--arch", "qsmnet-slim", "--patch", "48", "--batch", "4"],

@@ -260,7 +260,7 @@ def _participant(opts, layout, work_dir: Path) -> int:
     errors: dict = {}
     subjects = _subjects(layout, opts.participant_label)
     t0 = time.time()
-    runs = []
+    runs, failed = [], []
     try:
         wf, model, runs = build_participant_workflow(opts, layout, errors)
         if wf is not None:
@@ -272,6 +272,7 @@ def _participant(opts, layout, work_dir: Path) -> int:
         for run in runs:
             chimap = derivative_path(str(opts.output_dir), run.entities, suffix="Chimap")
             if not os.path.exists(chimap):
+                failed.append(run.key)
                 errors.setdefault(run.subject, []).append(
                     f"{run.key}: processing failed; see the crash files in {work_dir}/crashes")
     finally:
@@ -284,8 +285,8 @@ def _participant(opts, layout, work_dir: Path) -> int:
         for subject in subjects:
             write_subject_report(str(opts.output_dir), subject, errors=errors.get(subject, []),
                                  provenance=prov)
-    done = len(runs) - sum(1 for v in errors.values() for m in v if "processing failed" in m)
-    LOGGER.info("wrote %d χ map(s) to %s in %.0f s", done, opts.output_dir, time.time() - t0)
+    LOGGER.info("wrote %d χ map(s) to %s in %.0f s", len(runs) - len(failed), opts.output_dir,
+                time.time() - t0)
     if errors:
         n = sum(len(v) for v in errors.values())
         print(f"bids_qsmnet: {n} problem(s); first: {next(iter(errors.values()))[0]}",

@@ -136,7 +136,7 @@ class BrainMask(SimpleInterface):
     output_spec = _BrainMaskOutputSpec
 
     def _run_interface(self, runtime):
-        mask = self.inputs.mask_file if isdefined(self.inputs.mask_file) else None  # or None
+        mask = self.inputs.mask_file if isdefined(self.inputs.mask_file) else None
         out, m = prepare_mask(self.inputs.in_file, mask, newpath=runtime.cwd)
         self._results.update(out_file=out, out_mask=m)
         return runtime

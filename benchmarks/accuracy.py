@@ -241,7 +241,13 @@ def main(argv=None) -> int:
     p.add_argument("--tune-dc-only", action="store_true",
                    help="only choose the data-consistency λ on the tuning brain; print it")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite --md from an existing --out JSON without running anything")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        with open(args.out) as fh:
+            write_markdown(json.load(fh), args.md)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
@@ -317,6 +323,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def _short(method: str) -> str:
+    for key, short in (("network only", "network only"), ("+ DC", "model + DC"),
+                       ("toy", "toy"), ("TKD", "TKD*"), ("L2", "L2*"), ("TV", "TV-ADMM")):
+        if key in method:
+            return short
+    return method
+
+
+def summary_table(result: dict) -> str:
+    """One row per case, NRMSE / HFEN (%) of every method side by side."""
+    cases = list(dict.fromkeys(r["case"] for r in result["rows"]))
+    methods = list(dict.fromkeys(_short(r["method"]) for r in result["rows"]))
+    lines = ["| case | " + " | ".join(methods) + " |",
+             "| --- | " + " | ".join("---:" for _ in methods) + " |"]
+    for case in cases:
+        cells = {_short(r["method"]): f"{r['nrmse']:.1f} / {r['hfen']:.1f}"
+                 for r in result["rows"] if r["case"] == case}
+        lines.append(f"| {case} | " + " | ".join(cells.get(m, "") for m in methods) + " |")
+    return "\n".join(lines)
+
+
 def write_markdown(result: dict, path: str) -> None:
     lines = [
         "# Accuracy on data never used in training",
@@ -329,7 +356,16 @@ def write_markdown(result: dict, path: str) -> None:
         "",
         "NRMSE and HFEN in % (lower is better), SSIM (higher is better), inside the mask after "
         "removing the in-mask mean; deep GM: mean absolute error of deep-grey-matter region "
-        "means, ppb.",
+        "means, ppb. Times: wall seconds on the 2-core CPU, indicative only (see "
+        "docs/benchmarks.md for measured speed).",
+        "",
+        "## Summary: NRMSE % / HFEN % (lower is better)",
+        "",
+        "`*` oracle: best parameter per case chosen on the truth.",
+        "",
+        summary_table(result),
+        "",
+        "## All figures",
         "",
         "| case | method | NRMSE % | HFEN % | SSIM | deep GM MAE (ppb) | time (s) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

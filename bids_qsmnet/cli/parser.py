@@ -36,11 +36,12 @@ def _is_file(value, *, parser):
 
 
 def _label(value, *, parser, prefix):
-    s = str(value).strip()
-    s = s[len(prefix):] if s.startswith(prefix) else s
-    if not s or not s.isalnum():
-        raise parser.error(f"invalid label {value!r}: BIDS labels are letters and digits only")
-    return s
+    from ..bids.discovery import clean_label
+
+    try:
+        return clean_label(value, prefix)
+    except ValueError as exc:
+        raise parser.error(str(exc)) from None
 
 
 def _json_object(value, *, parser, what):

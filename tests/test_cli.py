@@ -188,7 +188,7 @@ def test_unknown_plugin_exits_2(bids, capsys):
     [
         ('{"localfield": ', "not valid JSON"),
         ('[{"suffix": "localfield"}]', "must hold a JSON object"),
-        ('{"phase": {"suffix": "phase"}}', "unknown input kind(s) phase"),
+        ('{"fieldmap": {"suffix": "phasediff"}}', "unknown input kind(s) fieldmap"),
         ('{"localfield": "localfield"}', "must be a filter object or a list of them"),
         ('{"mask": []}', "must be a filter object or a list of them"),
     ],

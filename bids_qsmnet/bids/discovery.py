@@ -7,6 +7,13 @@ fMRIPrep).  Defaults:
 ``localfield``  ``desc-localfield`` with any suffix, or suffix ``localfield`` (as SEPIA writes it)
 ``mask``        ``desc-brain`` + suffix ``mask``
 ``chimap``      suffix ``Chimap`` (the training label, ppm)
+``phase``       ``part-phase`` with suffix ``MEGRE`` (multi-echo GRE) or ``T2starw`` (single echo)
+``magnitude``   ``part-mag`` with the same suffixes
+
+When a run (subject, session, acquisition, run) has no local field but raw GRE phase, the
+run is processed from the raw echoes (:func:`bids_qsmnet.workflows.phase.init_phase_wf`):
+each phase echo is paired with the magnitude of the same echo, and ``EchoTime`` is read per
+echo.
 
 A filter-file entry replaces the default query of that kind; its value is one pybids filter
 dict or a list of them (tried in order, results merged).  Inputs are always NIfTI.
@@ -34,6 +41,8 @@ __all__ = [
     "NIFTI_EXTENSIONS",
     "DiscoveryError",
     "FieldRun",
+    "Echo",
+    "RAW_SUFFIXES",
     "load_filter_file",
     "build_layout",
     "collect_runs",
@@ -47,11 +56,32 @@ DEFAULT_FILTERS: dict[str, list[dict]] = {
     "localfield": [{"desc": "localfield"}, {"suffix": "localfield"}],
     "mask": [{"desc": "brain", "suffix": "mask"}],
     "chimap": [{"suffix": "Chimap"}],
+    "phase": [{"part": "phase", "suffix": ["MEGRE", "T2starw"]}],
+    "magnitude": [{"part": "mag", "suffix": ["MEGRE", "T2starw"]}],
 }
+RAW_SUFFIXES = ("MEGRE", "T2starw")
 
 
 class DiscoveryError(ValueError):
     """Nothing usable was found; the message says what was searched."""
+
+
+@dataclass
+class Echo:
+    """One echo of a raw GRE run.
+
+    Attributes
+    ----------
+    phase : path of the phase NIfTI (radians or scanner integers)
+    magnitude : path of the magnitude NIfTI of the same echo, or None
+    echo_time : ``EchoTime`` of the phase sidecar (seconds), None when absent
+    metadata : the phase sidecar (with inheritance)
+    """
+
+    phase: str
+    magnitude: str | None
+    echo_time: float | None
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +97,8 @@ class FieldRun:
     mask : path of the matching brain mask, or None
     label : path of the matching χ label (``Chimap``), or None
     label_metadata : sidecar of the label
+    echoes : for a raw run (no local field), its GRE echoes in echo order; ``field`` is then the
+        first echo's phase and ``metadata`` its sidecar
     """
 
     field: str
@@ -76,6 +108,12 @@ class FieldRun:
     mask: str | None = None
     label: str | None = None
     label_metadata: dict = field(default_factory=dict)
+    echoes: list[Echo] = field(default_factory=list)
+
+    @property
+    def is_raw(self) -> bool:
+        """True when the run starts from raw GRE phase rather than a local field."""
+        return bool(self.echoes)
 
     @property
     def subject(self) -> str:
@@ -130,8 +168,12 @@ def load_filter_file(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def build_layout(bids_dir: str | os.PathLike, *, database_dir: str | None = None,
-                 validate: bool = False):
-    """Index a raw or derivative dataset (and a raw dataset's ``derivatives/``) with pybids."""
+                 validate: bool = False, exclude: Sequence[str | os.PathLike] = ()):
+    """Index a raw or derivative dataset (and a raw dataset's ``derivatives/``) with pybids.
+
+    ``exclude`` lists derivative folders not to index — the app's own output folder, so that
+    its ``desc-localfield`` maps are never taken as inputs of the next run.
+    """
     from bids import BIDSLayout
 
     bids_dir = os.path.abspath(os.fspath(bids_dir))
@@ -148,7 +190,13 @@ def build_layout(bids_dir: str | os.PathLike, *, database_dir: str | None = None
     kwargs = {"validate": validate and not is_derivative, "database_path": database_dir,
               "config": ["bids", "derivatives"]}
     if has_derivatives and not is_derivative:
-        kwargs["derivatives"] = True
+        skip = {os.path.realpath(os.fspath(p)) for p in exclude}
+        root = os.path.join(bids_dir, "derivatives")
+        found = [os.path.join(root, d) for d in sorted(os.listdir(root))
+                 if os.path.isfile(os.path.join(root, d, "dataset_description.json"))
+                 and os.path.realpath(os.path.join(root, d)) not in skip]
+        if found:
+            kwargs["derivatives"] = found
     layout = BIDSLayout(bids_dir, **kwargs)
     LOGGER.info("indexed %s (%s dataset%s)", bids_dir, "derivative" if is_derivative else "raw",
                 ", with derivatives/" if kwargs.get("derivatives") else "")
@@ -198,9 +246,64 @@ def _match(layout, filters, ents: dict, what: str, field_path: str):
     return chosen[0] if chosen else None
 
 
+def _echo_number(f) -> int | None:
+    value = f.get_entities().get("echo")
+    return None if value is None else int(value)
+
+
+def _collect_raw(layout, flt: dict, query: dict, covered: set[str]) -> list[FieldRun]:
+    """Raw GRE runs (phase echoes with their magnitudes) whose key has no local field."""
+    groups: dict[tuple, list] = {}
+    for f in _query(layout, flt["phase"], **query):
+        if f.get_entities().get("suffix") in ("Chimap", "mask"):
+            continue
+        e = f.get_entities()
+        groups.setdefault(tuple(str(e.get(k)) for k in MATCH_ENTITIES), []).append(f)
+    runs = []
+    for files in groups.values():
+        first = files[0]
+        ents = {k: v for k, v in first.get_entities().items()
+                if k not in ("extension", "echo", "part")}
+        run = FieldRun(field=first.path, entities=ents)
+        if run.key in covered:
+            LOGGER.info("%s: a local field exists; its raw GRE phase is not used", run.key)
+            continue
+        numbers = [_echo_number(f) for f in files]
+        if len(set(numbers)) != len(numbers) or (None in numbers and len(numbers) > 1):
+            raise DiscoveryError(
+                f"{run.key}: the phase files do not form one echo series ("
+                + ", ".join(os.path.basename(f.path) for f in files)
+                + "); narrow the 'phase' query with --bids-filter-file")
+        files = sorted(files, key=lambda f: _echo_number(f) or 0)
+        mags = _query(layout, flt["magnitude"], subject=ents["subject"])
+        echoes = []
+        for f in files:
+            fe = f.get_entities()
+            same = [m for m in mags
+                    if all(m.get_entities().get(k) == fe.get(k)
+                           for k in ("session", "acquisition", "run", "reconstruction"))
+                    and _echo_number(m) == _echo_number(f)]
+            if len(same) > 1:
+                raise DiscoveryError(
+                    f"{f.path}: {len(same)} magnitude files match this echo ("
+                    + ", ".join(os.path.basename(m.path) for m in same)
+                    + "); narrow the 'magnitude' query with --bids-filter-file")
+            meta = layout.get_metadata(f.path)
+            te = meta.get("EchoTime")
+            echoes.append(Echo(phase=f.path, magnitude=same[0].path if same else None,
+                               echo_time=te if te is None or isinstance(te, list) else float(te),
+                               metadata=meta))
+        run.echoes = echoes
+        run.metadata = echoes[0].metadata
+        run.units = "rad"
+        runs.append(run)
+    return runs
+
+
 def collect_runs(layout, subject: str, *, sessions: Sequence[str] | None = None,
                  filters: dict | None = None, require_label: bool = False) -> list[FieldRun]:
-    """All local fields of one subject, with matching masks and labels.
+    """All local fields of one subject — or raw GRE echoes where a run has no local field —
+    with matching masks and labels.
 
     Parameters
     ----------
@@ -220,28 +323,40 @@ def collect_runs(layout, subject: str, *, sessions: Sequence[str] | None = None,
     if sessions:
         query["session"] = list(sessions)
     fields = _query(layout, flt["localfield"], **query)
-    # a Chimap or mask must never be taken for a field, whatever the filters say
-    fields = [f for f in fields if f.get_entities().get("suffix") not in ("Chimap", "mask")]
-    if not fields:
-        raise DiscoveryError(
-            f"no local field found for sub-{subject}"
-            + (f" (sessions {', '.join(sessions)})" if sessions else "")
-            + f": looked for {_describe(flt['localfield'])} with extension .nii/.nii.gz in "
-            f"{layout.root}")
-    runs = []
+    # a Chimap, mask or raw echo must never be taken for a field, whatever the filters say
+    fields = [f for f in fields
+              if f.get_entities().get("suffix") not in ("Chimap", "mask") + RAW_SUFFIXES]
+    candidates = []
     for f in fields:
         ents = {k: v for k, v in f.get_entities().items() if k != "extension"}
         meta = layout.get_metadata(f.path)
-        mask = _match(layout, flt["mask"], ents, "mask", f.path)
-        label = _match(layout, flt["chimap"], ents, "Chimap", f.path)
-        run = FieldRun(field=f.path, entities=ents, metadata=meta, units=meta.get("Units"),
-                       mask=mask.path if mask else None, label=label.path if label else None,
-                       label_metadata=layout.get_metadata(label.path) if label else {})
+        candidates.append(FieldRun(field=f.path, entities=ents, metadata=meta,
+                                   units=meta.get("Units")))
+    candidates += _collect_raw(layout, flt, query, {r.key for r in candidates})
+    if not candidates:
+        raise DiscoveryError(
+            f"no local field found for sub-{subject}"
+            + (f" (sessions {', '.join(sessions)})" if sessions else "")
+            + f": looked for {_describe(flt['localfield'])}, and for raw GRE phase "
+            f"{_describe(flt['phase'])}, with extension .nii/.nii.gz in {layout.root}")
+    runs = []
+    for run in candidates:
+        mask = _match(layout, flt["mask"], run.entities, "mask", run.field)
+        label = _match(layout, flt["chimap"], run.entities, "Chimap", run.field)
+        run.mask = mask.path if mask else None
+        run.label = label.path if label else None
+        run.label_metadata = layout.get_metadata(label.path) if label else {}
         if require_label and run.label is None:
             LOGGER.info("%s: no Chimap label, not used for training", run.key)
             continue
-        LOGGER.info("%s: field %s (%s)%s%s", run.key, os.path.relpath(f.path, layout.root),
-                    run.units or "units missing",
+        if run.is_raw:
+            what = (f"raw GRE, {len(run.echoes)} echo(es) from "
+                    f"{os.path.relpath(run.field, layout.root)}"
+                    + ("" if all(e.magnitude for e in run.echoes) else ", magnitude missing"))
+        else:
+            what = (f"field {os.path.relpath(run.field, layout.root)} "
+                    f"({run.units or 'units missing'})")
+        LOGGER.info("%s: %s%s%s", run.key, what,
                     f", mask {os.path.basename(run.mask)}" if run.mask else ", no mask",
                     f", label {os.path.basename(run.label)}" if run.label else "")
         runs.append(run)

@@ -249,7 +249,8 @@ def build_participant_workflow(opts, layout, errors: dict):
     wf = init_participant_wf(runs, bids_root=str(layout.root), out_dir=str(opts.output_dir),
                              model=model, device=opts.device, tile=opts.tile,
                              dc_lambda=opts.dc_lambda, omp_nthreads=opts.omp_nthreads,
-                             overwrite=opts.overwrite, b0_strength=opts.b0_strength)
+                             overwrite=opts.overwrite, b0_strength=opts.b0_strength,
+                             unwrapping=opts.unwrapping, bgremoval=opts.bgremoval)
     return wf, model, runs
 
 
@@ -314,10 +315,17 @@ def build_group_workflow(opts, layout):
     runs = []
     for subject in _subjects(layout, opts.participant_label):
         try:
-            runs += collect_runs(layout, subject, sessions=opts.session_label,
+            found = collect_runs(layout, subject, sessions=opts.session_label,
                                  filters=opts.bids_filter_file, require_label=True)
         except DiscoveryError as exc:
             LOGGER.warning("%s", exc)
+            continue
+        for run in found:
+            if run.is_raw:  # training pairs a local field with its label
+                LOGGER.warning("%s: only raw GRE phase; run the participant level first and "
+                               "train on its desc-localfield maps", run.key)
+            else:
+                runs.append(run)
     if not runs:
         raise CLIError(f"no subject in {layout.root} has both a local field and a Chimap label")
     for run in runs:
@@ -426,7 +434,7 @@ def main(argv=None) -> int:
 
         with _output_lock(opts.output_dir, opts.participant_label):
             try:
-                layout = build_layout(opts.bids_dir)
+                layout = build_layout(opts.bids_dir, exclude=[opts.output_dir])
             except DiscoveryError as exc:
                 raise CLIError(str(exc)) from None
             if opts.analysis_level == "participant":

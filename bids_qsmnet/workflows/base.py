@@ -13,6 +13,7 @@ from ..__about__ import __version__
 from ..bids.derivatives import bids_uri
 from ..bids.discovery import FieldRun
 from ..interfaces.derivatives import DerivativesSink, ReportMosaics
+from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
 __all__ = ["init_participant_wf", "init_single_run_wf", "run_settings"]
@@ -28,6 +29,8 @@ def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
     ``b0_strength`` (``--b0-strength``) replaces a missing ``MagneticFieldStrength``.  A sidecar
     ``B0_dir`` (as qsm-forward writes it) wins over the affine.
     """
+    if run.is_raw:
+        return _raw_settings(run, b0_strength=b0_strength)
     meta = run.metadata
     units = run.units
     if not units:
@@ -48,15 +51,60 @@ def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
     if isinstance(te, list):
         raise SettingsError(f"{run.field}: EchoTime is a list; a local field in rad needs the "
                             "single effective echo time")
-    b0_dir = meta.get("B0_dir")
-    if b0_dir is not None:
-        b0_dir = np.asarray(b0_dir, dtype=float).ravel()
-        if b0_dir.shape != (3,) or not np.all(np.isfinite(b0_dir)) or not np.any(b0_dir):
-            raise SettingsError(f"{run.field}: sidecar B0_dir must be three numbers, not zero")
-        b0_dir = [float(v) for v in b0_dir / np.linalg.norm(b0_dir)]
+    b0_dir = _sidecar_b0_dir(run.field, meta)
     return {"units": units, "b0_strength": float(b0) if b0 is not None else None,
             "echo_time": float(te) if te is not None else None, "b0_dir": b0_dir,
             "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine"}
+
+
+def _sidecar_b0_dir(path: str, meta: dict):
+    b0_dir = meta.get("B0_dir")
+    if b0_dir is None:
+        return None
+    try:
+        b0_dir = np.asarray(b0_dir, dtype=float).ravel()
+    except (TypeError, ValueError):
+        b0_dir = np.zeros(0)
+    if b0_dir.shape != (3,) or not np.all(np.isfinite(b0_dir)) or not np.any(b0_dir):
+        raise SettingsError(f"{path}: sidecar B0_dir must be three numbers, not zero")
+    return [float(v) for v in b0_dir / np.linalg.norm(b0_dir)]
+
+
+def _raw_settings(run: FieldRun, *, b0_strength: float | None) -> dict:
+    """Echo times, field strength and B0 direction of a raw GRE run (one sidecar per echo)."""
+    tes = []
+    for echo in run.echoes:
+        te = echo.echo_time
+        if te is None:
+            raise SettingsError(f"{echo.phase}: the sidecar has no 'EchoTime' (seconds)")
+        if isinstance(te, list) or not isinstance(te, (int, float)) or isinstance(te, bool):
+            raise SettingsError(f"{echo.phase}: 'EchoTime' must be one number (seconds), "
+                                f"got {te!r}")
+        if not (0 < te < 1):
+            raise SettingsError(f"{echo.phase}: 'EchoTime' {te} is not in seconds "
+                                "(expected 0 < TE < 1 s; milliseconds?)")
+        tes.append(float(te))
+    if any(b <= a for a, b in zip(tes, tes[1:])):
+        raise SettingsError(f"{run.field}: echo times {tes} do not increase with the echo index")
+    b0 = run.metadata.get("MagneticFieldStrength", b0_strength)
+    if b0 is None:
+        raise SettingsError(f"{run.field}: raw GRE phase needs MagneticFieldStrength (tesla) in "
+                            "the sidecar; give it with --b0-strength")
+    try:
+        b0 = float(b0)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r} is not a number") from None
+    if not (0 < b0 < 30):
+        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0} T is out of range")
+    missing = [e.phase for e in run.echoes if e.magnitude is None]
+    if missing and run.mask is None:
+        raise SettingsError(f"{missing[0]}: no magnitude image for this echo and no brain mask: "
+                            "one of them is needed to find the brain")
+    b0_dir = _sidecar_b0_dir(run.field, run.metadata)
+    return {"units": "rad", "b0_strength": b0, "echo_time": None, "echo_times": tes,
+            "b0_dir": b0_dir,
+            "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine",
+            "weighted": not missing}
 
 
 def _sidecar_extras(model_info, b0_dir, frame_file):
@@ -86,19 +134,28 @@ def _sidecar_extras(model_info, b0_dir, frame_file):
 def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: str | None,
                        device: str, tile: int | None, dc_lambda: float | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
+                       unwrapping: str = "laplacian", bgremoval: str = "vsharp",
                        name: str):
-    """Inference of one run and its derivatives (χ map + sidecar, mask, report figures)."""
+    """Inference of one run and its derivatives (χ map + sidecar, mask, report figures).
+
+    A raw GRE run (``run.echoes``) first goes through :func:`init_phase_wf`; its total field
+    (Hz, ``desc-totalfield_fieldmap``), local field (ppm, ``desc-localfield_fieldmap``), brain
+    mask (``desc-brain_mask``) and the eroded mask of the local field (``desc-eroded_mask``)
+    are written as derivatives.
+    """
     settings = run_settings(run, b0_strength=b0_strength)
     workflow = pe.Workflow(name=name)
     qsm_wf = init_qsmnet_wf(model=model, device=device, tile=tile, dc_lambda=dc_lambda,
                             omp_nthreads=omp_nthreads)
     for key in ("units", "b0_strength", "echo_time", "b0_dir"):
         setattr(qsm_wf.inputs.inputnode, key, settings[key])
-    qsm_wf.inputs.inputnode.in_file = run.field
-    qsm_wf.inputs.inputnode.mask_file = run.mask
+    entities = {k: v for k, v in run.entities.items() if v is not None}
 
-    sources = [bids_uri(run.field, bids_root)] + ([bids_uri(run.mask, bids_root)]
-                                                  if run.mask else [])
+    if run.is_raw:
+        inputs = [e.phase for e in run.echoes] + [e.magnitude for e in run.echoes if e.magnitude]
+    else:
+        inputs = [run.field]
+    sources = [bids_uri(p, bids_root) for p in inputs + ([run.mask] if run.mask else [])]
     metadata = {
         "Units": "ppm", "SkullStripped": True, "Sources": sources,
         "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
@@ -107,17 +164,62 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     }
     if settings["b0_strength"] is not None:
         metadata["MagneticFieldStrength"] = settings["b0_strength"]
-    entities = {k: v for k, v in run.entities.items() if v is not None}
+
+    def sink(node_name, **kwargs):
+        return pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, overwrite=overwrite,
+                                       **kwargs), name=node_name, run_without_submitting=True)
+
+    if run.is_raw:
+        chain = _phase_description(settings, unwrapping, bgremoval)
+        metadata["InputUnits"] = "rad (raw GRE phase)"
+        metadata["PhasePreprocessing"] = chain
+        phase_wf = init_phase_wf(echo_times=settings["echo_times"],
+                                 b0_strength=settings["b0_strength"], unwrap=unwrapping,
+                                 background=bgremoval)
+        phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
+        phase_wf.inputs.inputnode.magnitude_files = (
+            [e.magnitude for e in run.echoes] if settings["weighted"] else [])
+        phase_wf.inputs.inputnode.mask_file = run.mask
+        phase_wf.inputs.inputnode.b0_dir = settings["b0_dir"]
+        qsm_wf.inputs.inputnode.units = "ppm"
+        derived = {"SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+                   "Sources": sources, "PhasePreprocessing": chain,
+                   "MagneticFieldStrength": settings["b0_strength"]}
+        ds_total = sink("ds_totalfield", suffix="fieldmap", desc="totalfield",
+                        metadata={**derived, "Units": "Hz", "Description":
+                                  "Total field: unwrapped phase fitted over echoes, zero "
+                                  "outside the brain mask"})
+        ds_local = sink("ds_localfield", suffix="fieldmap", desc="localfield",
+                        metadata={**derived, "Units": "ppm", "Description":
+                                  "Local (tissue) field after background-field removal, zero "
+                                  "outside the eroded mask"})
+        ds_brain = sink("ds_mask", suffix="mask", desc="brain",
+                        metadata={"Type": "Brain", "Sources": sources,
+                                  "Description": "given brain mask" if run.mask else
+                                  "brain mask found in the magnitude"})
+        ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
+                         metadata={"Type": "Brain", "Sources": sources, "Description":
+                                   "brain mask after background-field removal: where the "
+                                   "local field and χ are defined"})
+        workflow.connect([
+            (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
+                                ("outputnode.mask_file", "inputnode.mask_file")]),
+            (phase_wf, ds_total, [("outputnode.total_field", "in_file")]),
+            (phase_wf, ds_local, [("outputnode.local_field", "in_file")]),
+            (phase_wf, ds_brain, [("outputnode.brain_mask", "in_file")]),
+            (qsm_wf, ds_eroded, [("outputnode.mask_file", "in_file")]),
+        ])
+    else:
+        qsm_wf.inputs.inputnode.in_file = run.field
+        qsm_wf.inputs.inputnode.mask_file = run.mask
+        ds_mask = sink("ds_mask", suffix="mask", desc="brain",
+                       metadata={"Type": "Brain", "Sources": sources})
+        workflow.connect([(qsm_wf, ds_mask, [("outputnode.mask_file", "in_file")])])
+
     extras = pe.Node(niu.Function(function=_sidecar_extras,
                                   input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras")
-    ds_chimap = pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, suffix="Chimap",
-                                        metadata=metadata, overwrite=overwrite),
-                        name="ds_chimap", run_without_submitting=True)
-    ds_mask = pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, suffix="mask",
-                                      desc="brain", overwrite=overwrite,
-                                      metadata={"Type": "Brain", "Sources": sources}),
-                      name="ds_mask", run_without_submitting=True)
+    ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
     ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
                         name="ds_report_chimap")
     workflow.connect([
@@ -126,12 +228,26 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                           ("outputnode.frame_file", "frame_file")]),
         (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
         (extras, ds_chimap, [("extras", "extra_metadata")]),
-        (qsm_wf, ds_mask, [("outputnode.mask_file", "in_file")]),
         (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
                              ("outputnode.chi_file", "chi_file"),
                              ("outputnode.mask_file", "mask_file")]),
     ])
     return workflow
+
+
+def _phase_description(settings: dict, unwrapping: str, bgremoval: str) -> dict:
+    """What the phase chain did, for the sidecars."""
+    return {
+        "EchoTimes": settings["echo_times"],
+        "Unwrapping": {"laplacian": "Laplacian (Schofield & Zhu 2003)",
+                       "path": "path-following, reliability sorting (Herráez et al. 2002)"
+                       }[unwrapping],
+        "EchoCombination": ("magnitude-weighted least-squares fit of phase over echo time"
+                            if settings["weighted"] else
+                            "unweighted least-squares fit of phase over echo time"),
+        "BackgroundFieldRemoval": {"vsharp": "V-SHARP (Wu et al. 2012)",
+                                   "pdf": "PDF (Liu et al. 2011)"}[bgremoval],
+    }
 
 
 def _safe_name(key: str) -> str:
@@ -143,6 +259,7 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                         device: str = "auto", tile: int | None = None,
                         dc_lambda: float | None = None, omp_nthreads: int = 1,
                         overwrite: bool = False, b0_strength: float | None = None,
+                        unwrapping: str = "laplacian", bgremoval: str = "vsharp",
                         name: str = "bids_qsmnet_wf"):
     """One workflow holding a :func:`init_single_run_wf` per run (runs in parallel).
 
@@ -160,6 +277,7 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
         init_single_run_wf(run, bids_root=bids_root, out_dir=out_dir, model=model, device=device,
                            tile=tile, dc_lambda=dc_lambda, omp_nthreads=omp_nthreads,
                            overwrite=overwrite, b0_strength=b0_strength,
+                           unwrapping=unwrapping, bgremoval=bgremoval,
                            name=f"run_{_safe_name(run.key)}_wf")
         for run in runs])
     return workflow

@@ -121,6 +121,13 @@ def get_parser() -> argparse.ArgumentParser:
                    type=partial(_positive_float, parser=parser, what="--b0-strength"),
                    help="field strength for inputs whose sidecar lacks MagneticFieldStrength")
 
+    g = parser.add_argument_group(
+        "Phase preprocessing (runs with raw GRE phase and no local field)")
+    g.add_argument("--unwrapping", default="laplacian", choices=["laplacian", "path"],
+                   help="spatial phase unwrapping: Laplacian (default) or path-following")
+    g.add_argument("--bgremoval", default="vsharp", choices=["vsharp", "pdf"],
+                   help="background-field removal: V-SHARP (default) or PDF")
+
     g = parser.add_argument_group("Model and inference")
     g.add_argument("--model", default=None,
                    help="participant: model file/folder or shipped name (default: the shipped "

@@ -3,9 +3,13 @@
 Each measurement runs in a fresh subprocess so that its peak resident memory (``ru_maxrss``)
 is its own.  Usage::
 
+    python benchmarks/speed.py peak                       # dense fp32 matmul / conv3d GFLOP/s
     python benchmarks/speed.py inference --arch default --shape 160 160 160 [--tile 96]
+    python benchmarks/speed.py tiling --shape 160 192 160  # tiled vs whole volume, ppm
+    python benchmarks/speed.py compile --arch default      # torch.compile vs eager
     python benchmarks/speed.py training --arch toy --patch 64 --batch 12 --steps 5
-    python benchmarks/speed.py patches --subjects 2 --shape 160 192 160 --patch 64
+    python benchmarks/speed.py patches --subjects 2 --shape 160 192 160 --patch 64 [--stream]
+    python benchmarks/speed.py participant --subject 01    # a whole CLI run
     python benchmarks/speed.py all --json docs/benchmarks.json   # the table in docs/benchmarks.md
 
 Every figure is printed as one JSON line; ``all`` also writes them to ``--json``.  Timings
@@ -42,32 +46,149 @@ def _network(arch: str):
     return net, None
 
 
-def bench_inference(args) -> dict:
-    import numpy as np
+def _gflops(flops: float, seconds: float) -> float:
+    return round(flops / seconds / 1e9, 1)
+
+
+def bench_peak(args) -> dict:
+    """The machine's dense fp32 throughput: a matmul and the U-Nets' typical convolutions."""
     import torch
 
-    from bids_qsmnet.inference.predict import predict_normalised
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = {"bench": "peak", "threads": args.threads}
+
+    def timed(fn, flops, repeats=3):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return _gflops(flops, best)
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out["matmul_2048"] = timed(lambda: torch.mm(a, b), 2 * n**3)
+    convs = {}
+    with torch.inference_mode():
+        for cin, cout, k, size in ((16, 16, 3, 64), (32, 32, 3, 64), (64, 64, 3, 32),
+                                   (32, 32, 5, 48)):
+            conv = torch.nn.Conv3d(cin, cout, k, padding=k // 2, bias=False).eval()
+            x = torch.randn(1, cin, size, size, size)
+            flops = 2 * size**3 * cin * cout * k**3
+            name = f"conv{k}_{cin}to{cout}_{size}"
+            convs[name] = timed(lambda c=conv, i=x: c(i), flops)
+            conv_cl = conv.to(memory_format=torch.channels_last_3d)
+            x_cl = x.to(memory_format=torch.channels_last_3d)
+            convs[name + "_cl"] = timed(lambda c=conv_cl, i=x_cl: c(i), flops)
+    out["conv"] = convs
+    out["conv_best"] = max(convs.values())
+    out["peak_rss_mb"] = round(_peak_rss_mb())
+    return out
+
+
+def _input(args):
+    import numpy as np
+
+    return np.random.default_rng(0).normal(size=tuple(args.shape)).astype(np.float32)
+
+
+def bench_inference(args) -> dict:
+    """Network time per volume (normalised random input; the work does not depend on values)."""
+    import torch
+
+    from bids_qsmnet.inference.optimize import optimise_for_inference
+    from bids_qsmnet.inference.predict import pad_to_multiple, predict_normalised
+    from bids_qsmnet.models.flops import count_flops
 
     torch.set_num_threads(args.threads)
     net, _ = _network(args.arch)
     net.eval()
-    x = np.random.default_rng(0).normal(size=tuple(args.shape)).astype(np.float32)
+    x = _input(args)
+    padded = pad_to_multiple(x, net.multiple)[0].shape
+    run_net = net if args.no_optimise else optimise_for_inference(net)
     t0 = time.perf_counter()
-    predict_normalised(net, x, multiple=net.multiple, tile=args.tile)
+    predict_normalised(run_net, x, multiple=net.multiple, tile=args.tile, overlap=args.overlap)
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        predict_normalised(net, x, multiple=net.multiple, tile=args.tile)
+        predict_normalised(run_net, x, multiple=net.multiple, tile=args.tile,
+                           overlap=args.overlap)
         times.append(time.perf_counter() - t0)
+    flops = count_flops(net, padded)["flops"]  # whole volume: tiles recompute their overlap
     return {"bench": "inference", "arch": args.arch, "shape": list(args.shape),
-            "tile": args.tile, "threads": args.threads, "first_s": round(first, 2),
-            "seconds": round(min(times), 2), "peak_rss_mb": round(_peak_rss_mb())}
+            "tile": args.tile, "optimised": not args.no_optimise, "threads": args.threads,
+            "first_s": round(first, 2), "seconds": round(min(times), 2),
+            "gflop": round(flops / 1e9, 1), "gflops_per_s": _gflops(flops, min(times)),
+            "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def bench_tiling(args) -> dict:
+    """Tiled against whole-volume inference on a synthetic brain field, in ppm."""
+    import numpy as np
+    import torch
+
+    from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
+    from bids_qsmnet.inference.predict import predict_chi
+    from bids_qsmnet.models.modelfile import load_model, resolve_model
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(resolve_model(None))
+    ph = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(7))
+    field = simulate_local_field(ph.chi, ph.mask, noise_std=0.0)
+    whole = predict_chi(loaded, field, ph.mask)
+    rows = {}
+    for tile in args.tiles:
+        for overlap in args.overlaps:
+            t0 = time.perf_counter()
+            tiled = predict_chi(loaded, field, ph.mask, tile=tile, overlap=overlap)
+            dt = time.perf_counter() - t0
+            diff = np.abs(tiled - whole)[ph.mask]
+            rows[f"{tile}/{overlap}"] = {"seconds": round(dt, 2),
+                                         "max_abs_ppm": float(f"{diff.max():.3g}"),
+                                         "p99_abs_ppm": float(f"{np.quantile(diff, 0.99):.3g}")}
+    return {"bench": "tiling", "shape": list(args.shape), "threads": args.threads,
+            "chi_rms_ppm": float(f"{np.sqrt(np.mean(whole[ph.mask] ** 2)):.3g}"),
+            "tiles": rows}
+
+
+def bench_compile(args) -> dict:
+    """torch.compile (inductor) against eager, on the optimised network."""
+    import torch
+
+    from bids_qsmnet.inference.optimize import optimise_for_inference
+
+    torch.set_num_threads(args.threads)
+    net, _ = _network(args.arch)
+    net = optimise_for_inference(net.eval())
+    x = torch.from_numpy(_input(args))[None, None]
+    out = {"bench": "compile", "arch": args.arch, "shape": list(args.shape),
+           "threads": args.threads}
+    with torch.inference_mode():
+        net(x)
+        t0 = time.perf_counter()
+        net(x)
+        out["eager_s"] = round(time.perf_counter() - t0, 2)
+        try:
+            compiled = torch.compile(net)
+            t0 = time.perf_counter()
+            compiled(x)
+            out["compile_first_s"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            compiled(x)
+            out["compiled_s"] = round(time.perf_counter() - t0, 2)
+        except Exception as exc:  # report why, do not hide it
+            out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    out["peak_rss_mb"] = round(_peak_rss_mb())
+    return out
 
 
 def bench_training(args) -> dict:
     import torch
 
+    from bids_qsmnet.models.flops import count_flops
     from bids_qsmnet.models.losses import qsmnet_loss
     from bids_qsmnet.models.registry import build_network
     from bids_qsmnet.physics.dipole import dipole_kernel_torch
@@ -75,6 +196,8 @@ def bench_training(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = build_network(args.arch)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     p = args.patch
@@ -95,30 +218,60 @@ def bench_training(args) -> dict:
     for _ in range(args.steps):
         step()
     dt = (time.perf_counter() - t0) / args.steps
+    # forward + backward ≈ 3 × the forward convolutions (input and weight gradients)
+    flops = 3 * count_flops(net, (p, p, p), batch=args.batch)["flops"]
     return {"bench": "training", "arch": args.arch, "patch": p, "batch": args.batch,
-            "threads": args.threads, "seconds_per_step": round(dt, 3),
-            "patches_per_s": round(args.batch / dt, 2), "peak_rss_mb": round(_peak_rss_mb())}
+            "channels_last": args.channels_last, "threads": args.threads,
+            "seconds_per_step": round(dt, 3), "patches_per_s": round(args.batch / dt, 2),
+            "gflops_per_s": _gflops(flops, dt), "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def bench_participant(args) -> dict:
+    """A whole ``bids_qsmnet … participant`` run of one example subject, in a child process."""
+    from bids_qsmnet.data.example import example_dataset_path
+
+    bids = str(example_dataset_path())
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "bids_qsmnet", bids, os.path.join(d, "out"),
+               "participant", "--participant-label", args.subject, "-w",
+               os.path.join(d, "work"), "--nprocs", "1", "--omp-nthreads", str(args.threads)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return {"bench": "participant", "subject": args.subject, "threads": args.threads,
+            "seconds": round(dt, 1), "peak_rss_mb": round(peak)}
 
 
 def bench_patches(args) -> dict:
+    """Patch extraction into HDF5.
+
+    Default: the subjects are simulated first and the extraction alone is timed.  With
+    ``--stream`` they are simulated one at a time while the store is written (the way the
+    trainer's recipes feed it), so peak memory shows whether subjects are held at once.
+    """
     import numpy as np
 
     from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
     from bids_qsmnet.training.patches import TrainingVolume, extract_patches
 
-    vols = []
-    for i in range(args.subjects):  # made before timing: this measures extraction only
+    def volume(i):
         ph = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(i))
         f = simulate_local_field(ph.chi, ph.mask)
-        vols.append(TrainingVolume(f, ph.chi, ph.mask, subject=f"s{i}"))
+        return TrainingVolume(f, ph.chi, ph.mask, subject=f"s{i}")
+
+    vols = (volume(i) for i in range(args.subjects)) if args.stream else \
+        iter([volume(i) for i in range(args.subjects)])
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        info = extract_patches(iter(vols), os.path.join(d, "p.h5"), patch_size=args.patch,
+        info = extract_patches(vols, os.path.join(d, "p.h5"), patch_size=args.patch,
                                linearity_factor=4.0 if args.linearity else None)
         size_mb = os.path.getsize(os.path.join(d, "p.h5")) / 2**20
+    total = time.perf_counter() - t0
     return {"bench": "patches", "subjects": args.subjects, "shape": list(args.shape),
-            "patch": args.patch, "linearity": args.linearity, "patches": info.n_patches,
-            "seconds": round(info.seconds, 2),
-            "seconds_per_subject": round(info.seconds / args.subjects, 2),
+            "patch": args.patch, "linearity": args.linearity, "stream": args.stream,
+            "patches": info.n_patches, "seconds": round(total, 2),
+            "seconds_per_subject": round(total / args.subjects, 2),
             "file_mb": round(size_mb), "peak_rss_mb": round(_peak_rss_mb())}
 
 
@@ -128,67 +281,136 @@ def _run_child(argv: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+PLAN = [
+    ["peak"],
+    ["inference", "--arch", "default", "--shape", "160", "160", "160", "--no-optimise"],
+    ["inference", "--arch", "default", "--shape", "160", "160", "160"],
+    ["inference", "--arch", "default", "--shape", "256", "256", "176", "--no-optimise"],
+    ["inference", "--arch", "default", "--shape", "256", "256", "176"],
+    ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128"],
+    ["inference", "--arch", "qsmnet", "--shape", "160", "160", "160", "--repeats", "1",
+     "--no-optimise"],
+    ["inference", "--arch", "qsmnet", "--shape", "160", "160", "160", "--repeats", "1"],
+    ["inference", "--arch", "qsmnet", "--shape", "256", "256", "176", "--repeats", "1",
+     "--tile", "128"],
+    ["compile", "--arch", "default", "--shape", "160", "160", "160"],
+    ["tiling", "--shape", "160", "192", "160"],
+    ["training", "--arch", "toy", "--patch", "64", "--batch", "12"],
+    ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8"],
+    ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8", "--channels-last"],
+    ["training", "--arch", "qsmnet-slim", "--patch", "48", "--batch", "4"],
+    ["training", "--arch", "qsmnet", "--patch", "64", "--batch", "2", "--steps", "2"],
+    ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64"],
+    ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64", "--stream"],
+    ["patches", "--subjects", "6", "--shape", "160", "192", "160", "--patch", "64", "--stream"],
+    ["participant", "--subject", "01"],
+]
+
+
 def bench_all(args) -> list[dict]:
     t = str(args.threads)
-    plan = [
-        ["inference", "--arch", "default", "--shape", "160", "160", "160"],
-        ["inference", "--arch", "default", "--shape", "256", "256", "176"],
-        ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128"],
-        ["training", "--arch", "toy", "--patch", "64", "--batch", "12"],
-        ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "4"],
-        ["training", "--arch", "qsmnet-slim", "--patch", "48", "--batch", "4"],
-        ["training", "--arch", "qsmnet", "--patch", "64", "--batch", "1", "--steps", "2"],
-        ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64"],
-        ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64",
-         "--linearity"],
-    ]
     rows = []
-    for argv in plan:
+    for argv in PLAN:
+        if args.only and argv[0] not in args.only:
+            continue
         row = _run_child([*argv, "--threads", t])
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
+def _fmt_shape(shape) -> str:
+    return "×".join(map(str, shape))
+
+
 def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
-    """The speed section of ``docs/benchmarks.md`` (replaced whole on every run)."""
-    head = [
+    """``docs/benchmarks.md`` speed sections (replaced whole on every run)."""
+    peak = next((r for r in rows if r["bench"] == "peak"), None)
+    conv_best = peak["conv_best"] if peak else None
+    lines = [
         "# Benchmarks",
         "",
         f"Machine: {meta['cpus']} CPU cores ({meta['machine']}), Python {meta['python']}, "
-        f"torch {meta['torch']}; no GPU was lent for these runs.  Command: "
-        f"`{meta['command']}` (each line below runs in its own process; peak RSS is that "
-        "process's maximum resident memory).",
+        f"torch {meta['torch']}; {meta.get('gpu', 'no GPU was lent for these runs')}.  "
+        f"Command: `{meta['command']}` (each line below runs in its own process, one after "
+        "the other on an otherwise idle machine; peak RSS is that process's maximum resident "
+        "memory).  FLOPs are counted from the architecture (`bids_qsmnet.models.flops`: "
+        "convolutions, 2 per multiply-accumulate; training = 3 × forward).",
         "",
-        "## Inference per volume (network only, CPU)",
-        "",
-        "| model | volume | tiles | time (s) | first call (s) | peak RSS (MB) |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
     ]
-    lines = list(head)
+    if peak:
+        lines += ["## The machine's limit (dense fp32, same run)", "",
+                  "| kernel | GFLOP/s |", "| --- | ---: |",
+                  f"| matmul 2048² | {peak['matmul_2048']} |"]
+        for name, v in peak["conv"].items():
+            lines.append(f"| {name.replace('_cl', ' (channels-last)')} | {v} |")
+        lines += ["", f"Reference dense-conv throughput below: the best convolution, "
+                      f"**{conv_best} GFLOP/s**.", ""]
+    lines += ["## Inference per volume (network only, CPU)", "",
+              "`optimised`: batch norm folded into the convolutions and channels-last 3-D "
+              "layout (`bids_qsmnet.inference.optimize`, what the app runs).",
+              "",
+              "| model | volume | tiles | optimised | time (s) | first call (s) | GFLOP | "
+              "GFLOP/s | % of conv peak | peak RSS (MB) |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["bench"] == "inference":
-            lines.append(f"| {r['arch']} | {'×'.join(map(str, r['shape']))} | "
-                         f"{r['tile'] or 'whole volume'} | {r['seconds']} | {r['first_s']} | "
-                         f"{r['peak_rss_mb']} |")
+            pct = f"{100 * r['gflops_per_s'] / conv_best:.0f}" if conv_best else "–"
+            lines.append(f"| {r['arch']} | {_fmt_shape(r['shape'])} | "
+                         f"{r['tile'] or 'whole volume'} | {'yes' if r['optimised'] else 'no'} "
+                         f"| {r['seconds']} | {r['first_s']} | {r['gflop']} | "
+                         f"{r['gflops_per_s']} | {pct} | {r['peak_rss_mb']} |")
+    for r in rows:
+        if r["bench"] == "compile":
+            lines += ["", f"`torch.compile` ({r['arch']}, {_fmt_shape(r['shape'])}): eager "
+                          f"{r['eager_s']} s, "
+                      + (f"compiled {r['compiled_s']} s after a first call of "
+                         f"{r['compile_first_s']} s." if "compiled_s" in r else
+                         f"failed: {r['compile_error']}.")]
+    for r in rows:
+        if r["bench"] == "tiling":
+            lines += ["", f"## Tiled against whole-volume inference ({_fmt_shape(r['shape'])} "
+                          f"synthetic brain, default model, χ rms {r['chi_rms_ppm']} ppm)", "",
+                      "| tile / overlap | time (s) | max abs diff (ppm) | 99th pct (ppm) |",
+                      "| --- | ---: | ---: | ---: |"]
+            for k, v in r["tiles"].items():
+                lines.append(f"| {k} | {v['seconds']} | {v['max_abs_ppm']} | "
+                             f"{v['p99_abs_ppm']} |")
     lines += ["", "## Training throughput (one Adam step incl. the QSMnet loss, CPU)", "",
-              "| model | patch | batch | s/step | patches/s | peak RSS (MB) |",
-              "| --- | --- | ---: | ---: | ---: | ---: |"]
+              "| model | patch | batch | channels-last | s/step | patches/s | GFLOP/s | "
+              "peak RSS (MB) |",
+              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["bench"] == "training":
             lines.append(f"| {r['arch']} | {r['patch']}³ | {r['batch']} | "
+                         f"{'yes' if r.get('channels_last') else 'no'} | "
                          f"{r['seconds_per_step']} | {r['patches_per_s']} | "
-                         f"{r['peak_rss_mb']} |")
+                         f"{r.get('gflops_per_s', '–')} | {r['peak_rss_mb']} |")
     lines += ["", "## Patch extraction (HDF5, synthetic subjects)", "",
-              "| subjects | volume | patch | linearity copy | patches | s/subject | file (MB) "
-              "| peak RSS (MB) |",
-              "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: |"]
+              "`streamed`: subjects simulated one at a time while the store is written (time "
+              "includes the simulation); otherwise simulated first and only extraction is "
+              "timed.", "",
+              "| subjects | volume | patch | linearity copy | streamed | patches | s/subject | "
+              "file (MB) | peak RSS (MB) |",
+              "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["bench"] == "patches":
-            lines.append(f"| {r['subjects']} | {'×'.join(map(str, r['shape']))} | "
+            lines.append(f"| {r['subjects']} | {_fmt_shape(r['shape'])} | "
                          f"{r['patch']}³ | {'yes' if r['linearity'] else 'no'} | "
+                         f"{'yes' if r.get('stream') else 'no'} | "
                          f"{r['patches']} | {r['seconds_per_subject']} | {r['file_mb']} | "
                          f"{r['peak_rss_mb']} |")
+    part = [r for r in rows if r["bench"] == "participant"]
+    if part:
+        lines += ["", "## Whole participant runs (`bids_qsmnet … participant`, example "
+                      "dataset, one subject, CLI in a child process)", "",
+                  "| subject | seconds | peak RSS (MB) |", "| --- | ---: | ---: |"]
+        for r in part:
+            lines.append(f"| sub-{r['subject']} | {r['seconds']} | {r['peak_rss_mb']} |")
+    extra = meta.get("notes_file")
+    if extra and os.path.exists(extra):
+        with open(extra) as fh:
+            lines += ["", fh.read().rstrip()]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -196,41 +418,68 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("inference", "training", "patches", "all"):
+    names = ("peak", "inference", "tiling", "compile", "training", "patches", "participant",
+             "all", "markdown")
+    for name in names:
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-        if name == "inference":
+        if name in ("inference", "compile"):
             s.add_argument("--arch", default="default")
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
+        if name == "inference":
             s.add_argument("--tile", type=int, default=None)
+            s.add_argument("--overlap", type=float, default=0.25)
             s.add_argument("--repeats", type=int, default=2)
+            s.add_argument("--no-optimise", action="store_true")
+        if name == "tiling":
+            s.add_argument("--shape", type=int, nargs=3, default=(160, 192, 160))
+            s.add_argument("--tiles", type=int, nargs="+", default=(96, 128))
+            s.add_argument("--overlaps", type=float, nargs="+", default=(0.25, 0.5))
         if name == "training":
             s.add_argument("--arch", default="toy")
             s.add_argument("--patch", type=int, default=64)
             s.add_argument("--batch", type=int, default=12)
             s.add_argument("--steps", type=int, default=5)
+            s.add_argument("--channels-last", action="store_true")
         if name == "patches":
             s.add_argument("--subjects", type=int, default=2)
             s.add_argument("--shape", type=int, nargs=3, default=(160, 192, 160))
             s.add_argument("--patch", type=int, default=64)
             s.add_argument("--linearity", action="store_true")
-        if name == "all":
+            s.add_argument("--stream", action="store_true")
+        if name == "participant":
+            s.add_argument("--subject", default="01")
+        if name in ("all", "markdown"):
             s.add_argument("--json", default="docs/benchmarks.json")
             s.add_argument("--md", default="docs/benchmarks.md")
+            s.add_argument("--notes", default="benchmarks/notes.md",
+                           help="hand-written notes appended to the markdown")
+        if name == "all":
+            s.add_argument("--only", nargs="+", default=None, help="run only these benches")
     args = p.parse_args(argv)
+    if args.cmd == "markdown":
+        with open(args.json) as fh:
+            data = json.load(fh)
+        data["meta"]["notes_file"] = args.notes
+        write_markdown(data["meta"], data["rows"], args.md)
+        return 0
     if args.cmd == "all":
         rows = bench_all(args)
         meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
-                "python": platform.python_version(), "command": " ".join(sys.argv)}
+                "python": platform.python_version(), "command": " ".join(sys.argv),
+                "notes_file": args.notes}
         import torch
 
         meta["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name(0)
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         write_markdown(meta, rows, args.md)
         return 0
-    fn = {"inference": bench_inference, "training": bench_training,
-          "patches": bench_patches}[args.cmd]
+    fn = {"peak": bench_peak, "inference": bench_inference, "tiling": bench_tiling,
+          "compile": bench_compile, "training": bench_training, "patches": bench_patches,
+          "participant": bench_participant}[args.cmd]
     print(json.dumps(fn(args)))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -127,13 +128,17 @@ def _subjects(layout, requested) -> list[str]:
 def _run_workflow(workflow, opts, work_dir: Path) -> None:
     from nipype import config as ncfg
 
-    ncfg.update_config({
+    settings = {
         "execution": {"crashdump_dir": str(work_dir / "crashes"), "crashfile_format": "txt",
                       "hash_method": "content", "stop_on_first_crash": False,
                       "remove_unnecessary_outputs": False, "check_version": False},
         "monitoring": {"enabled": False},
         "logging": {level: "INFO" if opts.verbose > 0 else "WARNING"
-                    for level in ("workflow_level", "interface_level", "utils_level")}})
+                    for level in ("workflow_level", "interface_level", "utils_level")}}
+    ncfg.update_config(settings)
+    # a workflow copies Nipype's config when it is built, and that copy wins at run time:
+    # without this, crash files land as .pklz in the current directory
+    workflow.config["execution"].update(settings["execution"])
     from nipype import logging as nlogging
 
     nlogging.update_logging(ncfg)
@@ -209,12 +214,19 @@ def build_participant_workflow(opts, layout, errors: dict):
     """
     from ..bids.derivatives import derivative_path
     from ..bids.discovery import DiscoveryError, collect_runs
-    from ..models.modelfile import ModelFileError, resolve_model
+    from ..device import DeviceError, select_device
+    from ..interfaces.qsm import check_inputs
+    from ..io.nifti import InputError
+    from ..models.modelfile import ModelFileError, load_model, resolve_model
     from ..workflows.base import SettingsError, init_participant_wf, run_settings
 
     try:
         model = str(resolve_model(opts.model))
-    except (ModelFileError, FileNotFoundError, ValueError) as exc:
+        # refused once, before any subject, rather than in every inference node: a device
+        # that is absent, a model file that is corrupt, newer or of another architecture
+        select_device(opts.device)
+        load_model(model, device="cpu")
+    except (ModelFileError, DeviceError, FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     runs = []
     for subject in _subjects(layout, opts.participant_label):
@@ -228,7 +240,15 @@ def build_participant_workflow(opts, layout, errors: dict):
         for run in found:
             try:
                 run_settings(run, b0_strength=opts.b0_strength)
-            except SettingsError as exc:
+                # header-only checks (no voxel data read): shape, affine, size, mask grid
+                if run.is_raw:
+                    for echo in run.echoes:
+                        check_inputs(echo.phase, run.mask, what="GRE phase")
+                        if echo.magnitude:
+                            check_inputs(echo.magnitude, None, what="GRE magnitude")
+                else:
+                    check_inputs(run.field, run.mask)
+            except (SettingsError, InputError) as exc:
                 errors.setdefault(subject, []).append(str(exc))
                 LOGGER.error("%s: skipped: %s", run.key, exc)
                 continue
@@ -254,6 +274,46 @@ def build_participant_workflow(opts, layout, errors: dict):
     return wf, model, runs
 
 
+# exceptions whose message is meant for the user as it is (it names the file and the problem)
+_USER_ERRORS = ("InputError", "SettingsError", "ModelFileError", "DeviceError",
+                "OutputExistsError", "MemoryError")
+_EXCEPTION_LINE = re.compile(r"^\s*(?:\w+\.)*(\w+(?:Error|Exception|Exit)): (.+)$")
+
+
+def _crash_causes(crash_dir: Path, *, since: float) -> list[tuple[str, str, str]]:
+    """``(node, message, crash file)`` of each text crash file written since ``since``.
+
+    The message is the innermost exception of the traceback (Nipype wraps it in a
+    ``NodeExecutionError``), without its class when it is one of ours.
+    """
+    out = []
+    for path in sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime):
+        if path.stat().st_mtime < since - 1:  # crash files of earlier runs stay in the work dir
+            continue
+        node, cause = None, None
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Node: ") and node is None:
+                node = line[6:].strip()
+            m = _EXCEPTION_LINE.match(line)
+            if m and m.group(1) != "NodeExecutionError":
+                cls, msg = m.groups()
+                cause = msg.strip() if cls in _USER_ERRORS else f"{cls}: {msg.strip()}"
+        if node and cause:
+            out.append((node, cause, str(path)))
+    return out
+
+
+def _run_cause(causes, key: str) -> tuple[str, str, str] | None:
+    """The first crash of the run ``key`` (its nodes live in ``run_<key>_wf``)."""
+    from ..workflows.base import _safe_name
+
+    tag = f".run_{_safe_name(key)}_wf."
+    for node, cause, path in causes:
+        if tag in f".{node}.":
+            return cause, node.rsplit(".", 1)[-1], path
+    return None
+
+
 def _participant(opts, layout, work_dir: Path) -> int:
     from ..bids.derivatives import derivative_path, write_dataset_description
     from ..reports.html import write_citations, write_subject_report
@@ -268,13 +328,19 @@ def _participant(opts, layout, work_dir: Path) -> int:
             try:
                 _run_workflow(wf, opts, work_dir)
             except RuntimeError as exc:  # Nipype: some nodes crashed; others completed
-                LOGGER.error("some nodes failed (%s); crash files in %s", exc,
-                             work_dir / "crashes")
+                LOGGER.debug("Nipype: %s", exc)
+                LOGGER.error("some nodes failed; crash files in %s", work_dir / "crashes")
+        causes = _crash_causes(work_dir / "crashes", since=t0)
         for run in runs:
             chimap = derivative_path(str(opts.output_dir), run.entities, suffix="Chimap")
             if not os.path.exists(chimap):
                 failed.append(run.key)
+                cause = _run_cause(causes, run.key)
+                if cause:
+                    LOGGER.error("%s failed in node %s (crash file %s)", run.key, cause[1],
+                                 cause[2])
                 errors.setdefault(run.subject, []).append(
+                    f"{run.key}: {cause[0]}" if cause else
                     f"{run.key}: processing failed; see the crash files in {work_dir}/crashes")
     finally:
         write_dataset_description(str(opts.output_dir), bids_dir=str(opts.bids_dir),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -14,7 +16,55 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import fname_presuffix
 
-__all__ = ["run_qsmnet", "QSMnetInference"]
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["run_qsmnet", "QSMnetInference", "fit_tile"]
+
+#: CPU bytes per voxel and first-level channel at the peak of a whole-volume forward pass
+#: (activations, skip connections, normalised copies): about 6 × 4 measured for the default
+#: model (4.7 GB for 256×256×176, docs/benchmarks.md); 8 × 4 leaves a margin
+BYTES_PER_VOXEL_CHANNEL = 8 * 4
+
+
+def fit_tile(shape, *, channels: int, multiple: int, tile: int | None,
+             available: int | None) -> int | None:
+    """The tile edge that keeps CPU inference within half the available memory.
+
+    Parameters
+    ----------
+    shape : (3,) int — the field's grid, voxels
+    channels : int — channels of the network's first level
+    multiple : int — the network's size multiple (``2**depth``)
+    tile : int or None — the tile asked for (None: whole volume)
+    available : int or None — bytes of memory left (None: unknown, ``tile`` is kept)
+
+    Returns
+    -------
+    tile : int or None — ``tile`` when it fits (or memory is unknown), else the largest
+        multiple of ``multiple`` whose cube fits
+
+    Raises
+    ------
+    MemoryError
+        when not even a tile of ``2 * multiple`` voxels fits.
+    """
+    if available is None:
+        return tile
+    per_voxel = BYTES_PER_VOXEL_CHANNEL * int(channels)
+    padded = [-(-int(n) // multiple) * multiple for n in shape]
+    edge = tile or max(padded)
+    need = int(np.prod([min(edge, n) for n in padded], dtype=np.int64)) * per_voxel
+    budget = available // 2  # the rest: the process itself, resampling, other nodes
+    if need <= budget:
+        return tile
+    fit = int((budget / per_voxel) ** (1 / 3)) // multiple * multiple
+    if fit < 2 * multiple:
+        raise MemoryError(f"inference needs about {need / 2**30:.1f} GiB even in tiles of "
+                          f"{2 * multiple} voxels; {available / 2**30:.1f} GiB is available")
+    LOGGER.warning("whole-volume inference of %s voxels needs about %.1f GiB, %.1f GiB is "
+                   "available: tiling with --tile %d", "x".join(map(str, shape)), need / 2**30,
+                   available / 2**30, fit)
+    return fit
 
 
 def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
@@ -41,11 +91,9 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     out_file : χ map, ppm, on the field's grid
     info : model name, sha256 and path, refinement settings
     """
-    import numpy as np
-
     from ..device import select_device
     from ..inference.predict import predict_chi
-    from ..io.nifti import load_volume, save_volume
+    from ..io.nifti import available_memory, load_volume, save_volume
     from ..models.modelfile import load_model, resolve_model
     from ..physics.orientation import voxel_sizes_from_affine
 
@@ -59,7 +107,31 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     field, img = load_volume(field_file, what="local field")
     mask, _ = load_volume(mask_file, what="brain mask")
     mask = mask > 0
-    chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap)
+    multiple = loaded.network.multiple
+    if tile and tile % multiple:  # the network halves the tile `depth` times
+        rounded = -(-tile // multiple) * multiple
+        LOGGER.warning("--tile %d is not a multiple of %d (2^depth of %s): using %d", tile,
+                       multiple, loaded.spec.name, rounded)
+        tile = rounded
+    if dev.type == "cpu":  # a GPU says "out of memory" itself; the CPU may be OOM-killed
+        try:
+            tile = fit_tile(field.shape, channels=loaded.spec.architecture["channels"][0],
+                            multiple=multiple, tile=tile, available=available_memory())
+        except MemoryError as exc:
+            raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
+    try:
+        chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(exc).lower()
+        if not isinstance(exc, MemoryError) and "out of memory" not in text \
+                and "can't allocate memory" not in text:
+            raise
+        advice = (f"give --tile {max(64, multiple)} to bound it" if not tile
+                  else f"give a smaller --tile (a multiple of {multiple})")
+        # the field here is the node's resampled copy: its name still starts with the input's
+        raise MemoryError(f"out of memory running the network on {dev} for the "
+                          f"{'x'.join(map(str, field.shape))} field {os.path.basename(field_file)}"
+                          f"; {advice}") from None
     defaults = loaded.spec.inference or {}
     lam = defaults.get("dc_lambda", 0.0) if dc_lambda is None else dc_lambda
     n_iter = int(defaults.get("dc_iterations", 30) if dc_iterations is None else dc_iterations)

@@ -22,7 +22,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 __all__ = [
     "convert_to_ppm", "ConvertToPPM",
-    "prepare_mask", "BrainMask",
+    "check_inputs", "prepare_mask", "BrainMask",
     "frame_affine", "resample_to_frame", "ToNetworkFrame",
     "resample_from_frame", "FromNetworkFrame",
 ]
@@ -47,10 +47,9 @@ def convert_to_ppm(in_file: str, units: str | None, *, b0: float | None = None,
 
     if not units:
         raise InputError(f"{in_file}: the sidecar has no 'Units' (ppm, Hz or rad)")
+    data, img = load_volume(in_file, what="local field")  # its errors name the file already
     try:
-        u = normalise_units(units)
-        data, img = load_volume(in_file, what="local field")
-        ppm = field_to_ppm(data, u, b0=b0, te=te)
+        ppm = field_to_ppm(data, normalise_units(units), b0=b0, te=te)
     except ValueError as exc:
         raise InputError(f"{in_file}: {exc}") from None
     if not np.any(ppm):
@@ -88,6 +87,47 @@ class ConvertToPPM(SimpleInterface):
 # --------------------------------------------------------------------------- masking
 
 
+def _check_same_grid(field_file: str, shape, affine, mask_file: str, mshape, maffine) -> None:
+    from ..io.nifti import InputError
+
+    if tuple(mshape) != tuple(shape):
+        raise InputError(f"{mask_file}: mask shape {tuple(mshape)} differs from the field's "
+                         f"{tuple(shape)} ({field_file})")
+    if not np.allclose(maffine, affine, atol=1e-3):
+        worst = float(np.max(np.abs(np.asarray(maffine) - np.asarray(affine))))
+        raise InputError(f"{mask_file}: mask affine differs from the field's by up to "
+                         f"{worst:.3g} mm ({field_file}); resample the mask onto the field")
+
+
+def check_inputs(field_file: str, mask_file: str | None = None, *,
+                 what: str = "local field") -> None:
+    """Header-only checks of a local field and its brain mask, before any processing.
+
+    Cheap (no voxel data is read), so a command line can refuse a bad run before building its
+    workflow: each file must pass :func:`~bids_qsmnet.io.nifti.inspect_volume` and the mask
+    must share the field's grid (shape and affine).  Voxel-level problems (NaN, an empty mask,
+    a damaged compressed body) are found when the data are read.
+
+    Parameters
+    ----------
+    field_file : local-field NIfTI (or another volume on the mask's grid)
+    mask_file : brain-mask NIfTI, or None
+    what : what ``field_file`` is, for error messages (e.g. "GRE phase")
+
+    Raises
+    ------
+    InputError
+        naming the offending file and the problem.
+    """
+    from ..io.nifti import inspect_volume
+
+    img = inspect_volume(field_file, what=what)
+    if mask_file:
+        mimg = inspect_volume(mask_file, what="brain mask")
+        _check_same_grid(field_file, img.shape[:3], img.affine, mask_file, mimg.shape[:3],
+                         mimg.affine)
+
+
 def prepare_mask(field_file: str, mask_file: str | None = None, *,
                  newpath: str | None = None) -> tuple[str, str]:
     """Check (or derive) the brain mask of a field and zero the field outside it.
@@ -100,16 +140,17 @@ def prepare_mask(field_file: str, mask_file: str | None = None, *,
     field, img = load_volume(field_file, what="local field")
     if mask_file:
         mdata, mimg = load_volume(mask_file, what="brain mask")
-        if mdata.shape != field.shape:
-            raise InputError(f"{mask_file}: mask shape {mdata.shape} differs from the field's "
-                             f"{field.shape} ({field_file})")
-        if not np.allclose(mimg.affine, img.affine, atol=1e-3):
-            raise InputError(f"{mask_file}: mask affine differs from the field's ({field_file})")
+        _check_same_grid(field_file, field.shape, img.affine, mask_file, mdata.shape,
+                         mimg.affine)
         mask = mdata > 0
     else:
         mask = field != 0
     if not mask.any():
         raise InputError(f"{mask_file or field_file}: the brain mask is empty")
+    if not np.any(field[mask]):
+        # a mask of another subject or space: nothing of the field is left to invert
+        raise InputError(f"{mask_file}: the local field {field_file} is zero everywhere inside "
+                         "this brain mask")
     newpath = newpath or os.getcwd()
     base = fname_presuffix(field_file, newpath=newpath, use_ext=False)
     out_field = save_volume(np.where(mask, field, 0).astype(np.float32), img,

@@ -169,6 +169,18 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
         return pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, overwrite=overwrite,
                                        **kwargs), name=node_name, run_without_submitting=True)
 
+    ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
+
+    def after_chimap(src, field, ds):
+        """``src.field`` into ``ds`` once the χ map is stored: a run that fails leaves no
+        partial derivatives (a mask or field map without its χ map)."""
+        gate = pe.Node(niu.Function(function=_pass_after, input_names=["value", "ready"],
+                                    output_names=["value"]),
+                       name=f"{ds.name}_after_chimap", run_without_submitting=True)
+        workflow.connect([(src, gate, [(field, "value")]),
+                          (ds_chimap, gate, [("out_file", "ready")]),
+                          (gate, ds, [("value", "in_file")])])
+
     if run.is_raw:
         chain = _phase_description(settings, unwrapping, bgremoval)
         metadata["InputUnits"] = "rad (raw GRE phase)"
@@ -204,22 +216,21 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
         workflow.connect([
             (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
                                 ("outputnode.mask_file", "inputnode.mask_file")]),
-            (phase_wf, ds_total, [("outputnode.total_field", "in_file")]),
-            (phase_wf, ds_local, [("outputnode.local_field", "in_file")]),
-            (phase_wf, ds_brain, [("outputnode.brain_mask", "in_file")]),
-            (qsm_wf, ds_eroded, [("outputnode.mask_file", "in_file")]),
         ])
+        after_chimap(phase_wf, "outputnode.total_field", ds_total)
+        after_chimap(phase_wf, "outputnode.local_field", ds_local)
+        after_chimap(phase_wf, "outputnode.brain_mask", ds_brain)
+        after_chimap(qsm_wf, "outputnode.mask_file", ds_eroded)
     else:
         qsm_wf.inputs.inputnode.in_file = run.field
         qsm_wf.inputs.inputnode.mask_file = run.mask
         ds_mask = sink("ds_mask", suffix="mask", desc="brain",
                        metadata={"Type": "Brain", "Sources": sources})
-        workflow.connect([(qsm_wf, ds_mask, [("outputnode.mask_file", "in_file")])])
+        after_chimap(qsm_wf, "outputnode.mask_file", ds_mask)
 
     extras = pe.Node(niu.Function(function=_sidecar_extras,
                                   input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras")
-    ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
     ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
                         name="ds_report_chimap")
     workflow.connect([
@@ -229,10 +240,15 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
         (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
         (extras, ds_chimap, [("extras", "extra_metadata")]),
         (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
-                             ("outputnode.chi_file", "chi_file"),
                              ("outputnode.mask_file", "mask_file")]),
+        (ds_chimap, ds_report, [("out_file", "chi_file")]),  # figures only of a stored χ map
     ])
     return workflow
+
+
+def _pass_after(value, ready):
+    """``value`` unchanged; ``ready`` only orders the node after another (a Nipype Function)."""
+    return value
 
 
 def _phase_description(settings: dict, unwrapping: str, bgremoval: str) -> dict:

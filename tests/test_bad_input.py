@@ -1,0 +1,525 @@
+"""Bad input through the command line (issue #7): one clear line, a non-zero exit, no partial
+output.
+
+Each case builds a tiny derivative dataset (one subject, a 24³ local field of a sphere in ppm
+with its brain mask), breaks one thing and runs ``bids_qsmnet.cli.run.main`` in-process with
+a toy model and the Linear plugin.  It then checks
+
+* the exit code: 2 for a bad command line (argparse), 1 for everything found later;
+* stderr: exactly one line starting with ``bids_qsmnet:``, naming the offending file (or
+  option) and saying what is wrong, without a traceback;
+* the output folder: nothing of the subject (no ``sub-XX/`` files, no ``*_Chimap*``, no
+  temporary files); only ``dataset_description.json``, ``logs/CITATION.md``, the error report
+  ``sub-XX.html`` and the hidden lock files may exist.
+
+Already tested elsewhere, and repeated here for the output and one-line checks: a missing
+``bids_dir``, ``output_dir`` inside ``bids_dir`` and a label with path characters
+(``test_cli.py``, through ``parse_args``), an absent participant and a missing
+``MagneticFieldStrength`` (``test_participant_workflow.py``).
+
+Three more tests: several subjects with one bad (reported and skipped, the others complete,
+exit 1); the network running out of memory (one line, no mask left without its χ map); and
+inference beyond the memory left (tiled instead, exit 0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from _bidsapp_fixtures import add_volume, make_dataset, make_model_file, sphere_field, write_json
+
+from bids_qsmnet.cli.run import main
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+SHAPE = (24, 24, 24)
+FIELD = "sub-01/anat/sub-01_localfield.nii.gz"
+MASK = "sub-01/anat/sub-01_desc-brain_mask.nii.gz"
+SIDECAR = "sub-01/anat/sub-01_localfield.json"
+
+
+@pytest.fixture(scope="module")
+def volumes():
+    field, mask, _ = sphere_field(SHAPE, radius=4.0)
+    return field, mask.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A toy network (channels 2, 4): inference of 24³ takes milliseconds."""
+    return make_model_file(tmp_path_factory.mktemp("model") / "toy.safetensors", architecture="toy")
+
+
+def _subject(ds: Path, sub: str, volumes, *, sidecar=None) -> None:
+    field, mask = volumes
+    add_volume(
+        ds,
+        f"sub-{sub}/anat/sub-{sub}_localfield.nii.gz",
+        {"Units": "ppm"} if sidecar is None else sidecar,
+        data=field,
+    )
+    add_volume(
+        ds,
+        f"sub-{sub}/anat/sub-{sub}_desc-brain_mask.nii.gz",
+        {"Type": "Brain"},
+        data=mask,
+        dtype=np.uint8,
+    )
+
+
+@pytest.fixture
+def ds(tmp_path, volumes, monkeypatch):
+    """A good derivative dataset with sub-01; the working directory is moved out of the
+    repository so that no stray crash file can land there."""
+    monkeypatch.chdir(tmp_path)
+    root = make_dataset(tmp_path / "ds", derivative=True)
+    _subject(root, "01", volumes)
+    return root
+
+
+def _argv(ds, out, work, model, *extra):
+    return [
+        str(ds),
+        str(out),
+        "participant",
+        "--model",
+        str(model),
+        "-w",
+        str(work),
+        "--plugin",
+        "Linear",
+        "--nprocs",
+        "1",
+        "--omp-nthreads",
+        "1",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
+
+
+def _run(argv, capsys) -> tuple[int, list[str], str]:
+    """Exit code, the ``bids_qsmnet:`` lines of stderr, and all of stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("bids_qsmnet:")], err
+
+
+def _assert_no_partial_output(out: Path, subjects=("01",)) -> None:
+    """Nothing of ``subjects`` in ``out`` but their error reports; no temporary files."""
+    if not out.exists():
+        return
+    for path in out.rglob("*"):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(out).as_posix()
+        assert ".tmp" not in path.name, f"half-written file left: {rel}"
+        if rel.startswith(".bids_qsmnet"):  # advisory locks, empty and kept on purpose
+            assert path.stat().st_size == 0, rel
+        elif rel not in ("dataset_description.json", "logs/CITATION.md") and not re.fullmatch(
+            r"sub-[A-Za-z0-9]+\.html", rel
+        ):
+            assert not any(rel.startswith(f"sub-{s}/") for s in subjects), f"partial output: {rel}"
+
+
+# --------------------------------------------------------------------------- cases
+#
+# Each case breaks the good dataset (or the command line) and returns what to expect:
+# ``code`` (exit code), ``file`` (must be named in the line: the offending path or option),
+# ``says`` (fragments of the problem, all in the line), optionally ``argv`` (replaces the
+# default command line) and ``extra`` (options appended to it).
+
+CASES = {}
+
+
+def case(name):
+    def register(fn):
+        CASES[name] = fn
+        return fn
+
+    return register
+
+
+def _rewrite_field(ds, data, affine=None, dtype=np.float32):
+    add_volume(ds, FIELD, None, data=data, affine=affine, dtype=dtype)
+
+
+@case("bids_dir-missing")
+def _(ds, tmp, model, volumes):
+    missing = tmp / "no-such-dataset"
+    return {
+        "argv": _argv(missing, tmp / "out", tmp / "work", model),
+        "code": 2,
+        "file": "no-such-dataset",
+        "says": ["path does not exist"],
+    }
+
+
+@case("bids_dir-not-bids")
+def _(ds, tmp, model, volumes):
+    plain = tmp / "plain"
+    plain.mkdir()
+    add_volume(plain, "field.nii.gz", None)
+    return {
+        "argv": _argv(plain, tmp / "out", tmp / "work", model),
+        "code": 1,
+        "file": str(plain),
+        "says": ["not a BIDS dataset", "dataset_description.json"],
+    }
+
+
+@case("bids_dir-description-not-json")
+def _(ds, tmp, model, volumes):
+    (ds / "dataset_description.json").write_text('{"Name": "x",')
+    return {"code": 1, "file": str(ds / "dataset_description.json"), "says": ["not valid JSON"]}
+
+
+@case("output_dir-inside-bids_dir")
+def _(ds, tmp, model, volumes):
+    return {
+        "argv": _argv(ds, ds / "qsm", tmp / "work", model),
+        "code": 2,
+        "file": str(ds / "qsm"),
+        "says": ["inside bids_dir", "derivatives/bids_qsmnet"],
+    }
+
+
+@case("participant-not-found")
+def _(ds, tmp, model, volumes):
+    return {
+        "extra": ["--participant-label", "07"],
+        "code": 1,
+        "file": "sub-07",
+        "says": ["not found", "available: sub-01"],
+    }
+
+
+@case("participant-label-path")
+def _(ds, tmp, model, volumes):
+    return {
+        "extra": ["--participant-label", "../x"],
+        "code": 2,
+        "file": "../x",
+        "says": ["invalid label", "letters and digits only"],
+    }
+
+
+@case("units-missing")
+def _(ds, tmp, model, volumes):
+    write_json(ds / SIDECAR, {"MagneticFieldStrength": 3.0})
+    return {"code": 1, "file": FIELD, "says": ["no 'Units'"]}
+
+
+@case("units-unknown")
+def _(ds, tmp, model, volumes):
+    write_json(ds / SIDECAR, {"Units": "gauss", "MagneticFieldStrength": 3.0})
+    return {"code": 1, "file": FIELD, "says": ["unknown field units 'gauss'", "ppm, Hz, rad"]}
+
+
+@case("fieldstrength-missing")
+def _(ds, tmp, model, volumes):
+    write_json(ds / SIDECAR, {"Units": "Hz"})
+    return {"code": 1, "file": FIELD, "says": ["MagneticFieldStrength", "--b0-strength"]}
+
+
+@case("echotime-missing")
+def _(ds, tmp, model, volumes):
+    write_json(ds / SIDECAR, {"Units": "rad", "MagneticFieldStrength": 3.0})
+    return {"code": 1, "file": FIELD, "says": ["needs EchoTime"]}
+
+
+@case("field-4d")
+def _(ds, tmp, model, volumes):
+    _rewrite_field(ds, np.stack([volumes[0]] * 4, axis=-1))
+    return {"code": 1, "file": FIELD, "says": ["must be a 3-D volume", "(24, 24, 24, 4)"]}
+
+
+@case("field-is-an-echo-series")
+def _(ds, tmp, model, volumes):
+    """Wrapped phase of three echoes in rad, named as a local field."""
+    _rewrite_field(ds, np.stack([volumes[0] * k for k in (1, 2, 3)], axis=-1))
+    write_json(
+        ds / SIDECAR, {"Units": "rad", "MagneticFieldStrength": 3.0, "EchoTime": [0.01, 0.02, 0.03]}
+    )
+    return {"code": 1, "file": FIELD, "says": ["EchoTime is a list"]}
+
+
+@case("field-nan")
+def _(ds, tmp, model, volumes):
+    field = volumes[0].copy()
+    field[12, 12, 12] = np.nan
+    field[3, 4, 5] = np.nan
+    _rewrite_field(ds, field)
+    return {"code": 1, "file": FIELD, "says": ["2 NaN/Inf voxels"]}
+
+
+@case("field-inf")
+def _(ds, tmp, model, volumes):
+    field = volumes[0].copy()
+    field[12, 12, 12] = np.inf
+    _rewrite_field(ds, field)
+    return {"code": 1, "file": FIELD, "says": ["1 NaN/Inf voxels"]}
+
+
+@case("field-all-zero")
+def _(ds, tmp, model, volumes):
+    _rewrite_field(ds, np.zeros(SHAPE))
+    return {"code": 1, "file": FIELD, "says": ["zero everywhere"]}
+
+
+@case("mask-other-shape")
+def _(ds, tmp, model, volumes):
+    add_volume(ds, MASK, None, data=volumes[1][:, :, :20], dtype=np.uint8)
+    return {"code": 1, "file": MASK, "says": ["mask shape (24, 24, 20)", "(24, 24, 24)"]}
+
+
+@case("mask-other-affine")
+def _(ds, tmp, model, volumes):
+    add_volume(
+        ds, MASK, None, data=volumes[1], affine=np.diag([1.0, 1.0, 2.0, 1.0]), dtype=np.uint8
+    )
+    return {"code": 1, "file": MASK, "says": ["mask affine differs"]}
+
+
+@case("mask-empty")
+def _(ds, tmp, model, volumes):
+    add_volume(ds, MASK, None, data=np.zeros(SHAPE), dtype=np.uint8)
+    return {"code": 1, "file": MASK, "says": ["brain mask is empty"]}
+
+
+@case("field-truncated")
+def _(ds, tmp, model, volumes):
+    path = ds / FIELD
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return {"code": 1, "file": FIELD, "says": ["truncated or corrupt"]}
+
+
+@case("field-truncated-uncompressed")
+def _(ds, tmp, model, volumes):
+    (ds / FIELD).unlink()
+    path = Path(add_volume(ds, FIELD[:-3], None, data=volumes[0]))
+    path.write_bytes(path.read_bytes()[:30000])
+    # 352 header bytes + 24³ float32 voxels
+    return {"code": 1, "file": FIELD[:-3], "says": ["truncated", "55648 bytes", "has 30000"]}
+
+
+@case("field-complex")
+def _(ds, tmp, model, volumes):
+    _rewrite_field(ds, volumes[0] * (1 + 1j), dtype=np.complex64)
+    return {"code": 1, "file": FIELD, "says": ["data type complex64", "real"]}
+
+
+@case("field-corrupt")
+def _(ds, tmp, model, volumes):
+    (ds / FIELD).write_bytes(b"this is not a NIfTI file\n" * 200)
+    return {"code": 1, "file": FIELD, "says": ["cannot read the local field as NIfTI"]}
+
+
+@case("affine-zero-scaling")
+def _(ds, tmp, model, volumes):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(SHAPE)
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(None, code=0)
+    hdr.set_sform(np.eye(4), code=1)
+    hdr["srow_z"] = [0.0, 0.0, 0.0, 0.0]  # nibabel refuses to build this affine itself
+    nib.save(nib.Nifti1Image(volumes[0], None, header=hdr), ds / FIELD)
+    return {"code": 1, "file": FIELD, "says": ["degenerate affine", "axis 2 has zero length"]}
+
+
+@case("affine-sheared")
+def _(ds, tmp, model, volumes):
+    sheared = np.eye(4)
+    sheared[0, 1] = 0.3
+    _rewrite_field(ds, volumes[0], affine=sheared)
+    add_volume(ds, MASK, None, data=volumes[1], affine=sheared, dtype=np.uint8)
+    return {"code": 1, "file": FIELD, "says": ["degenerate affine", "73.30°", "sheared"]}
+
+
+@case("volume-enormous")
+def _(ds, tmp, model, volumes):
+    """A header claiming 4000³ float32 voxels (238 GiB) over a 1 kB body: refused from the
+    header, before anything is allocated."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4000, 4000, 4000))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(np.eye(4), code=1)
+    hdr.set_sform(np.eye(4), code=1)
+    hdr.set_data_offset(352)
+    with gzip.open(ds / FIELD, "wb") as fh:
+        fh.write(hdr.binaryblock + b"\0" * 4 + b"\0" * 1000)
+    return {"code": 1, "file": FIELD, "says": ["too large", "4000x4000x4000", "GiB"]}
+
+
+def _write_model(model, dest: Path, *, spec_change=None, architecture=None) -> Path:
+    """The tensors of ``model`` under a changed spec (safetensors written directly)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bids_qsmnet.models.registry import architecture_config
+
+    with safe_open(str(model), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        spec = json.loads(fh.metadata()["bids_qsmnet"])
+    spec.update(spec_change or {})
+    if architecture:
+        spec["architecture"] = architecture_config(architecture)
+    save_file(tensors, str(dest), metadata={"bids_qsmnet": json.dumps(spec)})
+    return dest
+
+
+@case("model-corrupt")
+def _(ds, tmp, model, volumes):
+    bad = tmp / "corrupt.safetensors"
+    data = Path(model).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return {"extra": ["--model", bad], "code": 1, "file": str(bad), "says": ["truncated"]}
+
+
+@case("model-not-safetensors")
+def _(ds, tmp, model, volumes):
+    bad = tmp / "checkpoint.safetensors"
+    bad.write_bytes(b"PK\x03\x04 a zip of pickles, as torch.save writes it" * 50)
+    return {
+        "extra": ["--model", bad],
+        "code": 1,
+        "file": str(bad),
+        "says": ["not a safetensors model file"],
+    }
+
+
+@case("model-newer-format")
+def _(ds, tmp, model, volumes):
+    newer = _write_model(model, tmp / "newer.safetensors", spec_change={"format_version": 99})
+    return {
+        "extra": ["--model", newer],
+        "code": 1,
+        "file": str(newer),
+        "says": ["format_version 99", "upgrade bids_qsmnet"],
+    }
+
+
+@case("model-other-architecture")
+def _(ds, tmp, model, volumes):
+    other = _write_model(model, tmp / "other.safetensors", architecture="qsmnet-lite")
+    return {
+        "extra": ["--model", other],
+        "code": 1,
+        "file": str(other),
+        "says": ["do not match the architecture"],
+    }
+
+
+@case("device-cuda-without-gpu")
+def _(ds, tmp, model, volumes):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    return {
+        "extra": ["--device", "cuda"],
+        "code": 1,
+        "file": "--device cuda",
+        "says": ["no CUDA GPU is available", "--device cpu"],
+    }
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_one_line_nonzero_exit_no_partial_output(
+    name, ds, tmp_path, model, volumes, capsys
+):
+    spec = CASES[name](ds, tmp_path, model, volumes)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = spec.get("argv") or _argv(ds, out, work, model, *spec.get("extra", ()))
+    code, lines, err = _run(argv, capsys)
+    assert code == spec["code"], err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    line = lines[0]
+    file = spec["file"]
+    named = str(ds / file) if file.endswith((".nii", ".nii.gz")) else file
+    assert named in line, line
+    for fragment in spec["says"]:
+        assert fragment in line, line
+    assert "Traceback" not in line and "crash files" not in line, line
+    _assert_no_partial_output(Path(argv[1]))
+    if code == 2:  # refused while parsing: the output folder is not even created
+        assert not Path(argv[1]).exists()
+
+
+# --------------------------------------------------------------------------- several subjects
+
+
+def test_one_bad_subject_is_reported_and_skipped(ds, tmp_path, model, volumes, capsys):
+    """sub-02's field holds NaN (found when its data are read), sub-03's mask is of another
+    shape (found from the headers, before the workflow runs); sub-01 completes; exit 1."""
+    field, mask = volumes
+    _subject(ds, "02", volumes)
+    bad = field.copy()
+    bad[10, 10, 10] = np.nan
+    add_volume(ds, "sub-02/anat/sub-02_localfield.nii.gz", None, data=bad)
+    _subject(ds, "03", volumes)
+    add_volume(
+        ds, "sub-03/anat/sub-03_desc-brain_mask.nii.gz", None, data=mask[:20], dtype=np.uint8
+    )
+    out = tmp_path / "out"
+    code, lines, err = _run(_argv(ds, out, tmp_path / "work", model), capsys)
+    assert code == 1, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("bids_qsmnet: 2 problem(s); first: "), err
+    chi = nib.load(out / "sub-01/anat/sub-01_Chimap.nii.gz")
+    assert chi.shape == SHAPE and np.all(np.isfinite(chi.get_fdata()))
+    assert (out / "sub-01/anat/sub-01_Chimap.json").is_file()
+    _assert_no_partial_output(out, subjects=("02", "03"))
+    report2 = (out / "sub-02.html").read_text()
+    assert "sub-02_localfield.nii.gz: the local field contains 1 NaN/Inf voxels" in report2
+    report3 = (out / "sub-03.html").read_text()
+    assert "sub-03_desc-brain_mask.nii.gz: mask shape (20, 24, 24)" in report3
+    assert not list(Path.cwd().glob("crash-*")), "crash files belong in the work dir"
+
+
+def test_out_of_memory_in_inference_leaves_nothing(ds, tmp_path, model, capsys, monkeypatch):
+    """The network runs out of memory (simulated: torch's CPU allocator fails) after the mask
+    was made: one line with the way out (--tile), and no mask without its χ map."""
+    import bids_qsmnet.inference.predict as predict
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+            "allocate memory: you tried to allocate 68719476736 bytes."
+        )
+
+    monkeypatch.setattr(predict, "predict_chi", exhausted)
+    out = tmp_path / "out"
+    code, lines, err = _run(_argv(ds, out, tmp_path / "work", model), capsys)
+    assert code == 1, err[-3000:]
+    assert len(lines) == 1, err[-3000:]
+    assert "out of memory running the network on cpu for the 24x24x24 field" in lines[0]
+    assert "sub-01_localfield" in lines[0] and "--tile 64" in lines[0]
+    _assert_no_partial_output(out)
+
+
+def test_inference_beyond_memory_is_tiled(ds, tmp_path, model, capsys, caplog, monkeypatch):
+    """With 1 MiB of memory left, whole-volume inference of the toy network (2 first-level
+    channels × 32 bytes per voxel × 24³ = 864 KiB) exceeds half of it: the run tiles instead,
+    with the largest even edge whose cube fits in 512 KiB (⌊(2¹⁹ / 64)^⅓⌋ = 20), and
+    completes."""
+    import bids_qsmnet.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "available_memory", lambda: 1 << 20)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="bids_qsmnet.interfaces.inference"):
+        code, lines, err = _run(_argv(ds, out, tmp_path / "work", model), capsys)
+    assert code == 0, err[-3000:]
+    assert "tiling with --tile 20" in caplog.text
+    chi = nib.load(out / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
+    inside = nib.load(ds / MASK).get_fdata() > 0
+    assert np.all(np.isfinite(chi)) and np.count_nonzero(chi[inside]) > 0.99 * inside.sum()

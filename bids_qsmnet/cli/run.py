@@ -149,6 +149,10 @@ def _run_workflow(workflow, opts, work_dir: Path) -> None:
         plugin_args.setdefault("n_procs", opts.nprocs)
         plugin_args.setdefault("raise_insufficient", False)
         plugin_args.setdefault("maxtasksperchild", 1)
+        # Workers start from a clean forkserver, never forked from this process: torch's
+        # OpenMP thread pool (started here by the model check) does not survive a fork, and a
+        # forked worker running the network would hang.
+        plugin_args.setdefault("mp_context", "forkserver")
     if opts.plugin == "SLURM":
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
     if opts.plugin == "SLURMGraph":

@@ -14,6 +14,11 @@ to try inference and training::
         sub-01_Chimap.nii.gz (+ .json)          ground-truth susceptibility, ppm
         sub-01_dseg.nii.gz (+ .json)            tissue labels
       sub-02/anat/ ...                          the same, with the local field in Hz (3 T)
+      sub-03/anat/
+        sub-03_echo-<n>_part-mag_MEGRE.nii.gz (+ .json)    raw multi-echo GRE magnitude
+        sub-03_echo-<n>_part-phase_MEGRE.nii.gz (+ .json)  raw phase, Siemens integers
+        sub-03_Chimap / _dseg                              truth, as above (no local field,
+                                                           no mask: the app derives both)
 
 The second subject's field is in Hz so that the unit conversion is exercised.  Maps are
 stored as int16 with a NIfTI ``scl_slope`` (nibabel reads them back as float) to keep the
@@ -66,6 +71,13 @@ FIELD_STEP_HZ = 1e-2
 CHI_STEP_PPM = 1e-4
 
 _SUBJECTS = (("01", "ppm"), ("02", "Hz"))
+#: the raw multi-echo GRE subject: echo times (s) and the magnitude SNR of the first echo
+RAW_SUBJECT = "03"
+RAW_ECHO_TIMES = (0.004, 0.012, 0.020)
+RAW_SNR = 50.0
+#: the raw subject is scanned at 1.5 mm isotropic over the same field of view (smaller files,
+#: and the app then resamples into the network's 1 mm frame and back)
+RAW_VOXEL_MM = 1.5
 _GENERATOR = "bids_qsmnet-synthetic"
 
 
@@ -154,9 +166,9 @@ def make_example_dataset(
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to write into it")
     out.mkdir(parents=True, exist_ok=True)
     affine = _affine(shape)
-    children = np.random.SeedSequence(seed).spawn(len(_SUBJECTS))
+    children = np.random.SeedSequence(seed).spawn(len(_SUBJECTS) + 1)
 
-    for (label, units), child in zip(_SUBJECTS, children, strict=True):
+    for (label, units), child in zip(_SUBJECTS, children[: len(_SUBJECTS)], strict=True):
         t0 = time.perf_counter()
         rng = np.random.default_rng(child)
         ph = make_brain_phantom(shape, (1.0, 1.0, 1.0), rng=rng)
@@ -217,6 +229,7 @@ def make_example_dataset(
             {"Description": "Tissue labels of the synthetic phantom; names in dseg.tsv."},
         )
         log.info("sub-%s (%s) written in %.1f s", label, units, time.perf_counter() - t0)
+    _write_raw_subject(out, shape, np.random.default_rng(children[-1]))
 
     _write_json(
         out / "dataset_description.json",
@@ -244,6 +257,7 @@ def make_example_dataset(
     (out / "participants.tsv").write_text(
         "participant_id\tfield_units\n"
         + "".join(f"sub-{label}\t{units}\n" for label, units in _SUBJECTS)
+        + f"sub-{RAW_SUBJECT}\traw\n"
     )
     _write_json(
         out / "participants.json",
@@ -251,12 +265,58 @@ def make_example_dataset(
             "participant_id": {"Description": "Synthetic phantom subject."},
             "field_units": {
                 "Description": "Units of the subject's local-field map (its sidecar Units).",
-                "Levels": {"ppm": "parts per million of B0", "Hz": "hertz at 3 T"},
+                "Levels": {"ppm": "parts per million of B0", "Hz": "hertz at 3 T",
+                           "raw": "no local field: raw multi-echo GRE magnitude and phase"},
             },
         },
     )
     (out / "README").write_text(_README.format(seed=seed, shape=tuple(shape), snr=snr))
     return out
+
+
+def _write_raw_subject(out: Path, shape, rng) -> None:
+    """sub-03: a phantom brain in a simulated head, scanned with a 3-echo GRE at 3 T."""
+    from .megre import simulate_megre
+
+    t0 = time.perf_counter()
+    vs = (RAW_VOXEL_MM,) * 3
+    shape = tuple(int(round(n / RAW_VOXEL_MM)) for n in shape)
+    affine = np.diag([RAW_VOXEL_MM] * 3 + [1.0])
+    affine[:3, 3] = -(np.asarray(shape) - 1) * RAW_VOXEL_MM / 2.0 + np.array([0.0, -17.0, 10.0])
+    ph = make_brain_phantom(shape, vs, rng=rng)
+    sim = simulate_megre(ph.chi, ph.mask, voxel_size=vs,
+                         b0_tesla=EXAMPLE_B0_TESLA, echo_times=RAW_ECHO_TIMES, snr=RAW_SNR,
+                         rng=rng, integer_phase=True)
+    anat = out / f"sub-{RAW_SUBJECT}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    stem = anat / f"sub-{RAW_SUBJECT}"
+    # magnitude as 12-bit integers (as scanners store it) with a scale factor
+    mag_step = float(sim.magnitude.max()) / 4095.0
+    common = {"MagneticFieldStrength": EXAMPLE_B0_TESLA, "MRAcquisitionType": "3D",
+              "Description": "Synthetic multi-echo GRE (bids_qsmnet.data.megre.simulate_megre): "
+                             "phantom brain in a head with skull, scalp and an air sinus, "
+                             f"complex noise at first-echo magnitude SNR {RAW_SNR:g}."}
+    for n, te in enumerate(RAW_ECHO_TIMES, start=1):
+        _write_nifti(Path(f"{stem}_echo-{n}_part-mag_MEGRE.nii.gz"),
+                     _quantise(sim.magnitude[n - 1], mag_step, "magnitude"), affine,
+                     slope=mag_step)
+        _write_json(Path(f"{stem}_echo-{n}_part-mag_MEGRE.json"), {**common, "EchoTime": te})
+        _write_nifti(Path(f"{stem}_echo-{n}_part-phase_MEGRE.nii.gz"),
+                     np.asarray(sim.phase[n - 1], dtype=np.int16), affine)
+        _write_json(Path(f"{stem}_echo-{n}_part-phase_MEGRE.json"),
+                    {**common, "EchoTime": te, "Units": "arbitrary",
+                     "PhaseRange": "-4096..4095 maps to [-pi, pi)"})
+    _write_nifti(Path(f"{stem}_Chimap.nii.gz"), _quantise(ph.chi, CHI_STEP_PPM, "susceptibility"),
+                 affine, slope=CHI_STEP_PPM)
+    _write_json(Path(f"{stem}_Chimap.json"),
+                {"Units": "ppm", "SkullStripped": True,
+                 "Description": "Ground-truth susceptibility of the brain phantom scanned in "
+                                "the MEGRE images, zero outside the brain."})
+    _write_nifti(Path(f"{stem}_dseg.nii.gz"), ph.labels.astype(np.uint8), affine)
+    _write_json(Path(f"{stem}_dseg.json"),
+                {"Description": "Tissue labels of the synthetic phantom; names in dseg.tsv."})
+    log.info("sub-%s (raw MEGRE, %d echoes) written in %.1f s", RAW_SUBJECT,
+             len(RAW_ECHO_TIMES), time.perf_counter() - t0)
 
 
 _README = """\
@@ -276,6 +336,12 @@ Per subject (sub-01, sub-02), in anat/:
 * *_desc-brain_mask     brain mask (uint8).
 * *_Chimap.nii.gz       ground-truth susceptibility (ppm), the training label.
 * *_dseg.nii.gz         tissue labels; names in the top-level dseg.tsv.
+
+sub-03 has no local field: it holds what a scanner writes, a 3-echo GRE at 3 T,
+1.5 mm isotropic (*_echo-<n>_part-mag_MEGRE, *_echo-<n>_part-phase_MEGRE with Siemens-style integer phase
+-4096..4095, EchoTime per echo) of another phantom brain placed in a simulated head (skull,
+scalp, an air sinus: a strong background field), with complex noise.  bids_qsmnet finds the
+brain, unwraps, fits the field over the echoes and removes the background before the network.
 
 Maps are stored as int16 with a NIfTI scale factor (field steps of 1e-4 ppm / 0.01 Hz,
 susceptibility steps of 1e-4 ppm); NIfTI readers return floats.  The brains are scaled down

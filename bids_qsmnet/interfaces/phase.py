@@ -157,7 +157,7 @@ def echo_brain_mask(phase_file: str, magnitude_file: str | None = None,
         mag = np.asarray(nib.load(magnitude_file).dataobj, dtype=np.float32)
         mag = np.moveaxis(mag, -1, 0) if mag.ndim == 4 else mag[None]
         try:
-            mask = brain_mask_from_magnitude(combine_echoes(mag),
+            mask = brain_mask_from_magnitude(combine_echoes(mag, axis=0),
                                              voxel_sizes_from_affine(ref.affine))
         except ValueError as exc:
             raise InputError(f"{magnitude_file}: {exc}") from None

@@ -1,0 +1,1 @@
+"""Phase preprocessing: scaling, unwrapping, echo combination, background-field removal, masks."""

@@ -148,7 +148,7 @@ def test_absent_participant_exits_1_with_one_line(tmp_path, capsys):
             str(tmp_path / "out"),
             "participant",
             "--participant-label",
-            "03",
+            "09",
             "-w",
             str(tmp_path / "work"),
         ]
@@ -156,7 +156,7 @@ def test_absent_participant_exits_1_with_one_line(tmp_path, capsys):
     assert code == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bids_qsmnet:")]
     assert len(err) == 1
-    assert "sub-03" in err[0] and "available: sub-01, sub-02" in err[0]
+    assert "sub-09" in err[0] and "available: sub-01, sub-02, sub-03" in err[0]
     # only the hidden, empty lock file of the output folder (kept on purpose: see
     # cli.run._output_lock) may exist after a refused run
     out = tmp_path / "out"
@@ -258,12 +258,13 @@ def test_second_fixed_run_completes_and_skips_done_work(example_runs):
 def test_rerun_without_overwrite_skips_everything(example_runs):
     _, _, third = example_runs["runs"]
     assert third.returncode == 0, third.stderr[-3000:]
-    for sub in ("01", "02"):
+    for sub in ("01", "02", "03"):
         assert f"sub-{sub}/anat/sub-{sub}_Chimap.nii.gz exists, skipped" in third.stderr
     second, after = example_runs["after"][1:]
     changed = {k for k in after if after[k] != second.get(k)}
     # only what `finally:` rewrites may change: the reports and the description
-    assert changed <= {"sub-01.html", "sub-02.html", "dataset_description.json", "logs/CITATION.md"}
+    assert changed <= {"sub-01.html", "sub-02.html", "sub-03.html", "dataset_description.json",
+                       "logs/CITATION.md"}
     assert {k for k in after if k.endswith((".nii.gz", ".png"))} == {
         k for k in second if k.endswith((".nii.gz", ".png"))
     }
@@ -356,28 +357,22 @@ def test_output_against_the_bids_validator(example_runs):
     files = [f for f in example_runs["after"][2] if not Path(f).name.startswith(".")]
     verdict = {f: validator.is_bids("/" + f) for f in files}
     accepted = {f for f, ok in verdict.items() if ok}
+    subs = ("01", "02", "03")
     assert accepted == {
         "dataset_description.json",
         "logs/CITATION.md",
-        "sub-01/anat/sub-01_Chimap.nii.gz",
-        "sub-01/anat/sub-01_Chimap.json",
-        "sub-02/anat/sub-02_Chimap.nii.gz",
-        "sub-02/anat/sub-02_Chimap.json",
+        *(f"sub-{s}/anat/sub-{s}_Chimap{e}" for s in subs for e in (".nii.gz", ".json")),
     }
     rejected = set(verdict) - accepted
     assert rejected == {
-        "sub-01.html",
-        "sub-02.html",
-        *(
-            f"sub-{s}/anat/sub-{s}_desc-brain_mask{e}"
-            for s in ("01", "02")
-            for e in (".nii.gz", ".json")
-        ),
-        *(
-            f"sub-{s}/figures/sub-{s}_desc-{k}_mosaic.png"
-            for s in ("01", "02")
-            for k in ("field", "chimap")
-        ),
+        *(f"sub-{s}.html" for s in subs),
+        *(f"sub-{s}/anat/sub-{s}_desc-brain_mask{e}" for s in subs for e in (".nii.gz", ".json")),
+        *(f"sub-{s}/figures/sub-{s}_desc-{k}_mosaic.png" for s in subs
+          for k in ("field", "chimap")),
+        # the raw GRE subject's phase-chain derivatives
+        *(f"sub-03/anat/sub-03_desc-{d}{e}"
+          for d in ("eroded_mask", "totalfield_fieldmap", "localfield_fieldmap")
+          for e in (".nii.gz", ".json")),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Mapping
 
@@ -41,6 +42,12 @@ ENTITY_KEYS = ("subject", "session", "acquisition", "reconstruction", "run", "ec
                "space", "desc", "suffix", "extension", "datatype")
 
 
+# BIDS labels and indices are ASCII letters and digits (not str.isalnum, which takes any
+# Unicode letter); an extension is one or more dot-separated such parts
+_LABEL = re.compile(r"[A-Za-z0-9]+")
+_EXTENSION = re.compile(r"(\.[A-Za-z0-9]+)+")
+
+
 class OutputExistsError(FileExistsError):
     """An output exists and ``--overwrite`` was not given."""
 
@@ -64,9 +71,10 @@ def derivative_path(out_dir: str, source_entities: Mapping, *, suffix: str,
     if desc:
         ents["desc"] = desc
     ents = {k: str(v) for k, v in ents.items() if v is not None}
-    for k, v in ents.items():  # labels go into file names: refuse path characters
-        if k != "extension" and (os.sep in v or v in ("..", ".") or "/" in v):
-            raise ValueError(f"entity {k}={v!r} is not a valid BIDS label")
+    for k, v in ents.items():  # labels go into file names: letters and digits only
+        if not (_EXTENSION if k == "extension" else _LABEL).fullmatch(v):
+            raise ValueError(f"entity {k}={v!r} is not a valid BIDS "
+                             + ("extension" if k == "extension" else "label"))
     rel = build_path(ents, PATH_PATTERNS, strict=False)
     if rel is None:
         raise ValueError(f"cannot name a derivative for entities {ents}")
@@ -87,14 +95,18 @@ def _check_overwrite(dest: str, overwrite: bool) -> None:
 
 
 def write_json_atomic(data: Mapping, dest: str, *, overwrite: bool = True) -> str:
-    """Write JSON (sorted, indented) through a temporary file and a rename."""
+    """Write JSON (sorted, indented) through a hidden temporary sibling and a rename."""
     _check_overwrite(dest, overwrite)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = f"{dest}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, dest)
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return dest
 
 

@@ -181,10 +181,12 @@ def build_layout(bids_dir: str | os.PathLike, *, database_dir: str | None = None
     if not os.path.isfile(desc):
         raise DiscoveryError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
     try:
-        with open(desc) as fh:
+        with open(desc, encoding="utf-8") as fh:
             info = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DiscoveryError(f"{desc}: not valid JSON ({exc})") from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DiscoveryError(f"{desc}: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise DiscoveryError(f"{desc}: must hold a JSON object")
     is_derivative = str(info.get("DatasetType", "raw")).lower() == "derivative"
     has_derivatives = os.path.isdir(os.path.join(bids_dir, "derivatives"))
     kwargs = {"validate": validate and not is_derivative, "database_path": database_dir,
@@ -197,10 +199,38 @@ def build_layout(bids_dir: str | os.PathLike, *, database_dir: str | None = None
                  and os.path.realpath(os.path.join(root, d)) not in skip]
         if found:
             kwargs["derivatives"] = found
-    layout = BIDSLayout(bids_dir, **kwargs)
+    try:
+        layout = BIDSLayout(bids_dir, **kwargs)
+    except Exception as exc:  # pybids stops at the first sidecar it cannot read
+        bad = _unreadable_sidecars(bids_dir)
+        if bad:
+            raise DiscoveryError(
+                f"{bad[0]}: not a JSON object (a BIDS sidecar must be one); fix or remove it"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")) from None
+        raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset "
+                             f"({type(exc).__name__}: {exc})") from None
     LOGGER.info("indexed %s (%s dataset%s)", bids_dir, "derivative" if is_derivative else "raw",
                 ", with derivatives/" if kwargs.get("derivatives") else "")
     return layout
+
+
+def _unreadable_sidecars(root: str) -> list[str]:
+    """JSON files under ``root`` that do not hold a JSON object (pybids cannot index them)."""
+    bad = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.endswith(".json") or name.startswith("."):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    ok = isinstance(json.load(fh), dict)
+            except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+                ok = False
+            if not ok:
+                bad.append(path)
+    return bad
 
 
 def _query(layout, filters: Sequence[dict], **entities):

@@ -86,12 +86,14 @@ def _validate_dataset(bids_dir: Path) -> None:
     import json
 
     try:
-        with open(bids_dir / "dataset_description.json") as fh:
+        with open(bids_dir / "dataset_description.json", encoding="utf-8") as fh:
             info = json.load(fh)
     except FileNotFoundError:
         raise CLIError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise CLIError(f"{bids_dir}/dataset_description.json: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise CLIError(f"{bids_dir}/dataset_description.json: must hold a JSON object")
     if str(info.get("DatasetType", "raw")).lower() == "derivative":
         return
     from bids_validator import BIDSValidator
@@ -153,6 +155,11 @@ def _run_workflow(workflow, opts, work_dir: Path) -> None:
         # OpenMP thread pool (started here by the model check) does not survive a fork, and a
         # forked worker running the network would hang.
         plugin_args.setdefault("mp_context", "forkserver")
+        if plugin_args["mp_context"] == "forkserver":
+            import multiprocessing
+
+            # the forkserver and its workers end with this process, even when it is killed
+            multiprocessing.set_forkserver_preload(["__main__", "bids_qsmnet.cli.workers"])
     if opts.plugin == "SLURM":
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
     if opts.plugin == "SLURMGraph":
@@ -216,13 +223,12 @@ def build_participant_workflow(opts, layout, errors: dict):
     Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
     and skipped; :class:`CLIError` when nothing is left.
     """
-    from ..bids.derivatives import derivative_path
     from ..bids.discovery import DiscoveryError, collect_runs
     from ..device import DeviceError, select_device
     from ..interfaces.qsm import check_inputs
     from ..io.nifti import InputError
     from ..models.modelfile import ModelFileError, load_model, resolve_model
-    from ..workflows.base import SettingsError, init_participant_wf, run_settings
+    from ..workflows.base import SettingsError, init_participant_wf, run_outputs, run_settings
 
     try:
         model = str(resolve_model(opts.model))
@@ -256,12 +262,15 @@ def build_participant_workflow(opts, layout, errors: dict):
                 errors.setdefault(subject, []).append(str(exc))
                 LOGGER.error("%s: skipped: %s", run.key, exc)
                 continue
-            chimap = derivative_path(str(opts.output_dir), run.entities, suffix="Chimap")
-            if os.path.exists(chimap) and os.path.exists(chimap[:-7] + ".json") \
-                    and not opts.overwrite:
+            outputs = run_outputs(run, str(opts.output_dir))
+            present = [p for p in outputs if os.path.exists(p)]
+            if len(present) == len(outputs) and not opts.overwrite:
                 LOGGER.info("%s: %s exists, skipped (--overwrite recomputes it)", run.key,
-                            os.path.relpath(chimap, opts.output_dir))
+                            os.path.relpath(outputs[0], opts.output_dir))
                 continue
+            if present and not opts.overwrite:  # a run killed after its χ map: finish it
+                LOGGER.info("%s: completing the outputs of an interrupted run (%d of %d "
+                            "present)", run.key, len(present), len(outputs))
             runs.append(run)
     if not runs:
         if errors:
@@ -497,6 +506,9 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     _setup_logging(opts.verbose)
     work_dir = opts.work_dir or _default_work_dir(opts.output_dir)
+    # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
+    # as in containers): the app writes into its output and work folders only
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))
     try:
         if not opts.skip_bids_validation:
             _validate_dataset(opts.bids_dir)

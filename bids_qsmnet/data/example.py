@@ -337,10 +337,10 @@ Per subject (sub-01, sub-02), in anat/:
 * *_Chimap.nii.gz       ground-truth susceptibility (ppm), the training label.
 * *_dseg.nii.gz         tissue labels; names in the top-level dseg.tsv.
 
-sub-03 has no local field: it holds what a scanner writes, a 3-echo GRE at 3 T,
-1.5 mm isotropic (*_echo-<n>_part-mag_MEGRE, *_echo-<n>_part-phase_MEGRE with Siemens-style integer phase
--4096..4095, EchoTime per echo) of another phantom brain placed in a simulated head (skull,
-scalp, an air sinus: a strong background field), with complex noise.  bids_qsmnet finds the
+sub-03 has no local field: it holds what a scanner writes, a 3-echo GRE at 3 T, 1.5 mm
+isotropic (*_echo-<n>_part-mag_MEGRE, *_echo-<n>_part-phase_MEGRE with Siemens-style integer
+phase -4096..4095, EchoTime per echo) of another phantom brain placed in a simulated head
+(skull, scalp, an air sinus: a strong background field), with complex noise.  bids_qsmnet finds the
 brain, unwraps, fits the field over the echoes and removes the background before the network.
 
 Maps are stored as int16 with a NIfTI scale factor (field steps of 1e-4 ppm / 0.01 Hz,

@@ -14,7 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ["sink_derivative", "DerivativesSink", "ReportMosaics", "make_mosaics"]
+__all__ = ["sink_derivative", "DerivativesSink", "ReportMosaics", "MOSAIC_KINDS",
+           "mosaic_paths", "make_mosaics"]
 
 
 def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,
@@ -62,10 +63,16 @@ class _SinkOutputSpec(TraitedSpec):
 
 
 class DerivativesSink(SimpleInterface):
-    """Store a file in the BIDS-Derivatives tree, named from the source's entities."""
+    """Store a file in the BIDS-Derivatives tree, named from the source's entities.
+
+    The node runs on every workflow run, even when Nipype holds its result: the result says
+    the output was written, not that it is still there (it may have been deleted since, or a
+    killed run may have left it unwritten), and copying an identical file again is cheap.
+    """
 
     input_spec = _SinkInputSpec
     output_spec = _SinkOutputSpec
+    _always_run = True
 
     def _run_interface(self, runtime):
         i = self.inputs
@@ -81,31 +88,46 @@ class DerivativesSink(SimpleInterface):
         return runtime
 
 
+#: the mosaics of a run, in the order :func:`make_mosaics` writes them
+MOSAIC_KINDS = ("field", "chimap")
+
+
+def mosaic_paths(out_dir: str, entities: dict) -> list[str]:
+    """Paths of the run's mosaics, ``sub-<label>[/ses-<label>]/figures/<name>_mosaic.png``.
+
+    >>> mosaic_paths("/out", {"subject": "01", "suffix": "localfield"})[1]
+    '/out/sub-01/figures/sub-01_desc-chimap_mosaic.png'
+    """
+    from ..bids.derivatives import derivative_path
+
+    paths = []
+    for kind in MOSAIC_KINDS:
+        png = derivative_path(out_dir, entities, suffix="mosaic", desc=kind, extension=".png")
+        paths.append(os.path.join(os.path.dirname(os.path.dirname(png)), "figures",
+                                  os.path.basename(png)))
+    return paths
+
+
 def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
                  entities: dict) -> list[str]:
     """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``."""
     import numpy as np
 
-    from ..bids.derivatives import derivative_path
     from ..io.nifti import load_volume
     from ..reports.figures import plot_mosaic
 
     field, _ = load_volume(field_file, what="local field")
     chi, _ = load_volume(chi_file, what="χ map")
     mask, _ = load_volume(mask_file, what="brain mask")
-    outs = []
-    for kind, vol, title, window in (
-            ("field", field, "local field (ppm)", (None, None)),
-            ("chimap", chi, "susceptibility χ (ppm)", (-0.1, 0.2))):
-        png = derivative_path(out_dir, entities, suffix="mosaic", desc=kind, extension=".png")
-        png = os.path.join(os.path.dirname(os.path.dirname(png)), "figures",
-                           os.path.basename(png))
+    volumes = {"field": (field, "local field (ppm)", (None, None)),
+               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2))}
+    outs = mosaic_paths(out_dir, entities)
+    for kind, png in zip(MOSAIC_KINDS, outs):
+        vol, title, window = volumes[kind]
         os.makedirs(os.path.dirname(png), exist_ok=True)
-        tmp = png[:-4] + f".tmp{os.getpid()}.png"
-        plot_mosaic(np.where(mask > 0, vol, 0), tmp, mask=mask > 0, vmin=window[0],
+        # plot_mosaic writes through a hidden temporary file and a rename
+        plot_mosaic(np.where(mask > 0, vol, 0), png, mask=mask > 0, vmin=window[0],
                     vmax=window[1], title=title)
-        os.replace(tmp, png)
-        outs.append(png)
     return outs
 
 
@@ -122,10 +144,15 @@ class _MosaicOutputSpec(TraitedSpec):
 
 
 class ReportMosaics(SimpleInterface):
-    """Axial/coronal/sagittal mosaics of the field and χ for the subject's HTML report."""
+    """Axial/coronal/sagittal mosaics of the field and χ for the subject's HTML report.
+
+    Like :class:`DerivativesSink`, it writes into the output folder and so runs on every
+    workflow run (a cached result does not prove the figures are still there).
+    """
 
     input_spec = _MosaicInputSpec
     output_spec = _MosaicOutputSpec
+    _always_run = True
 
     def _run_interface(self, runtime):
         i = self.inputs

@@ -151,6 +151,9 @@ class TrainQSMnet(SimpleInterface):
 
     input_spec = _TrainInputSpec
     output_spec = _TrainOutputSpec
+    # Nipype empties the folder of a node it reruns unless the interface can resume: keep
+    # the checkpoint of a killed run, so that the rerun continues from it
+    _can_resume = True
 
     def _run_interface(self, runtime):
         from ..train import load_validation_volume

@@ -25,12 +25,26 @@ _SHEAR_TOL = 1e-4
 
 
 def _linear_part(affine) -> np.ndarray:
-    a = np.asarray(affine, dtype=np.float64)
+    try:
+        a = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError) as exc:  # ragged, complex or non-numeric entries
+        raise ValueError(f"affine must be a matrix of real numbers ({exc})") from None
     if a.shape not in ((4, 4), (3, 4), (3, 3)):
         raise ValueError(f"affine must be a 4x4 (or 3x4, 3x3) matrix, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError("affine contains NaN or infinite values")
     return a[:3, :3]
+
+
+def _vector(value, what: str) -> np.ndarray:
+    """A finite non-zero 3-vector of floats, or a ``ValueError`` naming ``what``."""
+    try:
+        b = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        b = np.zeros(0)
+    if b.shape != (3,) or not np.all(np.isfinite(b)) or not np.any(b):
+        raise ValueError(f"{what} must be a finite non-zero 3-vector, got {value!r}")
+    return b
 
 
 def voxel_sizes_from_affine(affine) -> np.ndarray:
@@ -117,9 +131,7 @@ def b0_dir_from_affine(affine, b0_world: Sequence[float] = (0.0, 0.0, 1.0)) -> n
             "affine has non-orthogonal (sheared) voxel axes; B0 direction uses the projections "
             "onto the axes"
         )
-    b = np.asarray(b0_world, dtype=np.float64).reshape(-1)
-    if b.shape != (3,) or not np.all(np.isfinite(b)) or not np.any(b):
-        raise ValueError(f"b0_world must be a finite non-zero 3-vector, got {b0_world!r}")
+    b = _vector(b0_world, "b0_world")
     v = R.T @ (b / np.linalg.norm(b))
     return v / np.linalg.norm(v)
 
@@ -141,8 +153,6 @@ def obliquity_deg(b0_dir: Sequence[float]) -> float:
     >>> obliquity_deg((0, 0, 1)), obliquity_deg((0, 0, -1)), obliquity_deg((1, 0, 0))
     (0.0, 0.0, 90.0)
     """
-    b = np.asarray(b0_dir, dtype=np.float64).reshape(-1)
-    if b.shape != (3,) or not np.all(np.isfinite(b)) or not np.any(b):
-        raise ValueError(f"b0_dir must be a finite non-zero 3-vector, got {b0_dir!r}")
+    b = _vector(b0_dir, "b0_dir")
     # arctan2 stays accurate near 0°, where arccos of a number close to 1 loses digits
     return float(np.degrees(np.arctan2(np.hypot(b[0], b[1]), abs(b[2]))))

@@ -23,8 +23,11 @@ import numpy as np
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
+    "MAX_B0_T",
     "UNITS",
     "normalise_units",
+    "check_field_strength",
+    "check_echo_time",
     "hz_to_ppm",
     "ppm_to_hz",
     "rad_to_hz",
@@ -61,24 +64,71 @@ def normalise_units(units: str) -> str:
     return _ALIASES[key]
 
 
-def _check_b0(b0: float | None) -> float:
+#: strongest main field accepted, tesla (human scanners reach 11.7 T, animal scanners ~21 T):
+#: a larger number is a unit mistake (mT, gauss), not a field strength
+MAX_B0_T = 30.0
+
+
+def _real_number(value, what: str) -> float:
+    """``value`` as a float when it is one real number (not a bool, string or sequence)."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+            or isinstance(value, (complex, np.complexfloating)):
+        raise ValueError(f"{what} must be one real number, got {value!r}")
+    return float(value)
+
+
+def check_field_strength(b0: float | None) -> float:
+    """The main field strength as a float, or a ``ValueError`` saying what is wrong.
+
+    Parameters
+    ----------
+    b0 : float — tesla (BIDS ``MagneticFieldStrength``)
+
+    Returns
+    -------
+    b0 : float — tesla, finite, in ``(0, MAX_B0_T]``
+
+    >>> check_field_strength(3)
+    3.0
+    """
     if b0 is None:
         raise ValueError("the main field strength B0 (tesla, MagneticFieldStrength) is required")
-    b0 = float(b0)
+    b0 = _real_number(b0, "B0 (tesla, MagneticFieldStrength)")
     if not np.isfinite(b0) or b0 <= 0:
         raise ValueError(f"B0 must be a positive field strength in tesla, got {b0}")
+    if b0 > MAX_B0_T:
+        raise ValueError(f"B0 = {b0} is implausible: MagneticFieldStrength is in tesla")
     return b0
 
 
-def _check_te(te: float | None) -> float:
+def check_echo_time(te: float | None) -> float:
+    """The echo time as a float, or a ``ValueError`` saying what is wrong.
+
+    Parameters
+    ----------
+    te : float — seconds (BIDS ``EchoTime``)
+
+    Returns
+    -------
+    te : float — seconds, finite, in ``(0, 1]``
+
+    >>> check_echo_time(0.02)
+    0.02
+    """
     if te is None:
         raise ValueError("the echo time TE (seconds, EchoTime) is required for units 'rad'")
-    te = float(te)
+    te = _real_number(te, "TE (seconds, EchoTime)")
     if not np.isfinite(te) or te <= 0:
         raise ValueError(f"TE must be a positive echo time in seconds, got {te}")
     if te > 1.0:
         raise ValueError(f"TE = {te} s is implausible: BIDS EchoTime is in seconds, not ms")
     return te
+
+
+_check_b0 = check_field_strength
+_check_te = check_echo_time
 
 
 def hz_to_ppm(field_hz, b0: float):

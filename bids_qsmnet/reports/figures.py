@@ -19,6 +19,27 @@ def _pyplot():
     return plt
 
 
+def _savefig_atomic(fig, out_png: str | os.PathLike, *, dpi: int) -> str:
+    """Save ``fig`` through a hidden temporary sibling and a rename, then close it.
+
+    A run killed while saving leaves at most the hidden temporary file, never a truncated
+    figure under the real name.
+    """
+    plt = _pyplot()
+    path = os.fspath(out_png)
+    folder, name = os.path.split(path)
+    fmt = os.path.splitext(name)[1].lstrip(".") or "png"
+    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def valid_slices(n: int, slices: Sequence[int]) -> list[int]:
     """The requested axial slice indices that exist in a volume of ``n`` slices; when none do,
     four evenly spaced slices through the middle."""
@@ -56,9 +77,7 @@ def plot_validation_slices(pred: np.ndarray, label: np.ndarray, out_png: str | o
         fig.colorbar(im, ax=list(axes[r]), shrink=0.8, label="ppm")
     if title:
         fig.suptitle(title)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return os.fspath(out_png)
+    return _savefig_atomic(fig, out_png, dpi=80)
 
 
 def plot_loss_curves(rows: Sequence[dict], out_png: str | os.PathLike, *, title: str = "") -> str:
@@ -91,9 +110,7 @@ def plot_loss_curves(rows: Sequence[dict], out_png: str | os.PathLike, *, title:
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return os.fspath(out_png)
+    return _savefig_atomic(fig, out_png, dpi=90)
 
 
 def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndarray | None = None,
@@ -142,6 +159,4 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label=unit)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.savefig(out_png, dpi=72)
-    plt.close(fig)
-    return os.fspath(out_png)
+    return _savefig_atomic(fig, out_png, dpi=72)

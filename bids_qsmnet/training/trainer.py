@@ -21,6 +21,11 @@ Outputs in ``out_dir``
 ``training_log.csv``       one row per logged step and per validation
 ``training_summary.json``  configuration, timings, final metrics
 ``loss_curves.png``        loss against step; ``validation/epoch-NNN_<name>.png`` slices
+``.bids_qsmnet_training.lock``  hidden advisory lock while a run trains (one run per folder)
+
+Every file is written under a hidden temporary name and renamed, so a run killed at any
+moment leaves either the previous version or the new one; the temporaries of killed runs are
+removed when the next run takes the folder's lock.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -42,7 +49,8 @@ from ..__about__ import __version__
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["TrainingConfig", "ValidationVolume", "TrainingResult", "train"]
+__all__ = ["TrainingConfig", "ValidationVolume", "TrainingResult", "TrainingLockedError",
+           "train"]
 
 LOG_FIELDS = ["kind", "epoch", "step", "lr", "loss", "l1", "model", "gradient", "nrmse",
               "hfen", "ssim", "name", "seconds"]
@@ -163,6 +171,87 @@ def _init_distributed(world: int, device):
     return dist
 
 
+# --------------------------------------------------------------------------- output lock
+
+#: advisory lock file of a training folder (hidden; removed when the run ends, left behind
+#: only by a killed run, and then taken over by the next run)
+LOCK_NAME = ".bids_qsmnet_training.lock"
+
+# temporaries of atomic writes (``.name.tmp<pid>`` here, ``.name.<hex>.tmp`` for model files)
+_STALE_TMP = re.compile(r"^\..+\.tmp\d*$")
+
+_HELD_LOCKS: list = []
+
+
+def _close_locks_in_child() -> None:
+    # a forked child (a DataLoader worker) closes its copies of the lock files, so that the
+    # lock ends with the trainer even when the trainer is killed before its workers
+    for fh in _HELD_LOCKS:
+        try:
+            fh.close()
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+class TrainingLockedError(RuntimeError):
+    """Another training run is writing into the same output folder."""
+
+
+@contextmanager
+def _training_lock(out_dir: str):
+    """Hold ``out_dir``'s training lock; with it held, remove the temporaries that killed
+    runs left behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, LOCK_NAME)
+    locked = False
+    while True:
+        fh = open(path, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise TrainingLockedError(
+                f"another training run is writing into {out_dir}; wait for it to finish or "
+                "choose another output folder") from None
+        except OSError as exc:  # a file system without flock
+            LOGGER.warning("cannot lock %s (%s): concurrent runs are not detected", out_dir, exc)
+            break
+        try:  # the run that held the lock removes the file before it lets go: then retry
+            locked = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            locked = False
+        if locked:
+            break
+        fh.close()
+    try:
+        _HELD_LOCKS.append(fh)
+        for folder in (out_dir, os.path.join(out_dir, "validation")):
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if _STALE_TMP.match(name):
+                    LOGGER.info("removing %s, left by a killed run", name)
+                    os.remove(os.path.join(folder, name))
+        yield
+    finally:
+        if fh in _HELD_LOCKS:
+            _HELD_LOCKS.remove(fh)
+        if locked:  # removed while still held, so that no other run can lock this file
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        fh.close()  # releases the lock
+
+
 # --------------------------------------------------------------------------- RNG state
 
 
@@ -244,10 +333,14 @@ def _append_log(path: str, row: dict) -> None:
 
 
 def _read_log(path: str) -> list[dict]:
+    """The rows of a training log; a row cut short (a run killed while appending it, or a
+    full disk) is left out."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        rows = list(csv.DictReader(fh))
+    return [r for r in rows if None not in r and all(r.get(k) is not None for k in LOG_FIELDS)
+            and r["step"].isdigit()]
 
 
 def _truncate_log(path: str, step: int, *, epoch_done: bool = True) -> None:
@@ -255,21 +348,50 @@ def _truncate_log(path: str, step: int, *, epoch_done: bool = True) -> None:
 
     A checkpoint taken inside an epoch (``epoch_done`` False), even at its last step, comes
     before that epoch's validation, which the resumed run repeats: its rows at ``step`` go too.
+    The kept rows are written to a temporary file that replaces the log, so a run killed
+    here still has its log.
     """
     rows = [r for r in _read_log(path) if int(r["step"]) < step
             or (int(r["step"]) == step and (epoch_done or r["kind"] != "val"))]
-    if os.path.exists(path):
-        os.remove(path)
-    for r in rows:
-        _append_log(path, r)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _tmp_name(path: str) -> str:
+    """A hidden temporary sibling of ``path``, unique to this process."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp{os.getpid()}")
+
+
+def _write_json_atomic(data: dict, path: str) -> None:
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _atomic_torch_save(obj, path: str) -> None:
     import torch
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _validate(network, volumes, cfg, kernels, device, epoch, out_dir, loss_fn, norm):
@@ -328,7 +450,21 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
     Works unchanged under ``torchrun``: with ``WORLD_SIZE > 1`` each process trains on its
     shard of every epoch's patch order through DistributedDataParallel (gloo on the CPU,
     nccl on CUDA) and rank 0 alone logs, validates and writes files.
+
+    Raises
+    ------
+    TrainingLockedError
+        when another training run is writing into ``cfg.out_dir`` (rank 0 holds an advisory
+        lock on the folder while it trains).
     """
+    cfg.validate()
+    if _dist_env()[0] != 0:  # only rank 0 writes into the folder
+        return _train(cfg, validation)
+    with _training_lock(os.path.abspath(cfg.out_dir)):
+        return _train(cfg, validation)
+
+
+def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> TrainingResult:
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
 
@@ -373,8 +509,15 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                                                 gamma=cfg.lr_decay)
     epoch, batch_in_epoch, step = 0, 0, 0
     if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("architecture") != json.dumps(arch_config, sort_keys=True):
+        import pickle
+
+        try:  # tensors and plain containers only: a pickled object is refused, never run
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ValueError(f"{ckpt_path}: not a bids_qsmnet checkpoint (it holds more than "
+                             f"tensors, or is damaged): {str(exc).splitlines()[0]}") from None
+        if not isinstance(state, dict) or \
+                state.get("architecture") != json.dumps(arch_config, sort_keys=True):
             raise ValueError(f"{ckpt_path}: checkpoint is of another architecture; "
                              "use a new output folder or the same --model")
         network.load_state_dict(state["network"])
@@ -524,8 +667,10 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                 epoch % cfg.val_every == 0 or epoch == cfg.epochs):
             last_val = run_validation(epoch)
         if epoch % cfg.save_step == 0 or epoch == cfg.epochs:
-            checkpoint(epoch, 0)
+            # the model file first: a run killed between the two resumes from the previous
+            # checkpoint and writes this epoch's model file again
             save_model_file(os.path.join(out_dir, f"model_epoch-{epoch:03d}.safetensors"), epoch)
+            checkpoint(epoch, 0)
         if world > 1:
             dist.barrier()
 
@@ -548,8 +693,7 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
                    "device": str(device), "seconds_this_run": round(seconds, 1),
                    "validation": last_val, "model": model_path,
                    "software_version": __version__}
-        with open(os.path.join(out_dir, "training_summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2, default=str)
+        _write_json_atomic(summary, os.path.join(out_dir, "training_summary.json"))
         LOGGER.info("finished %d epochs (%d steps) in %.0f s; model written to %s", epoch,
                     step, seconds, model_path)
     if world > 1:

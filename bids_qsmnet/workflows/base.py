@@ -16,7 +16,7 @@ from ..interfaces.derivatives import DerivativesSink, ReportMosaics
 from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
-__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings"]
+__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings", "run_outputs"]
 
 
 class SettingsError(ValueError):
@@ -35,7 +35,7 @@ def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
     units = run.units
     if not units:
         raise SettingsError(f"{run.field}: the sidecar has no 'Units' (ppm, Hz or rad)")
-    from ..physics.units import normalise_units
+    from ..physics.units import check_echo_time, check_field_strength, normalise_units
 
     try:
         units = normalise_units(units)
@@ -48,12 +48,22 @@ def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
                             "in the sidecar; give it with --b0-strength")
     if units == "rad" and te is None:
         raise SettingsError(f"{run.field}: Units 'rad' needs EchoTime (seconds) in the sidecar")
-    if isinstance(te, list):
+    if units == "rad" and isinstance(te, list):
         raise SettingsError(f"{run.field}: EchoTime is a list; a local field in rad needs the "
                             "single effective echo time")
+    # a sidecar value is whatever JSON holds: check it here, where the file can be named
+    # (MagneticFieldStrength is copied into the output sidecar, so it is checked whenever
+    # present; EchoTime matters to 'rad' alone)
+    try:
+        b0 = check_field_strength(b0) if b0 is not None else None
+    except ValueError as exc:
+        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
+    try:
+        te = check_echo_time(te) if units == "rad" else None
+    except ValueError as exc:
+        raise SettingsError(f"{run.field}: EchoTime {te!r}: {exc}") from None
     b0_dir = _sidecar_b0_dir(run.field, meta)
-    return {"units": units, "b0_strength": float(b0) if b0 is not None else None,
-            "echo_time": float(te) if te is not None else None, "b0_dir": b0_dir,
+    return {"units": units, "b0_strength": b0, "echo_time": te, "b0_dir": b0_dir,
             "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine"}
 
 
@@ -169,6 +179,10 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
         return pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, overwrite=overwrite,
                                        **kwargs), name=node_name, run_without_submitting=True)
 
+    if run.is_raw:  # before the χ sink copies the metadata
+        chain = _phase_description(settings, unwrapping, bgremoval)
+        metadata["InputUnits"] = "rad (raw GRE phase)"
+        metadata["PhasePreprocessing"] = chain
     ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
 
     def after_chimap(src, field, ds):
@@ -182,9 +196,6 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                           (gate, ds, [("value", "in_file")])])
 
     if run.is_raw:
-        chain = _phase_description(settings, unwrapping, bgremoval)
-        metadata["InputUnits"] = "rad (raw GRE phase)"
-        metadata["PhasePreprocessing"] = chain
         phase_wf = init_phase_wf(echo_times=settings["echo_times"],
                                  b0_strength=settings["b0_strength"], unwrap=unwrapping,
                                  background=bgremoval)
@@ -264,6 +275,26 @@ def _phase_description(settings: dict, unwrapping: str, bgremoval: str) -> dict:
         "BackgroundFieldRemoval": {"vsharp": "V-SHARP (Wu et al. 2012)",
                                    "pdf": "PDF (Liu et al. 2011)"}[bgremoval],
     }
+
+
+def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
+    """Every file :func:`init_single_run_wf` writes for ``run``, the χ map and its sidecar
+    first.
+
+    The χ map is stored before the other derivatives (a failed run leaves none of them
+    without it), so a run killed in between has its χ map and misses some of these: a rerun
+    skips a run only when all of them exist.  Keep in step with the sinks above.
+    """
+    from ..bids.derivatives import derivative_path
+    from ..interfaces.derivatives import mosaic_paths
+
+    entities = {k: v for k, v in run.entities.items() if v is not None}
+    named = [("Chimap", None)] + ([("fieldmap", "totalfield"), ("fieldmap", "localfield"),
+                                   ("mask", "brain"), ("mask", "eroded")] if run.is_raw
+                                  else [("mask", "brain")])
+    return [derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)
+            for suffix, desc in named for ext in (".nii.gz", ".json")] \
+        + mosaic_paths(out_dir, entities)
 
 
 def _safe_name(key: str) -> str:

@@ -71,10 +71,11 @@ def slurm_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A copy of the example dataset and a small random qsmnet-lite model."""
+    """A copy of the example dataset's local-field subjects and a small random qsmnet-lite
+    model (the raw GRE subject, sub-03, would only add phase jobs to every plugin run)."""
     base = tmp_path_factory.mktemp("slurm_inputs")
     bids = base / "ds-synthetic"
-    shutil.copytree(EXAMPLE, bids)
+    shutil.copytree(EXAMPLE, bids, ignore=shutil.ignore_patterns("sub-03"))
     model = make_model_file(base / "lite.safetensors", seed=0, name="lite-test")
     return bids, Path(model)
 

@@ -415,7 +415,8 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "(75×85×64 at 1.5 mm, Siemens integer phase): stacking, brain mask from the "
                   "magnitude, Laplacian unwrapping and echo fit, V-SHARP, resampling to 1 mm "
                   "and back, network, data consistency; everything a real subject goes "
-                  "through. Peak RSS: the largest child process.", "",
+                  "through. Peak RSS: the CLI main process only (its MultiProc workers, which "
+                  "run the network, are not counted: see the inference rows).", "",
                   "| subject | seconds | peak RSS (MB) |", "| --- | ---: | ---: |"]
         for r in part:
             lines.append(f"| sub-{r['subject']} | {r['seconds']} | {r['peak_rss_mb']} |")

@@ -138,16 +138,13 @@ def echo_brain_mask(phase_file: str, magnitude_file: str | None = None,
     from ..io.nifti import InputError, load_volume, save_volume
     from ..phase.mask import brain_mask_from_magnitude, combine_echoes
     from ..physics.orientation import voxel_sizes_from_affine
+    from .qsm import _check_same_grid
 
     ref = nib.load(phase_file)
     shape = tuple(ref.shape[:3])
     if mask_file:
         data, img = load_volume(mask_file, what="brain mask")
-        if data.shape != shape:
-            raise InputError(f"{mask_file}: mask shape {data.shape} differs from the echoes' "
-                             f"{shape}")
-        if not np.allclose(img.affine, ref.affine, atol=1e-3):
-            raise InputError(f"{mask_file}: mask affine differs from the echoes'")
+        _check_same_grid(phase_file, shape, ref.affine, mask_file, data.shape, img.affine)
         mask = data > 0
         if not mask.any():
             raise InputError(f"{mask_file}: the brain mask is empty")

@@ -519,6 +519,14 @@ def test_training_killed_mid_epoch_resumes_exactly(
     assert not [p.name for p in out.iterdir() if LEFTOVER.match(p.name)]
 
 
+
+def _one_step_config(patches, out, **extra):
+    """A one-step toy training configuration (CPU, one thread, no validation)."""
+    from bids_qsmnet.training.trainer import TrainingConfig
+
+    return TrainingConfig(patches=patches, out_dir=str(out), architecture="toy", batch_size=4,
+                          epochs=1, max_steps=1, device="cpu", threads=1, val_every=0, **extra)
+
 def test_second_training_run_in_a_folder_is_refused(tmp_path, small_store):
     """While one run holds a training folder's lock, another run of that folder stops at once
     (and writes nothing); the folder is free again afterwards."""
@@ -526,24 +534,13 @@ def test_second_training_run_in_a_folder_is_refused(tmp_path, small_store):
 
     from bids_qsmnet.training.trainer import (
         LOCK_NAME,
-        TrainingConfig,
         TrainingLockedError,
         train,
     )
 
     out = tmp_path / "run"
     out.mkdir()
-    cfg = TrainingConfig(
-        patches=small_store.path,
-        out_dir=str(out),
-        architecture="toy",
-        batch_size=4,
-        epochs=1,
-        max_steps=1,
-        device="cpu",
-        threads=1,
-        val_every=0,
-    )
+    cfg = _one_step_config(small_store.path, out)
     with open(out / LOCK_NAME, "a") as other:  # as another process's run would
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(TrainingLockedError, match="another training run"):
@@ -605,7 +602,7 @@ def test_resume_never_runs_code_from_a_checkpoint(tmp_path, small_store):
     with a ValueError naming the file, and never executed."""
     import torch
 
-    from bids_qsmnet.training.trainer import TrainingConfig, train
+    from bids_qsmnet.training.trainer import train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -614,18 +611,7 @@ def test_resume_never_runs_code_from_a_checkpoint(tmp_path, small_store):
     torch.load(out / "checkpoint.pt", weights_only=False)["payload"].close()  # it does work
     assert marker.exists()
     marker.unlink()
-    cfg = TrainingConfig(
-        patches=small_store.path,
-        out_dir=str(out),
-        architecture="toy",
-        batch_size=4,
-        epochs=1,
-        max_steps=1,
-        device="cpu",
-        threads=1,
-        val_every=0,
-        resume=True,
-    )
+    cfg = _one_step_config(small_store.path, out, resume=True)
     with pytest.raises(ValueError, match="checkpoint.pt: not a bids_qsmnet checkpoint"):
         train(cfg)
     assert not marker.exists()

@@ -33,8 +33,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ds-synthetic"
 TIMEOUT = 600  # seconds for one run: the CI machine has two cores shared with other jobs
 
-#: hidden temporaries of atomic writes (``.name.tmp<pid>[.ext]``, ``.name.<hex>.tmp``)
-LEFTOVER = re.compile(r"^\..+\.tmp[0-9a-f]*(\.[a-z]+)*$")
+#: hidden temporaries of atomic writes (``.name.tmp<pid>[.ext]``), matched more loosely than
+#: bids_qsmnet.io.atomic.TMP_PATTERN so that a change of naming cannot hide a leftover
+LEFTOVER = re.compile(r"^\..+\.tmp[0-9a-f-]*(\.[a-z]+)*$")
 #: the one report row that differs between two runs of the same command
 ELAPSED_ROW = re.compile(rb"<tr><th>elapsed \(s\)</th><td>[^<]*</td></tr>")
 
@@ -573,10 +574,12 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path, small_store):
     train(TrainingConfig(**cfg))
     stale = [
         out / ".checkpoint.pt.tmp4242",
-        out / ".model.safetensors.0a1b2c.tmp",
+        out / ".model.safetensors.tmp77",
+        out / "validation" / ".val_epoch-001.png.tmp123",
         out / ".training_log.csv.tmp99",
     ]
     for p in stale:
+        p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"half")
     with open(out / "training_log.csv", "a") as fh:
         fh.write("train,1,")  # a row cut short

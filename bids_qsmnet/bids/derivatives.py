@@ -8,13 +8,13 @@ that looks complete; an existing output is replaced only with ``overwrite=True``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 from collections.abc import Mapping
 
 from ..__about__ import __version__
+from ..io import atomic
 
 __all__ = [
     "PIPELINE_NAME",
@@ -98,29 +98,15 @@ def write_json_atomic(data: Mapping, dest: str, *, overwrite: bool = True) -> st
     """Write JSON (sorted, indented) through a hidden temporary sibling and a rename."""
     _check_overwrite(dest, overwrite)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    return atomic.write_json_atomic(dest, data)
 
 
 def copy_atomic(src: str, dest: str, *, overwrite: bool = False) -> str:
     """Copy ``src`` to ``dest`` through a temporary sibling file and a rename."""
     _check_overwrite(dest, overwrite)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.tmp{os.getpid()}")
-    try:
+    with atomic.atomic_output(dest) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dest
 
 

@@ -76,6 +76,24 @@ def _output_lock(out_dir: Path, subjects=None):
             fh.close()
 
 
+def _remove_stale_temporaries(out_dir: Path, subjects=None) -> None:
+    """Remove the hidden temporaries of atomic writes that killed runs left in the part of
+    ``out_dir`` this run holds the lock of: the whole folder, or the selected subjects' folders
+    and reports (the shared top-level files may be being written by a concurrent run)."""
+    from ..io.atomic import remove_stale_temporaries
+
+    if subjects:
+        for subject in sorted(set(subjects)):
+            remove_stale_temporaries(out_dir / f"sub-{subject}")
+            remove_stale_temporaries(out_dir, recursive=False, prefix=f"sub-{subject}.")
+        return
+    remove_stale_temporaries(out_dir, recursive=False)
+    for folder in sorted(out_dir.iterdir()):
+        if folder.is_dir() and not folder.is_symlink() and (
+                folder.name.startswith("sub-") or folder.name in ("logs", "models")):
+            remove_stale_temporaries(folder)
+
+
 def _default_work_dir(out_dir: Path) -> Path:
     digest = hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]
     return Path(tempfile.gettempdir()) / f"bids_qsmnet_work_{digest}"
@@ -515,6 +533,7 @@ def main(argv=None) -> int:
         from ..bids.discovery import DiscoveryError, build_layout
 
         with _output_lock(opts.output_dir, opts.participant_label):
+            _remove_stale_temporaries(opts.output_dir, opts.participant_label)
             try:
                 layout = build_layout(opts.bids_dir, exclude=[opts.output_dir])
             except DiscoveryError as exc:

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from .atomic import atomic_output, tmp_sibling
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
@@ -227,11 +229,8 @@ def load_volume(path: str | os.PathLike, *, what: str = "volume", allow_nonfinit
 
 
 def atomic_path(path: str | os.PathLike) -> str:
-    """A temporary sibling name for ``path`` that keeps its extension (``x.tmp123.nii.gz``)."""
-    path = os.fspath(path)
-    d, b = os.path.split(path)
-    stem, ext = (b[:-7], ".nii.gz") if b.endswith(".nii.gz") else os.path.splitext(b)
-    return os.path.join(d, f".{stem}.tmp{os.getpid()}{ext}")
+    """A temporary sibling name for ``path`` that keeps its extension (``.x.tmp123.nii.gz``)."""
+    return tmp_sibling(path, keep_extension=True)
 
 
 def save_volume(data: np.ndarray, reference, path: str | os.PathLike, *, dtype=np.float32) -> str:
@@ -254,11 +253,6 @@ def save_volume(data: np.ndarray, reference, path: str | os.PathLike, *, dtype=n
         img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
     else:
         img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(reference))
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path, keep_extension=True) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

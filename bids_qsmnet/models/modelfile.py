@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..__about__ import __version__
+from ..io.atomic import atomic_output
 
 __all__ = [
     "FORMAT_VERSION",
@@ -482,18 +482,12 @@ def save_model(path: str | os.PathLike, network, spec: ModelSpec) -> Path:
     dest = Path(path).expanduser()
     if dest.is_dir():
         dest = dest / MODEL_FILENAME
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
-            os.fsync(fh.fileno())
+    # flushed to disk before the rename makes it visible
+    with atomic_output(dest, fsync=True) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a model file is shareable
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     LOGGER.info("wrote model %r to %s", spec.name, dest)
     return dest
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..io.atomic import atomic_output
+
 __all__ = ["valid_slices", "plot_validation_slices", "plot_loss_curves", "plot_mosaic"]
 
 
@@ -27,16 +29,12 @@ def _savefig_atomic(fig, out_png: str | os.PathLike, *, dpi: int) -> str:
     """
     plt = _pyplot()
     path = os.fspath(out_png)
-    folder, name = os.path.split(path)
-    fmt = os.path.splitext(name)[1].lstrip(".") or "png"
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     try:
-        fig.savefig(tmp, dpi=dpi, format=fmt)
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=fmt)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

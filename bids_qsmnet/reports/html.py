@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 from ..__about__ import __version__
+from ..io.atomic import write_text_atomic
 
 __all__ = ["CITATIONS", "citation_text", "write_citations", "write_subject_report"]
 
@@ -66,22 +67,7 @@ def citation_text(methods: Sequence[str] = ("qsmnet",)) -> str:
 def write_citations(out_dir: str, methods: Sequence[str] = ("qsmnet",)) -> str:
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
     path = os.path.join(out_dir, "logs", "CITATION.md")
-    return _write_text_atomic(path, "# How to cite these results\n\n" + citation_text(methods))
-
-
-def _write_text_atomic(path: str, text: str) -> str:
-    """Write ``text`` through a hidden temporary sibling and a rename (a killed run leaves
-    the previous version or the new one, never half a file)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_text_atomic(path, "# How to cite these results\n\n" + citation_text(methods))
 
 
 def _row(k, v):
@@ -140,4 +126,4 @@ def write_subject_report(out_dir: str, subject: str, *, errors: Sequence[str] = 
         parts.append("</table>")
     parts.append("<h2>Methods and references</h2><pre style='white-space:pre-wrap'>"
                  + html.escape(citation_text()) + "</pre></body></html>")
-    return _write_text_atomic(os.path.join(out_dir, f"sub-{subject}.html"), "\n".join(parts))
+    return write_text_atomic(os.path.join(out_dir, f"sub-{subject}.html"), "\n".join(parts))

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..io.atomic import tmp_sibling
 from ..physics.dipole import forward_field, normalise_b0_dir
 
 LOGGER = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ def extract_patches(
         raise ValueError("min_mask_fraction must be within [0, 1]")
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
-    tmp = f"{out_file}.tmp-{os.getpid()}"
+    tmp = tmp_sibling(out_file)
     t0 = time.perf_counter()
     subjects: list[dict] = []
     n_vox = patch_size**3

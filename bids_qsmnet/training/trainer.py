@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..__about__ import __version__
+from ..io.atomic import atomic_output, remove_stale_temporaries, write_json_atomic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class TrainingConfig:
     seed : seeds weights initialisation and the patch order
     device : "auto", "cpu" or "cuda[:N]"
     amp : use bf16 autocast (CUDA only; ignored on CPU with a warning)
-    channels_last : channels-last-3d memory format (CUDA)
+    channels_last : channels-last-3d memory format (faster on CPU and CUDA; model files
+        are written contiguous)
     num_workers : DataLoader worker processes
     val_every : validate every this many epochs (0: never)
     display_slices : axial slices shown in validation figures
@@ -177,8 +178,6 @@ def _init_distributed(world: int, device):
 #: only by a killed run, and then taken over by the next run)
 LOCK_NAME = ".bids_qsmnet_training.lock"
 
-# temporaries of atomic writes (``.name.tmp<pid>`` here, ``.name.<hex>.tmp`` for model files)
-_STALE_TMP = re.compile(r"^\..+\.tmp\d*$")
 
 _HELD_LOCKS: list = []
 
@@ -235,11 +234,7 @@ def _training_lock(out_dir: str):
         fh.close()
     try:
         _HELD_LOCKS.append(fh)
-        for folder in (out_dir, os.path.join(out_dir, "validation")):
-            for name in os.listdir(folder) if os.path.isdir(folder) else ():
-                if _STALE_TMP.match(name):
-                    LOGGER.info("removing %s, left by a killed run", name)
-                    os.remove(os.path.join(folder, name))
+        remove_stale_temporaries(out_dir)  # none is live: this run holds the folder
         yield
     finally:
         if fh in _HELD_LOCKS:
@@ -353,45 +348,18 @@ def _truncate_log(path: str, step: int, *, epoch_done: bool = True) -> None:
     """
     rows = [r for r in _read_log(path) if int(r["step"]) < step
             or (int(r["step"]) == step and (epoch_done or r["kind"] != "val"))]
-    tmp = _tmp_name(path)
-    try:
+    with atomic_output(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _tmp_name(path: str) -> str:
-    """A hidden temporary sibling of ``path``, unique to this process."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp{os.getpid()}")
-
-
-def _write_json_atomic(data: dict, path: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _atomic_torch_save(obj, path: str) -> None:
     import torch
 
-    tmp = _tmp_name(path)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _validate(network, volumes, cfg, kernels, device, epoch, out_dir, loss_fn, norm):
@@ -693,7 +661,8 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
                    "device": str(device), "seconds_this_run": round(seconds, 1),
                    "validation": last_val, "model": model_path,
                    "software_version": __version__}
-        _write_json_atomic(summary, os.path.join(out_dir, "training_summary.json"))
+        write_json_atomic(os.path.join(out_dir, "training_summary.json"), summary,
+                          sort_keys=False)
         LOGGER.info("finished %d epochs (%d steps) in %.0f s; model written to %s", epoch,
                     step, seconds, model_path)
     if world > 1:

@@ -73,7 +73,7 @@ class Recipe:
     dc_lambda: float = 0.0
     dc_iterations: int = 30
     #: channels-last 3-D layout: 1.4x faster CPU training steps (docs/benchmarks.md); the
-    #: same function, different float rounding.  Epochs 1-6 of the shipped model ran without
+    #: same function, different float rounding (epochs 1-6 of the shipped model ran without)
     channels_last: bool = True
     n_validation: int = 1
     extra: dict = field(default_factory=dict)
@@ -181,7 +181,8 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
         name="default", batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
         lr_decay=recipe.lr_decay, lr_decay_steps=recipe.lr_decay_steps, epochs=recipe.epochs,
         save_step=1, w_model=recipe.w_model, w_grad=recipe.w_grad, seed=recipe.seed,
-        device=device, channels_last=recipe.channels_last, val_every=1, checkpoint_every_steps=100, resume=resume,
+        device=device, channels_last=recipe.channels_last, val_every=1,
+        checkpoint_every_steps=100, resume=resume,
         max_steps=max_steps, threads=threads, log_every=10,
         training_info={"recipe": asdict(recipe),
                        "command": "python -m bids_qsmnet.training.default_recipe "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -94,6 +95,22 @@ def _input(args):
     return np.random.default_rng(0).normal(size=tuple(args.shape)).astype(np.float32)
 
 
+def _plan_label(network, multiple, padded, args) -> str | None:
+    """How ``predict_normalised`` tiles ``padded`` under these options (None: whole volume)."""
+    from bids_qsmnet.inference.predict import plan_tiles, receptive_radius, tiles_of_edge
+
+    if args.tile and any(n > args.tile for n in padded):
+        plan = tiles_of_edge(padded, args.tile, args.overlap, multiple,
+                             receptive_radius(network, multiple))
+    elif args.max_voxels and math.prod(padded) > args.max_voxels:
+        plan = plan_tiles(padded, multiple, receptive_radius(network, multiple),
+                          args.max_voxels)
+    else:
+        return None
+    return (f"{plan.n_tiles} × {'×'.join(map(str, plan.sizes))}"
+            f"{' exact' if plan.exact else ''}")
+
+
 def bench_inference(args) -> dict:
     """Network time per volume (normalised random input; the work does not depend on values)."""
     import torch
@@ -109,48 +126,76 @@ def bench_inference(args) -> dict:
     padded = pad_to_multiple(x, net.multiple)[0].shape
     run_net = net if args.no_optimise else optimise_for_inference(net)
     t0 = time.perf_counter()
-    predict_normalised(run_net, x, multiple=net.multiple, tile=args.tile, overlap=args.overlap)
+    kw = {"tile": args.tile, "overlap": args.overlap, "max_voxels": args.max_voxels}
+    predict_normalised(run_net, x, multiple=net.multiple, **kw)
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        predict_normalised(run_net, x, multiple=net.multiple, tile=args.tile,
-                           overlap=args.overlap)
+        predict_normalised(run_net, x, multiple=net.multiple, **kw)
         times.append(time.perf_counter() - t0)
     times = times or [first]  # --repeats 0: one call only (the slow 99 M network)
     flops = count_flops(net, padded)["flops"]  # whole volume: tiles recompute their overlap
     return {"bench": "inference", "arch": args.arch, "shape": list(args.shape),
-            "tile": args.tile, "optimised": not args.no_optimise, "threads": args.threads,
+            "tile": _plan_label(run_net, net.multiple, padded, args),
+            "optimised": not args.no_optimise, "threads": args.threads,
             "first_s": round(first, 2), "seconds": round(min(times), 2),
             "gflop": round(flops / 1e9, 1), "gflops_per_s": _gflops(flops, min(times)),
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
 def bench_tiling(args) -> dict:
-    """Tiled against whole-volume inference on a synthetic brain field, in ppm."""
+    """Tiled against whole-volume inference on a synthetic brain field, in ppm.
+
+    Configurations: cubic tiles of each ``--tiles`` edge with each ``--overlaps`` value
+    (``exact``: the overlap of twice the receptive radius), and the memory planner at each
+    ``--budgets`` (voxels per tile)."""
     import numpy as np
     import torch
 
     from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
-    from bids_qsmnet.inference.predict import predict_chi
+    from bids_qsmnet.inference.optimize import optimise_for_inference
+    from bids_qsmnet.inference.predict import (
+        pad_to_multiple,
+        plan_tiles,
+        predict_chi,
+        receptive_radius,
+        tiles_of_edge,
+    )
     from bids_qsmnet.models.modelfile import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model(None))
+    multiple = loaded.network.multiple
+    radius = receptive_radius(optimise_for_inference(loaded.network), multiple)
     ph = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(7))
     field = simulate_local_field(ph.chi, ph.mask, noise_std=0.0)
+    padded = pad_to_multiple(field, multiple)[0].shape
+    t0 = time.perf_counter()
     whole = predict_chi(loaded, field, ph.mask)
-    rows = {}
+    rows = {"whole volume": {"seconds": round(time.perf_counter() - t0, 2), "tiles": "1",
+                             "max_abs_ppm": 0.0, "p99_abs_ppm": 0.0}}
+    configs = []
     for tile in args.tiles:
-        for overlap in args.overlaps:
-            t0 = time.perf_counter()
-            tiled = predict_chi(loaded, field, ph.mask, tile=tile, overlap=overlap)
-            dt = time.perf_counter() - t0
-            diff = np.abs(tiled - whole)[ph.mask]
-            rows[f"{tile}/{overlap}"] = {"seconds": round(dt, 2),
-                                         "max_abs_ppm": float(f"{diff.max():.3g}"),
-                                         "p99_abs_ppm": float(f"{np.quantile(diff, 0.99):.3g}")}
+        for ov in args.overlaps:
+            overlap = None if ov == "exact" else float(ov)
+            plan = tiles_of_edge(padded, tile, overlap, multiple, radius)
+            configs.append((f"{tile}³, overlap {ov}", plan, {"tile": tile, "overlap": overlap}))
+    for budget in args.budgets:
+        plan = plan_tiles(padded, multiple, radius, budget)
+        configs.append((f"planner, ≤ {budget:,} voxels", plan, {"max_voxels": budget}))
+    for label, plan, kw in configs:
+        t0 = time.perf_counter()
+        tiled = predict_chi(loaded, field, ph.mask, **kw)
+        dt = time.perf_counter() - t0
+        diff = np.abs(tiled - whole)[ph.mask]
+        rows[label] = {"seconds": round(dt, 2),
+                       "tiles": f"{plan.n_tiles} × {'×'.join(map(str, plan.sizes))}",
+                       "exact": plan.exact,
+                       "max_abs_ppm": float(f"{diff.max():.3g}"),
+                       "p99_abs_ppm": float(f"{np.quantile(diff, 0.99):.3g}")}
     return {"bench": "tiling", "shape": list(args.shape), "threads": args.threads,
+            "receptive_radius": radius,
             "chi_rms_ppm": float(f"{np.sqrt(np.mean(whole[ph.mask] ** 2)):.3g}"),
             "tiles": rows}
 
@@ -295,7 +340,10 @@ PLAN = [
     ["inference", "--arch", "default", "--shape", "160", "160", "160"],
     ["inference", "--arch", "default", "--shape", "256", "256", "176", "--no-optimise"],
     ["inference", "--arch", "default", "--shape", "256", "256", "176"],
-    ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128"],
+    ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128",
+     "--overlap", "0.25"],
+    ["inference", "--arch", "default", "--shape", "256", "256", "176", "--max-voxels",
+     "8000000"],
     ["inference", "--arch", "qsmnet", "--shape", "160", "160", "160", "--repeats", "0",
      "--no-optimise"],
     ["inference", "--arch", "qsmnet", "--shape", "160", "160", "160", "--repeats", "0"],
@@ -378,11 +426,17 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         if r["bench"] == "tiling":
             lines += ["", f"## Tiled against whole-volume inference ({_fmt_shape(r['shape'])} "
                           f"synthetic brain, default model, χ rms {r['chi_rms_ppm']} ppm)", "",
-                      "| tile / overlap | time (s) | max abs diff (ppm) | 99th pct (ppm) |",
-                      "| --- | ---: | ---: | ---: |"]
+                      f"Receptive-field radius of the default model: "
+                      f"{r.get('receptive_radius', '–')} voxels (NaN probe, "
+                      "`bids_qsmnet.inference.predict.receptive_radius`); `exact`: every "
+                      "overlap is at least twice that plus 2^depth.", "",
+                      "| tiling | tiles | exact | time (s) | max abs diff (ppm) | "
+                      "99th pct (ppm) |",
+                      "| --- | --- | --- | ---: | ---: | ---: |"]
             for k, v in r["tiles"].items():
-                lines.append(f"| {k} | {v['seconds']} | {v['max_abs_ppm']} | "
-                             f"{v['p99_abs_ppm']} |")
+                exact = "–" if "exact" not in v else ("yes" if v["exact"] else "no")
+                lines.append(f"| {k} | {v.get('tiles', '–')} | {exact} | {v['seconds']} | "
+                             f"{v['max_abs_ppm']} | {v['p99_abs_ppm']} |")
     lines += ["", "## Training throughput (one Adam step incl. the QSMnet loss, CPU)", "",
               "| model | patch | batch | channels-last | s/step | patches/s | GFLOP/s | "
               "peak RSS (MB) |",
@@ -441,13 +495,19 @@ def main(argv=None) -> int:
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
         if name == "inference":
             s.add_argument("--tile", type=int, default=None)
-            s.add_argument("--overlap", type=float, default=0.25)
+            s.add_argument("--overlap", type=float, default=None,
+                           help="tile overlap fraction (default: exact overlap)")
+            s.add_argument("--max-voxels", type=int, default=None,
+                           help="tile by the memory planner, at most this many voxels a tile")
             s.add_argument("--repeats", type=int, default=2)
             s.add_argument("--no-optimise", action="store_true")
         if name == "tiling":
             s.add_argument("--shape", type=int, nargs=3, default=(160, 192, 160))
-            s.add_argument("--tiles", type=int, nargs="+", default=(96, 128))
-            s.add_argument("--overlaps", type=float, nargs="+", default=(0.25, 0.5))
+            s.add_argument("--tiles", type=int, nargs="+", default=(128,))
+            s.add_argument("--overlaps", nargs="+", default=("0.25", "exact"),
+                           help="overlap fractions, or 'exact'")
+            s.add_argument("--budgets", type=int, nargs="+", default=(2_500_000,),
+                           help="voxels per tile for the memory planner")
         if name == "training":
             s.add_argument("--arch", default="toy")
             s.add_argument("--patch", type=int, default=64)

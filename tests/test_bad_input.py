@@ -510,8 +510,7 @@ def test_out_of_memory_in_inference_leaves_nothing(ds, tmp_path, model, capsys, 
 def test_inference_beyond_memory_is_tiled(ds, tmp_path, model, capsys, caplog, monkeypatch):
     """With 1 MiB of memory left, whole-volume inference of the toy network (2 first-level
     channels × 32 bytes per voxel × 24³ = 864 KiB) exceeds half of it: the run tiles instead,
-    with the largest even edge whose cube fits in 512 KiB (⌊(2¹⁹ / 64)^⅓⌋ = 20), and
-    completes."""
+    with at most 2¹⁹ / 64 = 8192 voxels per tile, and completes."""
     import bids_qsmnet.io.nifti as nifti
 
     monkeypatch.setattr(nifti, "available_memory", lambda: 1 << 20)
@@ -519,7 +518,7 @@ def test_inference_beyond_memory_is_tiled(ds, tmp_path, model, capsys, caplog, m
     with caplog.at_level("WARNING", logger="bids_qsmnet.interfaces.inference"):
         code, lines, err = _run(_argv(ds, out, tmp_path / "work", model), capsys)
     assert code == 0, err[-3000:]
-    assert "tiling with --tile 20" in caplog.text
+    assert "tiling, at most 8192 voxels per tile" in caplog.text
     chi = nib.load(out / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
     inside = nib.load(ds / MASK).get_fdata() > 0
     assert np.all(np.isfinite(chi)) and np.count_nonzero(chi[inside]) > 0.99 * inside.sum()

@@ -136,7 +136,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where torch runs")
     g.add_argument("--tile", type=partial(_positive_int, parser=parser, what="--tile"),
-                   default=None, help="tile edge in voxels for bounded-memory inference")
+                   default=None,
+                   help="tile edge in voxels for bounded-memory inference (tiles overlap by "
+                        "twice the receptive-field radius where they can: exact)")
     g.add_argument("--dc-lambda", type=float, default=None,
                    help="data-consistency prior weight after the network (0: off; default: "
                         "the model's)")

@@ -5,10 +5,15 @@ model's voxel size); bringing a volume into that frame is the job of
 :mod:`bids_qsmnet.inference.frame`.  Here the volume is already in that frame.
 
 Large volumes are predicted in overlapping tiles whose outputs are blended with a separable
-weight that is zero on the outer quarter of each overlap (where a tile's prediction sees its
-zero padding instead of the neighbouring data) and rises as a raised cosine over the middle
-half, so peak memory is bounded by the tile size instead of the volume, and a network whose
-receptive field fits in that margin gives exactly its whole-volume prediction.
+weight, so that peak memory is bounded by the tile instead of the volume.  Near a side it shares
+with a neighbour, a tile's prediction sees the tile's zero padding instead of the neighbouring
+data; every output voxel depends on the input only within the network's receptive-field
+radius ``R`` (:func:`receptive_radius`, measured exactly by propagating a NaN), so a tile's
+prediction is exact (equal to the whole-volume one up to float rounding) at ``R`` voxels or
+more from its sides.  The blend weight is zero on the outer ``R`` voxels of each overlap and
+rises as a raised cosine over the rest; with overlaps of at least ``2R + 2^depth`` voxels the
+stitched map equals the whole-volume map.  :func:`plan_tiles` chooses such tiles (slabs first:
+the fewest recomputed voxels) for a memory budget.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
 
@@ -23,6 +30,7 @@ LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_weights",
+    "receptive_radius", "TilePlan", "plan_tiles", "tiles_of_edge",
 ]
 
 
@@ -65,27 +73,30 @@ def tile_starts(length: int, tile: int, overlap: float, *, multiple: int = 1) ->
     return sorted(set(starts))
 
 
-def _rising_edge(overlap_vox: int, tile: int) -> np.ndarray:
+def _rising_edge(overlap_vox: int, tile: int, radius: int | None = None) -> np.ndarray:
     """Weight of a tile along one axis near a side shared with a neighbour overlapping it by
-    ``overlap_vox`` voxels: 0 on the outer quarter of the overlap, a raised cosine over its
-    middle half, 1 beyond."""
+    ``overlap_vox`` voxels: 0 on the outer ``radius`` voxels of the overlap (at most all but
+    its middle voxel; the outer quarter when the radius is unknown), a raised cosine over the
+    middle, 1 beyond."""
     w = np.ones(tile)
-    zero = overlap_vox // 4
+    zero = overlap_vox // 4 if radius is None else min(int(radius), (overlap_vox - 1) // 2)
     ramp = overlap_vox - 2 * zero
     w[:zero] = 0.0
     w[zero:zero + ramp] = 0.5 - 0.5 * np.cos(np.pi * (np.arange(ramp) + 0.5) / ramp)
     return w
 
 
-def blend_weights(tile: int, starts: Sequence[int]) -> list[np.ndarray]:
+def blend_weights(tile: int, starts: Sequence[int], radius: int | None = None
+                  ) -> list[np.ndarray]:
     """1-D blending weights along one axis: one array of length ``tile`` per tile start.
 
-    Where a tile overlaps a neighbour by ``o`` voxels its weight is 0 on the outer ``o // 4``
-    voxels, rises as a raised cosine over the middle half of the overlap and is 1 inside; on a
-    side at the volume border it stays 1 (no other tile covers those voxels).  Every voxel is
-    at least ``o / 2`` voxels inside the tile nearest to it, where the weight is positive, so the
-    summed weight never vanishes; and a network whose receptive-field radius is at most
-    ``o // 4`` voxels reproduces its whole-volume output exactly.
+    Where a tile overlaps a neighbour by ``o`` voxels its weight is 0 on the outer ``z``
+    voxels — ``z = min(radius, (o - 1) // 2)``, or ``o // 4`` when the receptive-field radius
+    is not given — rises as a raised cosine over the middle of the overlap and is 1 inside; on
+    a side at the volume border it stays 1 (no other tile covers those voxels).  Every voxel is
+    at least ``o / 2`` voxels inside the tile nearest to it, where the weight is positive, so
+    the summed weight never vanishes; and a network whose receptive-field radius is at most
+    ``z`` reproduces its whole-volume output exactly.
 
     >>> [np.round(w, 2).tolist() for w in blend_weights(8, [0, 4])]
     [[1.0, 1.0, 1.0, 1.0, 1.0, 0.85, 0.15, 0.0], [0.0, 0.15, 0.85, 1.0, 1.0, 1.0, 1.0, 1.0]]
@@ -94,11 +105,175 @@ def blend_weights(tile: int, starts: Sequence[int]) -> list[np.ndarray]:
     for n, s in enumerate(starts):
         w = np.ones(tile)
         if n > 0:
-            w = np.minimum(w, _rising_edge(starts[n - 1] + tile - s, tile))
+            w = np.minimum(w, _rising_edge(starts[n - 1] + tile - s, tile, radius))
         if n + 1 < len(starts):
-            w = np.minimum(w, _rising_edge(s + tile - starts[n + 1], tile)[::-1])
+            w = np.minimum(w, _rising_edge(s + tile - starts[n + 1], tile, radius)[::-1])
         out.append(w)
     return out
+
+
+def receptive_radius(network, multiple: int, *, device="cpu", limit: int = 1024) -> int | None:
+    """The network's receptive-field radius in voxels: how far an input voxel reaches.
+
+    Measured, not derived: a NaN placed in a zero volume reaches through every convolution,
+    pooling, upsampling and activation exactly the output voxels that depend on it (``0·NaN``
+    is NaN), for each of the ``multiple`` positions on the pooling grid and along each axis.
+    Returns None when the NaN reaches the whole probe of ``limit`` voxels (a network with
+    global operations, e.g. instance normalisation, whose tiles can never be exact).  The
+    result is cached on the network object.
+    """
+    cached = getattr(network, "_bids_qsmnet_receptive_radius", False)
+    if cached is not False:
+        return cached
+    import torch
+
+    length, radius = max(8 * multiple, 64), None
+    while length <= limit and radius is None:
+        found = 0
+        for axis in range(3):
+            shape = [multiple] * 3
+            shape[axis] = length
+            x = torch.zeros((multiple, 1, *shape))
+            centre = length // 2
+            for p in range(multiple):
+                idx = [multiple // 2] * 3
+                idx[axis] = centre + p
+                x[(p, 0, *idx)] = float("nan")
+            with torch.inference_mode():
+                y = network(x.to(device))[:, 0].float().cpu()
+            other = tuple(a for a in range(3) if a != axis)
+            reached = torch.isnan(y).any(dim=tuple(a + 1 for a in other))  # (multiple, length)
+            for p in range(multiple):
+                where = torch.nonzero(reached[p]).flatten()
+                if where.numel() == 0:
+                    continue
+                lo, hi = int(where.min()), int(where.max())
+                if lo == 0 or hi == length - 1:
+                    found = None
+                    break
+                found = max(found, centre + p - lo, hi - centre - p)
+            if found is None:
+                break
+        radius = found
+        length *= 2
+    try:
+        network._bids_qsmnet_receptive_radius = radius
+    except AttributeError:  # pragma: no cover - a module that refuses attributes
+        pass
+    return radius
+
+
+def exact_overlap(radius: int | None, multiple: int) -> int | None:
+    """The smallest tile overlap (a multiple of ``multiple``) that makes tiling exact: zero
+    bands of ``radius`` on both sides and a blend of at least ``multiple`` voxels."""
+    if radius is None:
+        return None
+    return -(-(2 * radius + multiple) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tiles over a padded volume: the tile shape, the starts along each axis, whether the
+    overlaps allow exact stitching, and the receptive-field radius the weights use."""
+
+    sizes: tuple
+    starts: tuple
+    radius: int | None
+    exact: bool
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(len(s) for s in self.starts)
+
+    @property
+    def tile_voxels(self) -> int:
+        return math.prod(self.sizes)
+
+    @property
+    def computed_voxels(self) -> int:
+        return self.n_tiles * self.tile_voxels
+
+
+def _axis_options(length: int, multiple: int, overlap: int) -> list[tuple[int, list[int]]]:
+    """(tile size, starts) along one axis for 1, 2, … tiles overlapping by ≥ ``overlap``."""
+    options = [(length, [0])]
+    for n in range(2, length // multiple + 1):
+        size = -(-(length + (n - 1) * overlap) // n)  # n tiles cover the axis
+        size = -(-size // multiple) * multiple
+        if size >= length:
+            continue
+        if size <= overlap:
+            break
+        step = size - overlap
+        starts = sorted({min(i * step, length - size) for i in range(n - 1)} | {length - size})
+        if options[-1][0] != size:
+            options.append((size, starts))
+    return options
+
+
+#: an exact tiling that recomputes more than this many volumes is not worth its time: the
+#: planner then uses approximate tiles (cubes with half-tile overlaps)
+MAX_RECOMPUTE = 8.0
+
+
+def plan_tiles(shape: Sequence[int], multiple: int, radius: int | None,
+               max_voxels: int) -> TilePlan:
+    """Tiles of at most ``max_voxels`` voxels over a padded volume ``shape``, exact if possible.
+
+    Among the tilings whose overlaps are :func:`exact_overlap`, the one that recomputes the
+    fewest voxels (then: the fewest tiles) — usually slabs along one or two axes.  When no
+    exact tiling fits (or every one recomputes more than :data:`MAX_RECOMPUTE` volumes), cubes
+    of the largest edge that fits with half-tile overlaps (the zero bands then cover as much of
+    the receptive field as they can; ``exact`` is False).
+
+    Raises MemoryError when not even tiles of ``2 · multiple`` voxels fit.
+    """
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) <= max_voxels:
+        return TilePlan(shape, tuple((0,) for _ in shape), radius, True)
+    overlap = exact_overlap(radius, multiple)
+    best = None
+    if overlap is not None:
+        per_axis = [_axis_options(n, multiple, overlap) for n in shape]
+        for combo in product(*per_axis):
+            sizes = tuple(c[0] for c in combo)
+            if math.prod(sizes) > max_voxels:
+                continue
+            n_tiles = math.prod(len(c[1]) for c in combo)
+            if n_tiles * math.prod(sizes) > MAX_RECOMPUTE * math.prod(shape):
+                continue
+            key = (n_tiles * math.prod(sizes), n_tiles)
+            if best is None or key < best[0]:
+                best = (key, TilePlan(sizes, tuple(tuple(c[1]) for c in combo), radius, True))
+    if best is not None:
+        return best[1]
+    edge = round(max_voxels ** (1 / 3))
+    while edge**3 > max_voxels:  # the integer cube root (float roots can fall just short)
+        edge -= 1
+    edge = edge // multiple * multiple
+    if edge < 2 * multiple:
+        raise MemoryError(f"inference needs tiles of at least {2 * multiple}³ voxels; only "
+                          f"{max_voxels:,} voxels fit in the memory available")
+    return tiles_of_edge(shape, edge, 0.5, multiple, radius)
+
+
+def tiles_of_edge(shape: Sequence[int], tile: int, overlap: float | None, multiple: int,
+                  radius: int | None) -> TilePlan:
+    """Cubic tiles of edge ``tile`` (cut to the volume); ``overlap`` a fraction of the edge,
+    or None for the exact overlap when the tile is large enough for it (else half the tile)."""
+    sizes = tuple(min(tile, int(n)) for n in shape)
+    exact_o = exact_overlap(radius, multiple)
+    starts = []
+    for n, size in zip(shape, sizes):
+        if overlap is None:
+            o = exact_o if exact_o is not None and exact_o < size else size // 2
+            frac = o / size
+        else:
+            frac = overlap
+        starts.append(tuple(tile_starts(int(n), size, frac, multiple=multiple)))
+    exact = exact_o is not None and all(
+        b - a <= size - exact_o for st, size in zip(starts, sizes) for a, b in zip(st, st[1:]))
+    return TilePlan(sizes, tuple(starts), radius, exact)
 
 
 def _run(network, x: np.ndarray, device) -> np.ndarray:
@@ -110,7 +285,8 @@ def _run(network, x: np.ndarray, device) -> np.ndarray:
 
 
 def predict_normalised(network, x: np.ndarray, *, multiple: int, device="cpu",
-                       tile: int | None = None, overlap: float = 0.25) -> np.ndarray:
+                       tile: int | None = None, overlap: float | None = None,
+                       max_voxels: int | None = None) -> np.ndarray:
     """Network output for a normalised input volume (no unit handling).
 
     Parameters
@@ -120,22 +296,38 @@ def predict_normalised(network, x: np.ndarray, *, multiple: int, device="cpu",
     multiple : int — the network's size multiple (``2**depth``)
     tile : int, optional — tile edge in voxels (a multiple of ``multiple``); whole-volume
         prediction when None or when the padded volume fits in one tile
-    overlap : float — tile overlap fraction in [0, 0.9]
+    overlap : float, optional — tile overlap fraction in [0, 0.9); None: the overlap that
+        makes the tiles exact (:func:`exact_overlap`) when the tile is large enough for it
+    max_voxels : int, optional — without ``tile``: the most voxels a tile may have; larger
+        volumes are tiled by :func:`plan_tiles` (exactly, when that fits)
     """
     xp, crop = pad_to_multiple(x, multiple)
-    if tile is None or all(n <= tile for n in xp.shape):
-        return _run(network, xp, device)[crop]
-    if tile % multiple:
-        raise ValueError(f"tile size {tile} must be a multiple of {multiple}")
-    if not 0.0 <= overlap < 0.9:
+    if overlap is not None and not 0.0 <= overlap < 0.9:
         raise ValueError(f"overlap must be within [0, 0.9), got {overlap}")
-    sizes = [min(tile, n) for n in xp.shape]
+    if tile is not None:
+        if all(n <= tile for n in xp.shape):
+            return _run(network, xp, device)[crop]
+        if tile % multiple:
+            raise ValueError(f"tile size {tile} must be a multiple of {multiple}")
+        plan = tiles_of_edge(xp.shape, tile, overlap,
+                             multiple, receptive_radius(network, multiple, device=device))
+    elif max_voxels is not None and math.prod(xp.shape) > max_voxels:
+        plan = plan_tiles(xp.shape, multiple, receptive_radius(network, multiple, device=device),
+                          max_voxels)
+    else:
+        return _run(network, xp, device)[crop]
+    return _run_tiles(network, xp, plan, device)[crop]
+
+
+def _run_tiles(network, xp: np.ndarray, plan: TilePlan, device) -> np.ndarray:
+    sizes, starts = plan.sizes, plan.starts
     out = np.zeros(xp.shape, np.float32)
     weight = np.zeros(xp.shape, np.float32)
-    starts = [tile_starts(n, s, overlap, multiple=multiple) for n, s in zip(xp.shape, sizes)]
-    weights = [blend_weights(s, st) for s, st in zip(sizes, starts)]
-    n_tiles = math.prod(len(s) for s in starts)
-    LOGGER.debug("tiled inference: %d tiles of %s over %s", n_tiles, sizes, xp.shape)
+    weights = [blend_weights(s, st, plan.radius) for s, st in zip(sizes, starts)]
+    LOGGER.info("tiled inference: %d tiles of %s over %s (receptive radius %s voxels; %s)",
+                plan.n_tiles, "x".join(map(str, sizes)), "x".join(map(str, xp.shape)),
+                plan.radius, "exact" if plan.exact else
+                "overlaps narrower than the receptive field: not exactly the whole-volume map")
     for i, wi in zip(starts[0], weights[0]):
         for j, wj in zip(starts[1], weights[1]):
             for k, wk in zip(starts[2], weights[2]):
@@ -143,12 +335,12 @@ def predict_normalised(network, x: np.ndarray, *, multiple: int, device="cpu",
                 window = np.einsum("i,j,k->ijk", wi, wj, wk).astype(np.float32)
                 out[sl] += _run(network, xp[sl], device) * window
                 weight[sl] += window
-    return (out / weight)[crop]
+    return out / weight
 
 
 def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *,
-                device="cpu", tile: int | None = None, overlap: float = 0.25,
-                optimise: bool = True) -> np.ndarray:
+                device="cpu", tile: int | None = None, overlap: float | None = None,
+                max_voxels: int | None = None, optimise: bool = True) -> np.ndarray:
     """χ (ppm) from a local field (ppm) already in the model's frame.
 
     Parameters
@@ -158,7 +350,7 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
     mask : (X, Y, Z) bool ndarray, optional — brain mask; the field is zeroed outside it and
         the output is masked (default: the nonzero voxels of the field)
     device : torch device the network lives on
-    tile, overlap : see :func:`predict_normalised`
+    tile, overlap, max_voxels : see :func:`predict_normalised`
     optimise : run a copy of the network with batch norm folded and channels-last layout
         (:func:`bids_qsmnet.inference.optimize.optimise_for_inference`); same map to ~1e-5
 
@@ -181,6 +373,6 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
 
         network = optimise_for_inference(network, device=device)
     y = predict_normalised(network, x, multiple=loaded.network.multiple, device=device,
-                           tile=tile, overlap=overlap)
+                           tile=tile, overlap=overlap, max_voxels=max_voxels)
     chi = y * norm["label_std"] + norm["label_mean"]
     return np.where(mask, chi, 0.0).astype(np.float32)

@@ -18,7 +18,7 @@ from nipype.utils.filemanip import fname_presuffix
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["run_qsmnet", "QSMnetInference", "fit_tile"]
+__all__ = ["run_qsmnet", "QSMnetInference", "tile_budget"]
 
 #: CPU bytes per voxel and first-level channel at the peak of a whole-volume forward pass
 #: (activations, skip connections, normalised copies): about 6 × 4 measured for the default
@@ -26,49 +26,44 @@ __all__ = ["run_qsmnet", "QSMnetInference", "fit_tile"]
 BYTES_PER_VOXEL_CHANNEL = 8 * 4
 
 
-def fit_tile(shape, *, channels: int, multiple: int, tile: int | None,
-             available: int | None) -> int | None:
-    """The tile edge that keeps CPU inference within half the available memory.
+def tile_budget(shape, *, channels: int, multiple: int,
+                available: int | None) -> int | None:
+    """The most voxels one network call may take to keep CPU inference within half the
+    available memory, or None when the whole volume fits (or memory is unknown).
 
     Parameters
     ----------
     shape : (3,) int — the field's grid, voxels
     channels : int — channels of the network's first level
     multiple : int — the network's size multiple (``2**depth``)
-    tile : int or None — the tile asked for (None: whole volume)
-    available : int or None — bytes of memory left (None: unknown, ``tile`` is kept)
-
-    Returns
-    -------
-    tile : int or None — ``tile`` when it fits (or memory is unknown), else the largest
-        multiple of ``multiple`` whose cube fits
+    available : int or None — bytes of memory left
 
     Raises
     ------
     MemoryError
-        when not even a tile of ``2 * multiple`` voxels fits.
+        when not even a tile of ``(2 · multiple)³`` voxels fits.
     """
     if available is None:
-        return tile
+        return None
     per_voxel = BYTES_PER_VOXEL_CHANNEL * int(channels)
     padded = [-(-int(n) // multiple) * multiple for n in shape]
-    edge = tile or max(padded)
-    need = int(np.prod([min(edge, n) for n in padded], dtype=np.int64)) * per_voxel
+    need = int(np.prod(padded, dtype=np.int64)) * per_voxel
     budget = available // 2  # the rest: the process itself, resampling, other nodes
     if need <= budget:
-        return tile
-    fit = int((budget / per_voxel) ** (1 / 3)) // multiple * multiple
-    if fit < 2 * multiple:
-        raise MemoryError(f"inference needs about {need / 2**30:.1f} GiB even in tiles of "
-                          f"{2 * multiple} voxels; {available / 2**30:.1f} GiB is available")
+        return None
+    max_voxels = int(budget // per_voxel)
+    if max_voxels < (2 * multiple) ** 3:
+        raise MemoryError(f"inference needs about {need / 2**30:.1f} GiB, and "
+                          f"{(2 * multiple) ** 3 * per_voxel / 2**30:.2f} GiB even in tiles of "
+                          f"{2 * multiple}³ voxels; {available / 2**30:.2f} GiB is available")
     LOGGER.warning("whole-volume inference of %s voxels needs about %.1f GiB, %.1f GiB is "
-                   "available: tiling with --tile %d", "x".join(map(str, shape)), need / 2**30,
-                   available / 2**30, fit)
-    return fit
+                   "available: tiling, at most %d voxels per tile", "x".join(map(str, shape)),
+                   need / 2**30, available / 2**30, max_voxels)
+    return max_voxels
 
 
 def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
-               device: str = "auto", tile: int | None = None, overlap: float = 0.25,
+               device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | None = None, dc_iterations: int | None = None,
                num_threads: int | None = None, newpath: str | None = None) -> tuple[str, dict]:
     """Predict χ (ppm) from a field (ppm) in the network frame and write it next to ``newpath``.
@@ -80,7 +75,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     model : model file, folder or shipped name (None: the shipped default)
     device : ``auto``, ``cpu`` or ``cuda[:N]``
     tile : tile edge in voxels for bounded-memory inference (None: whole volume)
-    overlap : tile overlap fraction
+    overlap : tile overlap fraction (None: the overlap that makes tiles exact, see
+        :mod:`bids_qsmnet.inference.predict`)
     dc_lambda : weight of the network prior in the data-consistency refinement
         (``‖M(Dχ − f)‖² + λ‖χ − χ_net‖²``); None: the model file's default, 0: no refinement
     dc_iterations : conjugate-gradient iterations of the refinement (None: model default / 30)
@@ -113,14 +109,17 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         LOGGER.warning("--tile %d is not a multiple of %d (2^depth of %s): using %d", tile,
                        multiple, loaded.spec.name, rounded)
         tile = rounded
-    if dev.type == "cpu":  # a GPU says "out of memory" itself; the CPU may be OOM-killed
-        try:
-            tile = fit_tile(field.shape, channels=loaded.spec.architecture["channels"][0],
-                            multiple=multiple, tile=tile, available=available_memory())
+    max_voxels = None
+    if dev.type == "cpu" and not tile:  # a GPU says "out of memory" itself; the CPU may be
+        try:                            # OOM-killed
+            max_voxels = tile_budget(field.shape, multiple=multiple,
+                                     channels=loaded.spec.architecture["channels"][0],
+                                     available=available_memory())
         except MemoryError as exc:
             raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
     try:
-        chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap)
+        chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap,
+                          max_voxels=max_voxels)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc).lower()
         if not isinstance(exc, MemoryError) and "out of memory" not in text \
@@ -160,7 +159,8 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
     use_cuda = traits.Bool(False, usedefault=True,
                            desc="schedule this node as a GPU job (MultiProc n_gpu_procs)")
     tile = traits.Int(desc="tile edge (voxels) for bounded-memory inference")
-    overlap = traits.Float(0.25, usedefault=True, desc="tile overlap fraction")
+    overlap = traits.Float(desc="tile overlap fraction (default: the overlap that makes "
+                                "tiles exact when the tile is large enough)")
     dc_lambda = traits.Float(desc="data-consistency prior weight (0: off; default: model's)")
     dc_iterations = traits.Int(desc="data-consistency CG iterations")
     num_threads = traits.Int(desc="torch CPU threads")
@@ -187,7 +187,7 @@ class QSMnetInference(SimpleInterface):
             return v if isdefined(v) else None
 
         out, info = run_qsmnet(i.in_file, i.mask_file, model=opt("model"), device=i.device,
-                               tile=opt("tile"), overlap=i.overlap, dc_lambda=opt("dc_lambda"),
+                               tile=opt("tile"), overlap=opt("overlap"), dc_lambda=opt("dc_lambda"),
                                dc_iterations=opt("dc_iterations"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)
         self._results.update(out_file=out, model_name=info["name"],

@@ -12,7 +12,7 @@ __all__ = ["init_qsmnet_wf"]
 
 
 def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int | None = None,
-                   overlap: float = 0.25, dc_lambda: float | None = None,
+                   overlap: float | None = None, dc_lambda: float | None = None,
                    target_voxel: float = 1.0, omp_nthreads: int = 1,
                    name: str = "qsmnet_wf"):
     """Build the inference workflow of one local field.
@@ -27,7 +27,7 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
     device : ``auto``, ``cpu`` or ``cuda[:N]``; with a GPU the inference node is marked
         ``use_cuda`` so that MultiProc's ``n_gpu_procs`` schedules it
     tile : tile edge (voxels) for bounded-memory inference (None: whole volume)
-    overlap : tile overlap fraction
+    overlap : tile overlap fraction (None: the overlap that makes tiles exact)
     dc_lambda : data-consistency prior weight (None: the model's default; 0: off)
     target_voxel : the network's voxel size, mm (should be the model's)
     omp_nthreads : CPU threads of the inference node
@@ -63,13 +63,15 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
     mask = pe.Node(BrainMask(), name="mask")
     to_frame = pe.Node(ToNetworkFrame(target_voxel=target_voxel), name="to_frame")
     inference = pe.Node(
-        QSMnetInference(device=device, overlap=overlap, num_threads=omp_nthreads,
+        QSMnetInference(device=device, num_threads=omp_nthreads,
                         use_cuda=device.startswith("cuda")),
         name="inference", n_procs=omp_nthreads)
     if model is not None:
         inference.inputs.model = str(model)
     if tile:
         inference.inputs.tile = int(tile)
+    if overlap is not None:
+        inference.inputs.overlap = float(overlap)
     if dc_lambda is not None:
         inference.inputs.dc_lambda = float(dc_lambda)
     from_frame = pe.Node(FromNetworkFrame(), name="from_frame")

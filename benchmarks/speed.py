@@ -393,6 +393,12 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         "convolutions, 2 per multiply-accumulate; training = 3 × forward).",
         "",
     ]
+    for u in meta.get("updates", []):
+        lines += [f"Rerun later with `{u['command']}` ({u['date']}): the {', '.join(u['benches'])} "
+                  "rows (each such run measures the machine's limit again when it includes "
+                  "`peak`, so ratios stay within one run).", ""]
+    lines += [
+    ]
     if peak:
         lines += ["## The machine's limit (dense fp32, same run)", "",
                   "| kernel | GFLOP/s |", "| --- | ---: |",
@@ -529,6 +535,9 @@ def main(argv=None) -> int:
                            help="hand-written notes appended to the markdown")
         if name == "all":
             s.add_argument("--only", nargs="+", default=None, help="run only these benches")
+            s.add_argument("--update", action="store_true",
+                           help="with --only: replace those benches' rows in the existing "
+                                "--json and keep the others")
     args = p.parse_args(argv)
     if args.cmd == "markdown":
         with open(args.json) as fh:
@@ -538,6 +547,19 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "all":
         rows = bench_all(args)
+        if args.update and args.only and os.path.exists(args.json):
+            with open(args.json) as fh:
+                old = json.load(fh)
+            meta = old["meta"]
+            meta["notes_file"] = args.notes
+            meta.setdefault("updates", []).append(
+                {"command": " ".join(sys.argv), "benches": list(args.only),
+                 "date": time.strftime("%Y-%m-%d")})
+            rows = [r for r in old["rows"] if r["bench"] not in args.only] + rows
+            with open(args.json, "w") as fh:
+                json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            write_markdown(meta, rows, args.md)
+            return 0
         meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
                 "python": platform.python_version(), "command": " ".join(sys.argv),
                 "notes_file": args.notes}

@@ -130,6 +130,8 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     use_cuda = traits.Bool(False, usedefault=True,
                            desc="schedule as a GPU job in MultiProc (n_gpu_procs)")
     amp = traits.Bool(False, usedefault=True, desc="bf16 autocast on CUDA")
+    channels_last = traits.Bool(True, usedefault=True,
+                                desc="channels-last 3-D layout (1.4-1.7x faster CPU steps)")
     num_threads = traits.Int(desc="torch CPU threads")
     val_fields = InputMultiObject(File(exists=True), desc="whole validation fields (ppm)")
     val_labels = InputMultiObject(File(exists=True), desc="validation χ labels (ppm)")
@@ -175,7 +177,8 @@ class TrainQSMnet(SimpleInterface):
             batch_size=i.batch_size, learning_rate=i.learning_rate, lr_decay=i.lr_decay,
             lr_decay_steps=i.lr_decay_steps, epochs=i.epochs, save_step=i.save_step,
             w_model=i.w_model, w_grad=i.w_grad, seed=i.seed, device=i.device, amp=i.amp,
-            val_every=i.val_every, max_steps=i.max_steps, resume=True,
+            channels_last=i.channels_last, val_every=i.val_every, max_steps=i.max_steps,
+            resume=True,
             threads=i.num_threads if isdefined(i.num_threads) else None)
         result = train(cfg, val)
         self._results.update(

@@ -17,7 +17,8 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
                      epochs: int = 25, learning_rate: float = 1e-3, save_step: int = 5,
                      val_every: int = 2, w_model: float = 5.0, w_grad: float = 0.1,
                      seed: int = 0, device: str = "auto", amp: bool = False,
-                     max_steps: int = 0, omp_nthreads: int = 1, with_validation: bool = True,
+                     channels_last: bool = True, max_steps: int = 0, omp_nthreads: int = 1,
+                     with_validation: bool = True,
                      name: str = "training_wf"):
     """Build the training workflow.
 
@@ -33,6 +34,8 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
     linearity_factor, sign_flip, b0_tilts : augmentation (see ExtractPatches)
     batch_size, epochs, learning_rate, save_step, val_every, w_model, w_grad, seed : training
     device, amp : ``auto``/``cpu``/``cuda``, bf16 autocast on CUDA
+    channels_last : channels-last 3-D layout (faster steps on CPU; same function, other
+        float rounding)
     max_steps : stop after this many steps (0: no limit)
     omp_nthreads : CPU threads of the training node
     with_validation : build the validation branch (the ``val_*`` inputs are ignored otherwise)
@@ -68,7 +71,8 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
                                 model_name=model_name or architecture, batch_size=batch_size,
                                 epochs=epochs, learning_rate=learning_rate, save_step=save_step,
                                 val_every=val_every, w_model=w_model, w_grad=w_grad, seed=seed,
-                                device=device, amp=amp, max_steps=max_steps,
+                                device=device, amp=amp, channels_last=channels_last,
+                                max_steps=max_steps,
                                 num_threads=omp_nthreads, use_cuda=device.startswith("cuda")),
                     name="train", n_procs=omp_nthreads)
     val_to_ppm = pe.MapNode(ConvertToPPM(), iterfield=["in_file", "units", "b0_strength",

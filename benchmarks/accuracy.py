@@ -200,6 +200,48 @@ def raw_cases(shape, quick: bool):
 # --------------------------------------------------------------------------- methods
 
 
+def case_sha(case) -> str:
+    """Fingerprint of a case's data (field, mask, truth, geometry): rows measured on another
+    fingerprint are never reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in ("field", "mask", "chi"):
+        h.update(np.ascontiguousarray(case[key], dtype=np.float32).tobytes())
+    h.update(repr((tuple(case["voxel_size"]), tuple(np.round(case["b0_dir"], 9)))).encode())
+    return h.hexdigest()[:16]
+
+
+def _is_baseline(method: str, model_name: str) -> bool:
+    return not method.startswith(model_name)
+
+
+def previous_baselines(path: str | None, args, toy_sha: str | None) -> dict:
+    """Baseline rows (TKD, L2, TV-ADMM, toy) of an earlier run to reuse, keyed by
+    (case, method kind), with that run's TV λ; empty without ``--reuse-baselines``."""
+    if not path:
+        return {}
+    with open(path) as fh:
+        prev = json.load(fh)
+    same = (prev.get("tuned_on") == args.tune_on and prev.get("brains", args.brains) ==
+            args.brains and list(prev.get("shape", args.shape)) == list(args.shape))
+    if not same:
+        raise SystemExit(f"{path} was made with other --brains/--shape/--tune-on settings")
+    model = prev.get("model_name", "default")
+    rows = {}
+    for r in prev["rows"]:
+        if not _is_baseline(r["method"], model):
+            continue
+        if r["method"].startswith("toy") and prev.get("toy_sha256") not in (None, toy_sha):
+            continue
+        rows[(r["case"], _short(r["method"]))] = r
+    if not any("case_sha" in r for r in rows.values()):
+        LOGGER.warning("%s holds no case fingerprints: its baseline rows are reused by case "
+                       "name (valid only if the case code is unchanged since it was made)", path)
+    return {"rows": rows, "tv_lambda": prev["tv_lambda"], "path": path,
+            "seconds": prev.get("seconds")}
+
+
 def run_model(loaded, case, *, dc_lambda, dc_iterations=30):
     from bids_qsmnet.inference.frame import from_frame, network_frame, to_frame
     from bids_qsmnet.inference.predict import predict_chi
@@ -290,6 +332,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tune-on", choices=["raw", "exact"], default="raw",
                    help="tuning brain for the λs: through the raw-GRE chain or exact field")
+    p.add_argument("--reuse-baselines", metavar="JSON", default=None,
+                   help="take the TKD, L2, TV-ADMM and toy rows (and the TV λ) from an "
+                        "earlier --out of the same settings, for cases whose data fingerprint "
+                        "matches; only the model rows are computed")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite --md from an existing --out JSON without running anything")
     args = p.parse_args(argv)
@@ -323,7 +369,13 @@ def main(argv=None) -> int:
         if args.tune_dc_only:
             print(json.dumps({"dc_lambda": dc_model, "table": dc_table}))
             return 0
-    tv_lam = tune(tcase, tv_admm, (1e-4, 3e-4, 1e-3, 3e-3), "lam", {"n_iter": 60})
+    reuse = previous_baselines(args.reuse_baselines, args,
+                               toy.sha256 if toy is not None else None)
+    if reuse:
+        tv_lam = reuse["tv_lambda"]
+        LOGGER.info("reusing the baseline rows and TV λ %g of %s", tv_lam, reuse["path"])
+    else:
+        tv_lam = tune(tcase, tv_admm, (1e-4, 3e-4, 1e-3, 3e-3), "lam", {"n_iter": 60})
 
     cases = synthetic_cases(args.brains, tuple(args.shape), args.quick)
     mni = mni_case()
@@ -333,8 +385,12 @@ def main(argv=None) -> int:
             cases.append(mni_case(deg=30))
     cases += raw_cases(tuple(args.shape), args.quick)
     rows = []
+    n_reused = 0
     for case in cases:
         LOGGER.info("case %s (noise %s ppm)", case["name"], f"{case['noise_ppm']:.4f}")
+        sha = case_sha(case)
+        old = {kind: r for (name, kind), r in (reuse.get("rows") or {}).items()
+               if name == case["name"] and r.get("case_sha", sha) == sha}
         methods = {}
         t = time.time()
         methods[f"{loaded.spec.name} + DC (λ={dc_model:g})"] = (
@@ -344,26 +400,47 @@ def main(argv=None) -> int:
             methods[f"{loaded.spec.name}, network only"] = (run_model(loaded, case,
                                                                       dc_lambda=0.0),
                                                             time.time() - t)
-        if toy is not None:
+        reused = []
+        if toy is not None and "toy" not in old:
             t = time.time()
             methods["toy (tutorial)"] = (run_model(toy, case, dc_lambda=0.0), time.time() - t)
-        t = time.time()
-        chi, thr = oracle(case, tkd, (0.06, 0.1, 0.14, 0.19, 0.25), param="threshold")
-        methods[f"TKD (oracle t={thr:g})"] = (chi, time.time() - t)
-        t = time.time()
-        chi, lam = oracle(case, closed_form_l2, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), param="lam")
-        methods[f"closed-form L2 (oracle λ={lam:g})"] = (chi, time.time() - t)
-        t = time.time()
-        methods[f"TV-ADMM (λ={tv_lam:g})"] = (
-            tv_admm(case["field"], case["mask"], voxel_size=case["voxel_size"],
-                    b0_dir=case["b0_dir"], lam=tv_lam, n_iter=60), time.time() - t)
+        elif toy is not None:
+            reused.append(old["toy"])
+        if "TKD*" in old:
+            reused.append(old["TKD*"])
+        else:
+            t = time.time()
+            chi, thr = oracle(case, tkd, (0.06, 0.1, 0.14, 0.19, 0.25), param="threshold")
+            methods[f"TKD (oracle t={thr:g})"] = (chi, time.time() - t)
+        if "L2*" in old:
+            reused.append(old["L2*"])
+        else:
+            t = time.time()
+            chi, lam = oracle(case, closed_form_l2, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), param="lam")
+            methods[f"closed-form L2 (oracle λ={lam:g})"] = (chi, time.time() - t)
+        if "TV-ADMM" in old:
+            reused.append(old["TV-ADMM"])
+        else:
+            t = time.time()
+            methods[f"TV-ADMM (λ={tv_lam:g})"] = (
+                tv_admm(case["field"], case["mask"], voxel_size=case["voxel_size"],
+                        b0_dir=case["b0_dir"], lam=tv_lam, n_iter=60), time.time() - t)
+        case_rows = [{**row, "case_sha": sha, "reused": True} for row in reused]
+        n_reused += len(reused)
         for name, (chi, secs) in methods.items():
             s = _scores(chi, case)
-            row = {"case": case["name"], "method": name, "seconds": round(secs, 1), **s}
-            rows.append(row)
+            row = {"case": case["name"], "method": name, "seconds": round(secs, 1),
+                   "case_sha": sha, **s}
+            case_rows.append(row)
             LOGGER.info("  %-32s NRMSE %5.1f  HFEN %5.1f  SSIM %.3f  %5.1f s", name,
                         s["nrmse"], s["hfen"], s["ssim"], secs)
+        order = ["model + DC", "network only", "toy", "TKD*", "L2*", "TV-ADMM"]
+        rows += sorted(case_rows, key=lambda r: order.index(_short(r["method"]))
+                       if _short(r["method"]) in order else len(order))
     result = {"command": "python " + " ".join(sys.argv), "model": str(loaded.path),
+              "model_name": loaded.spec.name, "brains": args.brains, "shape": list(args.shape),
+              "toy_sha256": toy.sha256 if toy is not None else None,
+              "baselines_from": reuse.get("path"), "rows_reused": n_reused,
               "tuned_on": args.tune_on,
               "model_sha256": loaded.sha256, "tv_lambda": tv_lam, "dc_lambda": dc_model,
               "dc_tuning": dc_table, "rows": rows, "machine": platform.processor() or
@@ -418,6 +495,13 @@ def write_markdown(result: dict, path: str) -> None:
         "means, ppb. Times: wall seconds on the 2-core CPU, indicative only (see "
         "docs/benchmarks.md for measured speed).",
         "",
+    ]
+    if result.get("baselines_from"):
+        lines += [f"The {result['rows_reused']} baseline rows marked ↺ (TKD, L2, TV-ADMM, toy: "
+                  "they do not depend on the default model) are taken from the earlier run "
+                  f"in `{result['baselines_from']}` for identical case data; only the default "
+                  "model's rows were computed by this command.", ""]
+    lines += [
         "## Summary: NRMSE % / HFEN % (lower is better)",
         "",
         "`*` oracle: best parameter per case chosen on the truth.",
@@ -431,7 +515,8 @@ def write_markdown(result: dict, path: str) -> None:
     ]
     for r in result["rows"]:
         gm = r.get("deep_gm_mae_ppb")
-        lines.append(f"| {r['case']} | {r['method']} | {r['nrmse']:.1f} | {r['hfen']:.1f} | "
+        mark = " ↺" if r.get("reused") else ""
+        lines.append(f"| {r['case']} | {r['method']}{mark} | {r['nrmse']:.1f} | {r['hfen']:.1f} | "
                      f"{r['ssim']:.3f} | {'' if gm is None else f'{gm:.1f}'} | "
                      f"{r['seconds']:.1f} |")
     with open(path, "w") as fh:

@@ -65,7 +65,8 @@ def tile_budget(shape, *, channels: int, multiple: int,
 def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | None = None, dc_iterations: int | None = None,
-               num_threads: int | None = None, newpath: str | None = None) -> tuple[str, dict]:
+               dc_edge_mm: float | None = None, num_threads: int | None = None,
+               newpath: str | None = None) -> tuple[str, dict]:
     """Predict χ (ppm) from a field (ppm) in the network frame and write it next to ``newpath``.
 
     Parameters
@@ -80,6 +81,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     dc_lambda : weight of the network prior in the data-consistency refinement
         (``‖M(Dχ − f)‖² + λ‖χ − χ_net‖²``); None: the model file's default, 0: no refinement
     dc_iterations : conjugate-gradient iterations of the refinement (None: model default / 30)
+    dc_edge_mm : width (mm) of the mask-edge ramp of the refinement's data weight (None:
+        model default / 0), see :mod:`bids_qsmnet.inference.refine`
     num_threads : torch CPU threads
 
     Returns
@@ -89,6 +92,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     """
     from ..device import select_device
     from ..inference.predict import predict_chi
+    from ..inference.refine import dc_settings, refine
     from ..io.nifti import available_memory, load_volume, save_volume
     from ..models.modelfile import load_model, resolve_model
     from ..physics.orientation import voxel_sizes_from_affine
@@ -131,22 +135,16 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         raise MemoryError(f"out of memory running the network on {dev} for the "
                           f"{'x'.join(map(str, field.shape))} field {os.path.basename(field_file)}"
                           f"; {advice}") from None
-    defaults = loaded.spec.inference or {}
-    lam = defaults.get("dc_lambda", 0.0) if dc_lambda is None else dc_lambda
-    n_iter = int(defaults.get("dc_iterations", 30) if dc_iterations is None else dc_iterations)
-    if lam and lam > 0 and n_iter > 0:
-        from ..physics.inversion import data_consistency
-
-        chi = data_consistency(chi, field, mask, lam=float(lam), n_iter=n_iter,
-                               voxel_size=voxel_sizes_from_affine(img.affine),
-                               b0_dir=loaded.spec.b0_dir, pad=8).astype(np.float32)
+    dc = dc_settings(loaded.spec.inference, lam=dc_lambda, n_iter=dc_iterations,
+                     edge_mm=dc_edge_mm)
+    chi = refine(chi, field, mask, dc, voxel_size=voxel_sizes_from_affine(img.affine),
+                 b0_dir=loaded.spec.b0_dir)
     out = fname_presuffix(field_file, suffix="_chi", newpath=newpath or os.getcwd(),
                           use_ext=False) + ".nii.gz"
     save_volume(chi, img, out)
     info = {"name": loaded.spec.name, "sha256": loaded.sha256, "path": str(loaded.path),
             "format_version": loaded.spec.format_version, "device": str(dev),
-            "data_consistency": {"lambda": float(lam or 0.0),
-                                 "iterations": n_iter if lam else 0}}
+            "data_consistency": dc.to_dict()}
     return out, info
 
 
@@ -163,6 +161,7 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
                                 "tiles exact when the tile is large enough)")
     dc_lambda = traits.Float(desc="data-consistency prior weight (0: off; default: model's)")
     dc_iterations = traits.Int(desc="data-consistency CG iterations")
+    dc_edge_mm = traits.Float(desc="data-consistency mask-edge ramp, mm (default: model's)")
     num_threads = traits.Int(desc="torch CPU threads")
 
 
@@ -189,6 +188,7 @@ class QSMnetInference(SimpleInterface):
         out, info = run_qsmnet(i.in_file, i.mask_file, model=opt("model"), device=i.device,
                                tile=opt("tile"), overlap=opt("overlap"), dc_lambda=opt("dc_lambda"),
                                dc_iterations=opt("dc_iterations"),
+                               dc_edge_mm=opt("dc_edge_mm"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)
         self._results.update(out_file=out, model_name=info["name"],
                              model_sha256=info["sha256"], model_info=info)

@@ -1,11 +1,12 @@
 """Copy a trained checkpoint into the package as the shipped default model.
 
     python scripts/ship_default_model.py runs/default/train/model_epoch-006.safetensors \
-        --dc-lambda 0.1
+        --dc-lambda 0.3 --dc-edge-mm 6
 
 The weights and normalisation are taken unchanged; the model is renamed ``default`` and its
-``inference`` section gets the data-consistency weight chosen on a held-out tuning brain
-(``benchmarks/accuracy.py --tune-dc``).  The sha256 of the source file is recorded.
+``inference`` section gets the data-consistency weight and the mask-edge ramp of its data
+term chosen on a held-out tuning brain (``benchmarks/accuracy.py --tune-dc-only``; see
+``bids_qsmnet/inference/refine.py``).  The sha256 of the source file is recorded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("source", help="trained model file (from the default recipe)")
     p.add_argument("--dc-lambda", type=float, required=True)
     p.add_argument("--dc-iterations", type=int, default=30)
+    p.add_argument("--dc-edge-mm", type=float, default=0.0,
+                   help="mask-edge ramp (mm) of the refinement's data weight")
     p.add_argument("--note", default="", help="free text recorded in training.shipping_note")
     args = p.parse_args(argv)
 
@@ -35,7 +38,7 @@ def main(argv=None) -> int:
     spec = dataclasses.replace(
         src.spec, name="default", training=training,
         inference={**(src.spec.inference or {}), "dc_lambda": args.dc_lambda,
-                   "dc_iterations": args.dc_iterations})
+                   "dc_iterations": args.dc_iterations, "dc_edge_mm": args.dc_edge_mm})
     dest = shipped_models_dir() / "default.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_model(dest, src.network, spec)

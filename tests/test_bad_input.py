@@ -434,6 +434,19 @@ def _(ds, tmp, model, volumes):
     }
 
 
+@case("group-level-device-cuda-without-gpu")
+def _(ds, tmp, model, volumes):
+    """Training refuses the absent device before extracting any patch."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    argv = _argv(ds, tmp / "out", tmp / "work", "toy", "--device", "cuda")
+    argv[argv.index("participant")] = "group"
+    return {"argv": argv, "code": 1, "file": "--device cuda",
+            "says": ["no CUDA GPU is available", "--device cpu"]}
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_one_line_nonzero_exit_no_partial_output(
     name, ds, tmp_path, model, volumes, capsys

@@ -246,6 +246,28 @@ def test_filter_file_overrides_the_default_query(tmp_path):
         )
 
 
+@pytest.mark.parametrize(("content", "says"), [
+    ({"localfield": {"suffix": "localfield", "return_type": "id"}}, "return_type is not a BIDS"),
+    ({"mask": [{"desc": "brain", "target": "subject"}]}, "target is not a BIDS entity"),
+    ({"localfield": {"desc": {"$ne": "x"}}}, "the value of 'desc' must be"),
+    ({"localfield": {"run": [1, [2]]}}, "the value of 'run' must be"),
+])
+def test_a_filter_file_holds_entities_only(tmp_path, content, says):
+    """pybids query keywords (return_type, target, …) would change what discovery returns,
+    not which files: one clear error names the file instead of a traceback later."""
+    flt = tmp_path / "filters.json"
+    flt.write_text(json.dumps(content))
+    with pytest.raises(DiscoveryError, match=says) as err:
+        load_filter_file(flt)
+    assert str(flt) in str(err.value)
+
+
+def test_a_filter_file_may_use_null_numbers_and_lists(tmp_path):
+    flt = tmp_path / "filters.json"
+    flt.write_text(json.dumps({"localfield": {"desc": None, "run": [1, 2], "echo": 1}}))
+    assert load_filter_file(flt)["localfield"] == [{"desc": None, "run": [1, 2], "echo": 1}]
+
+
 def test_a_broad_filter_never_takes_a_label_or_mask_for_a_field(tmp_path):
     root = make_dataset(tmp_path / "ds", derivative=True)
     add_volume(root, "sub-01/anat/sub-01_localfield.nii.gz", PPM)

@@ -115,6 +115,15 @@ def test_field_strength_needed_or_given(raw):
     assert run_settings(run, b0_strength=7.0)["b0_strength"] == 7.0
 
 
+@pytest.mark.parametrize("value", [True, "3T", [3.0], 300.0, 0])
+def test_field_strength_must_be_one_number_in_tesla(raw, value):
+    """``true`` is not 1 T, and neither a string nor a list is a field strength."""
+    _megre(raw, tes=TES, field_strength=value)
+    run, = collect_runs(build_layout(raw), "01")
+    with pytest.raises(SettingsError, match="MagneticFieldStrength"):
+        run_settings(run)
+
+
 def test_without_magnitude_a_mask_is_needed(raw):
     _megre(raw, tes=TES, mag=False)
     run, = collect_runs(build_layout(raw), "01")

@@ -163,8 +163,27 @@ def load_filter_file(path: str | os.PathLike) -> dict[str, list[dict]]:
         filters = value if isinstance(value, list) else [value]
         if not filters or not all(isinstance(f, dict) for f in filters):
             raise DiscoveryError(f"{path}: {kind!r} must be a filter object or a list of them")
+        for f in filters:
+            control = sorted(set(f) & _PYBIDS_CONTROL_KEYS)
+            if control:
+                raise DiscoveryError(f"{path}: {kind!r}: {', '.join(control)} is not a BIDS "
+                                     "entity; a filter holds entities only (e.g. acquisition, "
+                                     "run, echo)")
+            for key, v in f.items():
+                values = v if isinstance(v, list) else [v]
+                if not all(x is None or isinstance(x, (str, int, float)) for x in values):
+                    raise DiscoveryError(f"{path}: {kind!r}: the value of {key!r} must be a "
+                                         f"string, a number, null or a list of them, got {v!r}")
         out[kind] = filters
     return out
+
+
+#: keywords of ``BIDSLayout.get`` that are not entities: a filter file may not set them (they
+#: would change what the query returns, not which files)
+_PYBIDS_CONTROL_KEYS = frozenset({
+    "return_type", "target", "scope", "regex_search", "absolute_paths", "invalid_filters",
+    "drop_invalid_filters", "index_metadata", "return_types",
+})
 
 
 def build_layout(bids_dir: str | os.PathLike, *, database_dir: str | None = None,

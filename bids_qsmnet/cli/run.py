@@ -401,6 +401,7 @@ def build_group_workflow(opts, layout):
     import numpy as np
 
     from ..bids.discovery import DiscoveryError, collect_runs
+    from ..device import DeviceError, select_device
     from ..models.registry import list_architectures
     from ..workflows.base import SettingsError, run_settings
     from ..workflows.training import init_training_wf
@@ -409,6 +410,10 @@ def build_group_workflow(opts, layout):
     if arch not in list_architectures():
         raise CLIError(f"--model {arch!r}: group level trains an architecture; choose one of "
                        + ", ".join(list_architectures()))
+    try:  # refused before any patch is extracted, not in the training node
+        select_device(opts.device)
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
     runs = []
     for subject in _subjects(layout, opts.participant_label):
         try:

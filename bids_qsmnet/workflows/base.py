@@ -82,6 +82,8 @@ def _sidecar_b0_dir(path: str, meta: dict):
 
 def _raw_settings(run: FieldRun, *, b0_strength: float | None) -> dict:
     """Echo times, field strength and B0 direction of a raw GRE run (one sidecar per echo)."""
+    from ..physics.units import check_field_strength
+
     tes = []
     for echo in run.echoes:
         te = echo.echo_time
@@ -100,12 +102,10 @@ def _raw_settings(run: FieldRun, *, b0_strength: float | None) -> dict:
     if b0 is None:
         raise SettingsError(f"{run.field}: raw GRE phase needs MagneticFieldStrength (tesla) in "
                             "the sidecar; give it with --b0-strength")
-    try:
-        b0 = float(b0)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r} is not a number") from None
-    if not (0 < b0 < 30):
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0} T is out of range")
+    try:  # the same check as for local fields: one real number (not true/false), in tesla
+        b0 = check_field_strength(b0)
+    except ValueError as exc:
+        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
     missing = [e.phase for e in run.echoes if e.magnitude is None]
     if missing and run.mask is None:
         raise SettingsError(f"{missing[0]}: no magnitude image for this echo and no brain mask: "

@@ -1,17 +1,17 @@
 """The recipe of the shipped default model: synthetic training data → patches → training.
 
-One seeded command trains the shipped model (11 epochs)::
+One seeded command trains the shipped model (12 epochs)::
 
     python -m bids_qsmnet.training.default_recipe --out-dir runs/default
 
 and ``--resume`` continues an interrupted run (the patch store is reused when the recipe is
 unchanged, and training resumes from ``runs/default/train/checkpoint.pt``).  The shipped
-weights ran epochs 1-6 in the contiguous layout and 7-11 channels-last (1.7x faster on the CPU;
+weights ran epochs 1-6 in the contiguous layout and 7-12 channels-last (1.7x faster on the CPU;
 same function, other float rounding); to reproduce them bit for bit::
 
     python -m bids_qsmnet.training.default_recipe --out-dir runs/default --epochs 6 \
         --no-channels-last
-    python -m bids_qsmnet.training.default_recipe --out-dir runs/default --resume --epochs 11
+    python -m bids_qsmnet.training.default_recipe --out-dir runs/default --resume --epochs 12
 
 Training data (why each choice: ``MODEL_CARD.md`` and the field's lessons)
 --------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class Recipe:
     learning_rate: float = 1e-3
     lr_decay: float = 0.9
     lr_decay_steps: int = 300
-    epochs: int = 11
+    epochs: int = 12
     w_model: float = 5.0
     w_grad: float = 0.1
     dc_lambda: float = 0.0

@@ -7,7 +7,7 @@ One seeded command trains the shipped model (12 epochs)::
 and ``--resume`` continues an interrupted run (the patch store is reused when the recipe is
 unchanged, and training resumes from ``runs/default/train/checkpoint.pt``).  The shipped
 weights ran epochs 1-6 in the contiguous layout and 7-12 channels-last (1.7x faster on the CPU;
-same function, other float rounding); to reproduce them bit for bit::
+same function, other float rounding); to reproduce them (same torch build, 2 threads)::
 
     python -m bids_qsmnet.training.default_recipe --out-dir runs/default --epochs 6 \
         --no-channels-last

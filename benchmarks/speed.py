@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -97,15 +96,11 @@ def _input(args):
 
 def _plan_label(network, multiple, padded, args) -> str | None:
     """How ``predict_normalised`` tiles ``padded`` under these options (None: whole volume)."""
-    from bids_qsmnet.inference.predict import plan_tiles, receptive_radius, tiles_of_edge
+    from bids_qsmnet.inference.predict import choose_tiles
 
-    if args.tile and any(n > args.tile for n in padded):
-        plan = tiles_of_edge(padded, args.tile, args.overlap, multiple,
-                             receptive_radius(network, multiple))
-    elif args.max_voxels and math.prod(padded) > args.max_voxels:
-        plan = plan_tiles(padded, multiple, receptive_radius(network, multiple),
-                          args.max_voxels)
-    else:
+    plan = choose_tiles(network, padded, multiple, tile=args.tile, overlap=args.overlap,
+                        max_voxels=args.max_voxels)
+    if plan is None:
         return None
     return (f"{plan.n_tiles} × {'×'.join(map(str, plan.sizes))}"
             f"{' exact' if plan.exact else ''}")
@@ -156,18 +151,18 @@ def bench_tiling(args) -> dict:
     from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
     from bids_qsmnet.inference.optimize import optimise_for_inference
     from bids_qsmnet.inference.predict import (
+        choose_tiles,
         pad_to_multiple,
-        plan_tiles,
         predict_chi,
         receptive_radius,
-        tiles_of_edge,
     )
     from bids_qsmnet.models.modelfile import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model(None))
     multiple = loaded.network.multiple
-    radius = receptive_radius(optimise_for_inference(loaded.network), multiple)
+    net = optimise_for_inference(loaded.network)  # what predict_chi runs
+    radius = receptive_radius(net, multiple)
     ph = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(7))
     field = simulate_local_field(ph.chi, ph.mask, noise_std=0.0)
     padded = pad_to_multiple(field, multiple)[0].shape
@@ -175,16 +170,13 @@ def bench_tiling(args) -> dict:
     whole = predict_chi(loaded, field, ph.mask)
     rows = {"whole volume": {"seconds": round(time.perf_counter() - t0, 2), "tiles": "1",
                              "max_abs_ppm": 0.0, "p99_abs_ppm": 0.0}}
-    configs = []
-    for tile in args.tiles:
-        for ov in args.overlaps:
-            overlap = None if ov == "exact" else float(ov)
-            plan = tiles_of_edge(padded, tile, overlap, multiple, radius)
-            configs.append((f"{tile}³, overlap {ov}", plan, {"tile": tile, "overlap": overlap}))
-    for budget in args.budgets:
-        plan = plan_tiles(padded, multiple, radius, budget)
-        configs.append((f"planner, ≤ {budget:,} voxels", plan, {"max_voxels": budget}))
-    for label, plan, kw in configs:
+    configs = [(f"{tile}³, overlap {ov}",
+                {"tile": tile, "overlap": None if ov == "exact" else float(ov)})
+               for tile in args.tiles for ov in args.overlaps]
+    configs += [(f"planner, ≤ {budget:,} voxels", {"max_voxels": budget})
+                for budget in args.budgets]
+    for label, kw in configs:
+        plan = choose_tiles(net, padded, multiple, **kw)
         t0 = time.perf_counter()
         tiled = predict_chi(loaded, field, ph.mask, **kw)
         dt = time.perf_counter() - t0

@@ -30,7 +30,7 @@ LOGGER = logging.getLogger(__name__)
 
 __all__ = [
     "pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_weights",
-    "receptive_radius", "TilePlan", "plan_tiles", "tiles_of_edge",
+    "receptive_radius", "TilePlan", "plan_tiles", "tiles_of_edge", "choose_tiles",
 ]
 
 
@@ -235,14 +235,14 @@ def plan_tiles(shape: Sequence[int], multiple: int, radius: int | None,
     best = None
     if overlap is not None:
         per_axis = [_axis_options(n, multiple, overlap) for n in shape]
+        max_computed = MAX_RECOMPUTE * math.prod(shape)
         for combo in product(*per_axis):
             sizes = tuple(c[0] for c in combo)
-            if math.prod(sizes) > max_voxels:
-                continue
+            tile_voxels = math.prod(sizes)
             n_tiles = math.prod(len(c[1]) for c in combo)
-            if n_tiles * math.prod(sizes) > MAX_RECOMPUTE * math.prod(shape):
+            if tile_voxels > max_voxels or n_tiles * tile_voxels > max_computed:
                 continue
-            key = (n_tiles * math.prod(sizes), n_tiles)
+            key = (n_tiles * tile_voxels, n_tiles)
             if best is None or key < best[0]:
                 best = (key, TilePlan(sizes, tuple(tuple(c[1]) for c in combo), radius, True))
     if best is not None:
@@ -276,6 +276,25 @@ def tiles_of_edge(shape: Sequence[int], tile: int, overlap: float | None, multip
     return TilePlan(sizes, tuple(starts), radius, exact)
 
 
+def choose_tiles(network, shape: Sequence[int], multiple: int, *, tile: int | None = None,
+                 overlap: float | None = None, max_voxels: int | None = None,
+                 device="cpu") -> TilePlan | None:
+    """How :func:`predict_normalised` tiles a padded volume of ``shape`` (None: whole volume):
+    cubic tiles of edge ``tile`` when given, else the :func:`plan_tiles` plan when the volume
+    exceeds ``max_voxels``."""
+    if tile is not None:
+        if all(n <= tile for n in shape):
+            return None
+        if tile % multiple:
+            raise ValueError(f"tile size {tile} must be a multiple of {multiple}")
+        return tiles_of_edge(shape, tile, overlap, multiple,
+                             receptive_radius(network, multiple, device=device))
+    if max_voxels is not None and math.prod(shape) > max_voxels:
+        return plan_tiles(shape, multiple, receptive_radius(network, multiple, device=device),
+                          max_voxels)
+    return None
+
+
 def _run(network, x: np.ndarray, device) -> np.ndarray:
     import torch
 
@@ -304,17 +323,9 @@ def predict_normalised(network, x: np.ndarray, *, multiple: int, device="cpu",
     xp, crop = pad_to_multiple(x, multiple)
     if overlap is not None and not 0.0 <= overlap < 0.9:
         raise ValueError(f"overlap must be within [0, 0.9), got {overlap}")
-    if tile is not None:
-        if all(n <= tile for n in xp.shape):
-            return _run(network, xp, device)[crop]
-        if tile % multiple:
-            raise ValueError(f"tile size {tile} must be a multiple of {multiple}")
-        plan = tiles_of_edge(xp.shape, tile, overlap,
-                             multiple, receptive_radius(network, multiple, device=device))
-    elif max_voxels is not None and math.prod(xp.shape) > max_voxels:
-        plan = plan_tiles(xp.shape, multiple, receptive_radius(network, multiple, device=device),
-                          max_voxels)
-    else:
+    plan = choose_tiles(network, xp.shape, multiple, tile=tile, overlap=overlap,
+                        max_voxels=max_voxels, device=device)
+    if plan is None:
         return _run(network, xp, device)[crop]
     return _run_tiles(network, xp, plan, device)[crop]
 

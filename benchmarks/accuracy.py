@@ -191,9 +191,12 @@ def raw_cases(shape, quick: bool):
                       [TEST_SEED, 0, 5000])]
     mni = None if quick else mni_case()
     if mni is not None:
-        brain = mni["chi"] != 0
-        cases.append(raw_case("MNI152 raw GRE → V-SHARP", mni["chi"], brain, mni["labels"],
-                              mni["label_names"], [TEST_SEED, 5001]))
+        # a field of view with room for the head around the brain (the MNI crop leaves 6 mm,
+        # and the template's brainstem reaches its lower edge): 16 voxels more on every side
+        pad = lambda a: np.pad(a, 16)  # noqa: E731
+        brain = pad(mni["mask"] & (mni["chi"] != 0))
+        cases.append(raw_case("MNI152 raw GRE → V-SHARP", pad(mni["chi"]), brain,
+                              pad(mni["labels"]), mni["label_names"], [TEST_SEED, 5001]))
     return cases
 
 
@@ -242,7 +245,7 @@ def previous_baselines(path: str | None, args, toy_sha: str | None) -> dict:
             "seconds": prev.get("seconds")}
 
 
-def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0):
+def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0, dc_highpass_mm=0.0):
     from bids_qsmnet.inference.frame import from_frame, network_frame, to_frame
     from bids_qsmnet.inference.predict import predict_chi
     from bids_qsmnet.inference.refine import DCSettings, refine
@@ -253,7 +256,7 @@ def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0):
     m = to_frame(case["mask"].astype(np.float32), frame, order=1) > 0.5
     chi = predict_chi(loaded, np.where(m, f, 0), m)
     # the app's refinement (interfaces/inference.py), in the network frame (1 mm, B0 along z)
-    chi = refine(chi, f, m, DCSettings(dc_lambda, dc_iterations, dc_edge_mm),
+    chi = refine(chi, f, m, DCSettings(dc_lambda, dc_iterations, dc_edge_mm, dc_highpass_mm),
                  voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
     return np.where(case["mask"], from_frame(chi, frame, order=3), 0)
 
@@ -302,15 +305,16 @@ def tune(case, fn, grid, param, extra=None):
     return min(res)[1]
 
 
-def tune_dc(loaded, case, grid, edge_mm):
+def tune_dc(loaded, case, grid, edge_mm, highpass_mm=0.0):
     from bids_qsmnet.metrics import nrmse
 
     res = []
     for lam in grid:
-        chi = run_model(loaded, case, dc_lambda=lam, dc_edge_mm=edge_mm)
+        chi = run_model(loaded, case, dc_lambda=lam, dc_edge_mm=edge_mm,
+                        dc_highpass_mm=highpass_mm)
         res.append((nrmse(chi, case["chi"], case["mask"], demean=True), lam))
-        LOGGER.info("tuning data consistency (edge %g mm): λ=%g → NRMSE %.1f %%", edge_mm, lam,
-                    res[-1][0])
+        LOGGER.info("tuning data consistency (edge %g mm, high-pass %g mm): λ=%g → NRMSE "
+                    "%.1f %%", edge_mm, highpass_mm, lam, res[-1][0])
     return min(res)[1], res
 
 
@@ -333,6 +337,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dc-edge-mm", type=float, default=None,
                    help="mask-edge ramp of the refinement's data weight (default: model's)")
+    p.add_argument("--dc-highpass-mm", type=float, default=None,
+                   help="SMV high-pass radius of the refinement's data term (default: model's)")
+    p.add_argument("--dc-grid", type=float, nargs="+", default=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0),
+                   help="λ values tried by --tune-dc / --tune-dc-only")
     p.add_argument("--tune-on", choices=["raw", "exact"], default="raw",
                    help="tuning brain for the λs: through the raw-GRE chain or exact field")
     p.add_argument("--reuse-baselines", metavar="JSON", default=None,
@@ -361,6 +369,8 @@ def main(argv=None) -> int:
     dc_model = float((loaded.spec.inference or {}).get("dc_lambda", 0.0))
     dc_edge = float((loaded.spec.inference or {}).get("dc_edge_mm", 0.0)
                     if args.dc_edge_mm is None else args.dc_edge_mm)
+    dc_hp = float((loaded.spec.inference or {}).get("dc_highpass_mm", 0.0)
+                  if args.dc_highpass_mm is None else args.dc_highpass_mm)
 
     tp = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(TUNE_SEED))
     if args.tune_on == "raw":
@@ -370,9 +380,10 @@ def main(argv=None) -> int:
                       (0, 0, 1), 20, TUNE_SEED)
     dc_table = None
     if args.tune_dc or args.tune_dc_only:
-        dc_model, dc_table = tune_dc(loaded, tcase, (0.0, 0.01, 0.03, 0.1, 0.3, 1.0), dc_edge)
+        dc_model, dc_table = tune_dc(loaded, tcase, tuple(args.dc_grid), dc_edge, dc_hp)
         if args.tune_dc_only:
-            print(json.dumps({"dc_lambda": dc_model, "dc_edge_mm": dc_edge, "table": dc_table}))
+            print(json.dumps({"dc_lambda": dc_model, "dc_edge_mm": dc_edge,
+                              "dc_highpass_mm": dc_hp, "table": dc_table}))
             return 0
     reuse = previous_baselines(args.reuse_baselines, args,
                                toy.sha256 if toy is not None else None)
@@ -398,8 +409,10 @@ def main(argv=None) -> int:
                if name == case["name"] and r.get("case_sha", sha) == sha}
         methods = {}
         t = time.time()
-        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm)"] = (
-            run_model(loaded, case, dc_lambda=dc_model, dc_edge_mm=dc_edge), time.time() - t)
+        hp = f", high-pass {dc_hp:g} mm" if dc_hp else ""
+        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm{hp})"] = (
+            run_model(loaded, case, dc_lambda=dc_model, dc_edge_mm=dc_edge,
+                      dc_highpass_mm=dc_hp), time.time() - t)
         if dc_model:
             t = time.time()
             methods[f"{loaded.spec.name}, network only"] = (run_model(loaded, case,
@@ -448,7 +461,7 @@ def main(argv=None) -> int:
               "baselines_from": reuse.get("path"), "rows_reused": n_reused,
               "tuned_on": args.tune_on,
               "model_sha256": loaded.sha256, "tv_lambda": tv_lam, "dc_lambda": dc_model,
-              "dc_edge_mm": dc_edge,
+              "dc_edge_mm": dc_edge, "dc_highpass_mm": dc_hp,
               "dc_tuning": dc_table, "rows": rows, "machine": platform.processor() or
               platform.machine(), "torch_threads": torch.get_num_threads(),
               "seconds": round(time.time() - t_start)}
@@ -488,7 +501,9 @@ def write_markdown(result: dict, path: str) -> None:
         f"Command: `{result['command']}`  ",
         f"Model: `{os.path.basename(result['model'])}` (sha256 `{result['model_sha256'][:16]}…`),"
         f" data-consistency λ = {result['dc_lambda']:g} (data weight ramped over "
-        f"{result.get('dc_edge_mm', 0):g} mm from the mask edge); TV-ADMM λ = "
+        f"{result.get('dc_edge_mm', 0):g} mm from the mask edge"
+        + (f"; fields compared after a {result['dc_highpass_mm']:g} mm SMV high-pass"
+           if result.get("dc_highpass_mm") else "") + "); TV-ADMM λ = "
         f"{result['tv_lambda']:g}"
         " (both tuned once on a separate brain"
         + (" through the raw-GRE chain, i.e. on a measured-like local field"

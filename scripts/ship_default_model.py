@@ -1,11 +1,12 @@
 """Copy a trained checkpoint into the package as the shipped default model.
 
     python scripts/ship_default_model.py runs/default/train/model_epoch-006.safetensors \
-        --dc-lambda 0.3 --dc-edge-mm 6
+        --dc-lambda 0.3 --dc-edge-mm 6 --dc-highpass-mm 4
 
 The weights and normalisation are taken unchanged; the model is renamed ``default`` and its
-``inference`` section gets the data-consistency weight and the mask-edge ramp of its data
-term chosen on a held-out tuning brain (``benchmarks/accuracy.py --tune-dc-only``; see
+``inference`` section gets the data-consistency weight, the mask-edge ramp of its data term
+and the radius of the data term's spherical-mean-value high-pass, chosen on a held-out
+tuning brain (``benchmarks/accuracy.py --tune-dc-only``; see
 ``bids_qsmnet/inference/refine.py``).  The sha256 of the source file is recorded.
 """
 
@@ -24,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--dc-iterations", type=int, default=30)
     p.add_argument("--dc-edge-mm", type=float, default=0.0,
                    help="mask-edge ramp (mm) of the refinement's data weight")
+    p.add_argument("--dc-highpass-mm", type=float, default=0.0,
+                   help="SMV high-pass radius (mm) of the refinement's data term (0: none)")
     p.add_argument("--note", default="", help="free text recorded in training.shipping_note")
     args = p.parse_args(argv)
 
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     spec = dataclasses.replace(
         src.spec, name="default", training=training,
         inference={**(src.spec.inference or {}), "dc_lambda": args.dc_lambda,
-                   "dc_iterations": args.dc_iterations, "dc_edge_mm": args.dc_edge_mm})
+                   "dc_iterations": args.dc_iterations, "dc_edge_mm": args.dc_edge_mm,
+                   "dc_highpass_mm": args.dc_highpass_mm})
     dest = shipped_models_dir() / "default.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_model(dest, src.network, spec)

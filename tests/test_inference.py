@@ -311,4 +311,5 @@ def test_cpu_inference_is_deterministic(tmp_path, lite_model):
     with open(lite_model, "rb") as fh:
         assert info["sha256"] == hashlib.sha256(fh.read()).hexdigest()
     assert info["name"] == "test-lite" and info["device"] == "cpu"
-    assert info["data_consistency"] == {"lambda": 0.0, "iterations": 0, "edge_mm": 0.0}
+    assert info["data_consistency"] == {"lambda": 0.0, "iterations": 0, "edge_mm": 0.0,
+                                        "highpass_mm": 0.0}

@@ -307,3 +307,38 @@ def test_resume_after_crash_following_validation(
     assert rows == [("train", s) for s in (1, 2, 3, 4)] + [("val", 4)] + [
         ("train", s) for s in (5, 6, 7, 8)
     ] + [("val", 8)]
+
+
+def test_fine_tuning_starts_from_the_init_model(tmp_path, trained, small_store):
+    """``init_model``: the run starts from that file's weights and keeps its normalisation
+    (the network's units), not the patch store's; another architecture is refused."""
+    import dataclasses
+
+    from bids_qsmnet.models.modelfile import Normalization, save_model
+
+    out, _, result = trained
+    init = load_model(result.model_path)
+    # an init model whose units differ from the store's: fine-tuning must keep them
+    own = Normalization(**{**dataclasses.asdict(init.spec.normalization),
+                           "input_std": 2.0 * init.spec.normalization.input_std})
+    init_path = save_model(tmp_path / "init.safetensors", init.network,
+                           dataclasses.replace(init.spec, normalization=own))
+    tuned = train(_config(small_store, tmp_path / "ft", init_model=str(init_path),
+                          learning_rate=1e-30, max_steps=1, val_every=0))
+    loaded = load_model(tuned.model_path)
+    assert loaded.spec.normalization == own
+    assert dataclasses.asdict(own) != small_store.normalization
+    assert loaded.spec.training["init_model"] == "init.safetensors"
+    # one step of 1e-30: the init weights (batch-norm running statistics move regardless)
+    start = dict(init.network.named_parameters())
+    for k, v in loaded.network.named_parameters():
+        torch.testing.assert_close(v, start[k], rtol=0, atol=1e-20)
+    # without init_model the same seed starts elsewhere
+    fresh = load_model(train(_config(small_store, tmp_path / "fresh", learning_rate=1e-30,
+                                     max_steps=1, val_every=0)).model_path)
+    assert any(not torch.allclose(v, start[k], rtol=0, atol=1e-3)
+               for k, v in fresh.network.named_parameters())
+    other = {**architecture_config("toy"), "channels": [2, 2]}
+    with pytest.raises(ValueError, match="architecture differs"):
+        train(_config(small_store, tmp_path / "bad", architecture=other,
+                      init_model=str(init_path)))

@@ -13,8 +13,15 @@ streaks and rims into χ.  ``W`` rises linearly with the distance from the outsi
 from ``floor`` at the boundary voxels to 1 at ``edge_mm`` millimetres inside
 (:func:`edge_weights`); ``edge_mm = 0`` gives the plain binary mask.
 
+With ``highpass_mm = r > 0`` both fields are high-passed by ``δ − S_r`` (the spherical mean
+value over ``r`` mm, as in SHARP) before they are compared, on the voxels whose sphere fits
+in the mask: a residual background field is harmonic inside the brain and vanishes under
+that operator, so the refinement restores the detail the field holds without fitting what
+background removal left behind.
+
 A model file's ``inference`` section holds the defaults (``dc_lambda``, ``dc_iterations``,
-``dc_edge_mm``), chosen on a held-out tuning brain (``benchmarks/accuracy.py --tune-dc``).
+``dc_edge_mm``, ``dc_highpass_mm``), chosen on a held-out tuning brain
+(``benchmarks/accuracy.py --tune-dc``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ EDGE_FLOOR = 0.05
 
 @dataclass(frozen=True)
 class DCSettings:
-    """The refinement's settings: prior weight λ (0: no refinement), CG iterations, and the
-    width (mm) of the mask-edge ramp of the data weight (0: binary mask)."""
+    """The refinement's settings: prior weight λ (0: no refinement), CG iterations, the
+    width (mm) of the mask-edge ramp of the data weight (0: binary mask), and the radius (mm)
+    of the data term's spherical-mean-value high-pass (0: none)."""
 
     lam: float = 0.0
     n_iter: int = 30
     edge_mm: float = 0.0
+    highpass_mm: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -45,20 +54,23 @@ class DCSettings:
 
     def to_dict(self) -> dict:
         return {"lambda": float(self.lam), "iterations": int(self.n_iter) if self.active else 0,
-                "edge_mm": float(self.edge_mm) if self.active else 0.0}
+                "edge_mm": float(self.edge_mm) if self.active else 0.0,
+                "highpass_mm": float(self.highpass_mm) if self.active else 0.0}
 
 
 def dc_settings(defaults: Mapping | None, *, lam: float | None = None,
-                n_iter: int | None = None, edge_mm: float | None = None) -> DCSettings:
+                n_iter: int | None = None, edge_mm: float | None = None,
+                highpass_mm: float | None = None) -> DCSettings:
     """The settings to use: explicit values where given, else the model file's defaults."""
     d = dict(defaults or {})
     lam = float(d.get("dc_lambda", 0.0) if lam is None else lam)
     n_iter = int(d.get("dc_iterations", 30) if n_iter is None else n_iter)
     edge_mm = float(d.get("dc_edge_mm", 0.0) if edge_mm is None else edge_mm)
-    if lam < 0 or n_iter < 0 or edge_mm < 0:
+    highpass_mm = float(d.get("dc_highpass_mm", 0.0) if highpass_mm is None else highpass_mm)
+    if lam < 0 or n_iter < 0 or edge_mm < 0 or highpass_mm < 0:
         raise ValueError(f"data-consistency settings must be non-negative (λ {lam}, "
-                         f"iterations {n_iter}, edge {edge_mm} mm)")
-    return DCSettings(lam, n_iter, edge_mm)
+                         f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm)")
+    return DCSettings(lam, n_iter, edge_mm, highpass_mm)
 
 
 def edge_weights(mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), *,
@@ -88,5 +100,6 @@ def refine(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, settings: DCSet
 
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
     out = data_consistency(chi, np.where(mask, field, 0.0), w, lam=settings.lam,
-                           n_iter=settings.n_iter, voxel_size=voxel_size, b0_dir=b0_dir, pad=8)
+                           n_iter=settings.n_iter, voxel_size=voxel_size, b0_dir=b0_dir, pad=8,
+                           highpass_mm=settings.highpass_mm)
     return out.astype(np.float32)

@@ -65,7 +65,8 @@ def tile_budget(shape, *, channels: int, multiple: int,
 def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | None = None, dc_iterations: int | None = None,
-               dc_edge_mm: float | None = None, num_threads: int | None = None,
+               dc_edge_mm: float | None = None, dc_highpass_mm: float | None = None,
+               num_threads: int | None = None,
                newpath: str | None = None) -> tuple[str, dict]:
     """Predict χ (ppm) from a field (ppm) in the network frame and write it next to ``newpath``.
 
@@ -83,6 +84,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     dc_iterations : conjugate-gradient iterations of the refinement (None: model default / 30)
     dc_edge_mm : width (mm) of the mask-edge ramp of the refinement's data weight (None:
         model default / 0), see :mod:`bids_qsmnet.inference.refine`
+    dc_highpass_mm : radius (mm) of the spherical-mean-value high-pass of the refinement's
+        data term (None: model default / 0: fields compared as they are)
     num_threads : torch CPU threads
 
     Returns
@@ -136,7 +139,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                           f"{'x'.join(map(str, field.shape))} field {os.path.basename(field_file)}"
                           f"; {advice}") from None
     dc = dc_settings(loaded.spec.inference, lam=dc_lambda, n_iter=dc_iterations,
-                     edge_mm=dc_edge_mm)
+                     edge_mm=dc_edge_mm, highpass_mm=dc_highpass_mm)
     chi = refine(chi, field, mask, dc, voxel_size=voxel_sizes_from_affine(img.affine),
                  b0_dir=loaded.spec.b0_dir)
     out = fname_presuffix(field_file, suffix="_chi", newpath=newpath or os.getcwd(),
@@ -162,6 +165,8 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
     dc_lambda = traits.Float(desc="data-consistency prior weight (0: off; default: model's)")
     dc_iterations = traits.Int(desc="data-consistency CG iterations")
     dc_edge_mm = traits.Float(desc="data-consistency mask-edge ramp, mm (default: model's)")
+    dc_highpass_mm = traits.Float(desc="data-consistency SMV high-pass radius, mm "
+                                       "(default: model's)")
     num_threads = traits.Int(desc="torch CPU threads")
 
 
@@ -189,6 +194,7 @@ class QSMnetInference(SimpleInterface):
                                tile=opt("tile"), overlap=opt("overlap"), dc_lambda=opt("dc_lambda"),
                                dc_iterations=opt("dc_iterations"),
                                dc_edge_mm=opt("dc_edge_mm"),
+                               dc_highpass_mm=opt("dc_highpass_mm"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)
         self._results.update(out_file=out, model_name=info["name"],
                              model_sha256=info["sha256"], model_info=info)

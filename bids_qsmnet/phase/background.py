@@ -34,7 +34,7 @@ import scipy.fft
 
 from bids_qsmnet.physics.dipole import dipole_kernel, forward_field, normalise_b0_dir
 
-__all__ = ["BackgroundRemoval", "vsharp", "pdf", "default_vsharp_radii"]
+__all__ = ["BackgroundRemoval", "vsharp", "pdf", "default_vsharp_radii", "smv_kernel"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,47 @@ def _second_difference_k(shape: tuple[int, ...]) -> list[np.ndarray]:
     return out
 
 
+def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float, *,
+               real: bool = False) -> np.ndarray:
+    """Spectrum ``Ŝ_r(k)`` of the normalised spherical-mean-value kernel on a periodic grid.
+
+    The kernel averages the voxels whose centres lie within ``radius_mm`` of the centre
+    (weights summing to one); on anisotropic grids a ``[1, −2, 1]`` stencil along each axis
+    raises every second moment ``M_ii`` to the largest, so that ``(δ − S_r) ⊛ b = 0`` holds for
+    harmonic ``b`` to second order (see :func:`vsharp`).  The kernel is symmetric, so its
+    spectrum is real.
+
+    Parameters
+    ----------
+    shape : (3,) int — grid (FFT order; the kernel wraps around the origin)
+    voxel_size : (3,) float — mm
+    radius_mm : float — at least the largest voxel edge
+    real : bool — return the ``rfftn`` half-spectrum instead of the full ``fftn`` grid
+
+    Returns
+    -------
+    (X, Y, Z) or (X, Y, Z//2+1) float64 ndarray — ``Ŝ_r``, 1 at k = 0
+    """
+    vs = _check_voxel_size(voxel_size)
+    r = float(_check_radii([radius_mm], vs)[0])
+    shape = tuple(int(n) for n in shape)
+    off2 = _offsets_sq_mm(shape, vs)
+    d2 = off2[0] + off2[1] + off2[2]
+    sphere = d2 <= r * r * (1.0 + 1e-9)
+    count = int(sphere.sum())
+    moments = [float(np.sum(sphere * o2)) / count for o2 in off2]
+    fft = scipy.fft.rfftn if real else scipy.fft.fftn
+    out = fft(sphere / count).real
+    diff_k = _second_difference_k(shape) if real else [
+        _axis_view(2.0 * np.cos(2.0 * np.pi * np.arange(n) / n) - 2.0, axis)
+        for axis, n in enumerate(shape)]
+    for mom, h, sd_k in zip(moments, vs, diff_k):
+        alpha = (max(moments) - mom) / (2.0 * h * h)
+        if alpha > 0:
+            out = out + alpha * sd_k
+    return out
+
+
 def vsharp(
     total_field: np.ndarray,
     mask: np.ndarray,
@@ -276,7 +317,6 @@ def vsharp(
     mask_k = rfft(to_padded(m.astype(np.float64)))
     off2 = _offsets_sq_mm(padded, vs)
     d2 = off2[0] + off2[1] + off2[2]
-    second_diff_k = _second_difference_k(padded)
 
     highpass = np.zeros(shape, dtype=np.float64)
     filled = np.zeros(shape, dtype=bool)  # voxels already given a larger radius's value
@@ -290,13 +330,8 @@ def vsharp(
         # Match the second moments: with anisotropic voxels the voxelised sphere is not
         # isotropic, and (δ − S) ⊛ b ≈ −½ Σ M_ii ∂_i² b is then not zero for harmonic b.
         # Adding α_i·[1, −2, 1] along axis i raises M_ii by 2 α_i h_i² without changing the
-        # weights' sum or the support, so every M_ii equals the largest.
-        moments = [float(np.sum(sphere * o2)) / count for o2 in off2]
-        smv_k = sphere_k.copy()
-        for mom, h, sd_k in zip(moments, vs, second_diff_k):
-            alpha = (max(moments) - mom) / (2.0 * h * h)
-            if alpha > 0:
-                smv_k += alpha * sd_k
+        # weights' sum or the support, so every M_ii equals the largest (smv_kernel).
+        smv_k = smv_kernel(padded, vs, r, real=True)
         if deconv_kernel is None:
             deconv_kernel = 1.0 - smv_k  # largest radius: used for the deconvolution
         # Voxels whose whole sphere lies in the mask: the mean of the mask over the sphere is 1

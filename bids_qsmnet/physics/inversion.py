@@ -427,6 +427,7 @@ def data_consistency(
     voxel_size: _Vec3 = (1.0, 1.0, 1.0),
     b0_dir: _Vec3 = (0.0, 0.0, 1.0),
     pad: int = 0,
+    highpass_mm: float = 0.0,
 ) -> np.ndarray:
     """Refine a susceptibility map towards the measured field by conjugate gradients.
 
@@ -445,6 +446,11 @@ def data_consistency(
     voxel_size : (3,) float — mm
     b0_dir : (3,) float — main-field direction in voxel space
     pad : int — zero voxels added on every side (outside the region); cropped afterwards
+    highpass_mm : float — 0: the data term compares fields; ``r > 0``: it compares their
+        spherical-mean-value high-passes ``H = δ − S_r`` (radius ``r`` mm, see
+        :func:`bids_qsmnet.phase.background.smv_kernel`), on the voxels whose sphere lies in
+        the region — blind to any harmonic field, such as the residual background a
+        background-field removal leaves
 
     Returns
     -------
@@ -458,8 +464,12 @@ def data_consistency(
 
     by conjugate gradients on the normal equations
     ``(S D W² D S + λ S) χ = S D W² f + λ S χ₀`` (``D ∗`` is self-adjoint), starting from
-    ``S χ₀``.  The operator is symmetric positive definite on the region for ``λ > 0``, so
-    every iteration lowers ``J`` of the returned map; the data residual
+    ``S χ₀``.  With ``highpass_mm = r`` the data term is ``‖W E (H ∗ (D ∗ χ − f))‖²`` with
+    ``E`` the region eroded by the sphere: by the mean-value property ``H ∗ b = 0`` on ``E`` for
+    every field ``b`` harmonic in the region, so a residual background in ``f`` does not pull
+    on ``χ``; ``1 − Ŝ_r(k) ≈ (2π|k|r)²/10`` weakens the data's low spatial frequencies, which
+    then stay closer to ``χ₀``.  The operator is symmetric positive definite on the region
+    for ``λ > 0``, so every iteration lowers ``J`` of the returned map; the data residual
     ``‖W (D ∗ χ − f)‖`` is tracked without extra FFTs and logged at DEBUG level.  Restricting
     ``χ`` to the region (as a masked network output is) means the field inside cannot be
     explained by sources outside it.  Each iteration costs two FFT pairs.  Components the
@@ -484,11 +494,25 @@ def data_consistency(
     tol = _check_positive(tol, "tol", allow_zero=True)
     p = _check_pad(pad)
 
+    hp = _check_positive(highpass_mm, "highpass_mm", allow_zero=True)
+
     w2 = _pad(w, p) ** 2
     support = w2 > 0
     f_p = _pad(f, p)
     x = _pad(x0, p) * support  # a new array: updated in place below
     D = dipole_kernel(f_p.shape, voxel_size, b0_dir)
+    if hp > 0:
+        from ..phase.background import smv_kernel
+
+        S = smv_kernel(f_p.shape, voxel_size, hp)
+        # voxels whose whole sphere lies in the region: the kernel's weights sum to 1 and
+        # each is at least 1/(voxels in the sphere) > 1e-6, far above the FFT's rounding
+        inside = _conv(support.astype(np.float64), S) > 1.0 - 1e-6
+        w2 = w2 * (inside & support)
+        if not w2.any():
+            raise ValueError(f"the region is too thin for a {hp:g} mm sphere (highpass_mm)")
+        f_p = _conv(f_p * support, 1.0 - S)
+        D = D * (1.0 - S)
 
     Dx = _conv(x, D)
     r = _conv(w2 * (f_p - Dx), D) * support  # b - A x0 (the prior term vanishes at S x0)

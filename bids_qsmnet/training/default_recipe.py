@@ -82,6 +82,19 @@ class Recipe:
     #: same function, different float rounding (epochs 1-6 of the shipped model ran without)
     channels_last: bool = True
     n_validation: int = 1
+    # ---- stage 2: fine-tuning for smoothness and texture variety (see the module docstring)
+    ft_seed: int = 20261126
+    ft_brains: int = 30
+    ft_sources: int = 30
+    #: probability and range (mm, Gaussian σ) of blurring a volume's χ before simulating it
+    p_blur: float = 0.6
+    blur_sigma_mm: tuple = (0.4, 2.0)
+    #: probability, amplitude (ppm, std) and length scale (mm) of a smooth χ texture
+    p_texture: float = 0.5
+    texture_ppm: tuple = (0.004, 0.015)
+    texture_mm: tuple = (2.0, 10.0)
+    ft_epochs: int = 4
+    ft_learning_rate: float = 3e-4
     extra: dict = field(default_factory=dict)
 
     def data_hash(self) -> str:
@@ -89,6 +102,14 @@ class Recipe:
                 "noise_ppm", "background_ppm", "p_background", "p_linearity",
                 "linearity_range", "patch_size", "max_stride", "min_mask_fraction")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def finetune_hash(self) -> str:
+        """Hash of everything that determines the stage-2 patch store."""
+        keys = ("ft_seed", "ft_brains", "ft_sources", "p_blur", "blur_sigma_mm", "p_texture",
+                "texture_ppm", "texture_mm")
+        blob = json.dumps({"stage1": self.data_hash(), **{k: getattr(self, k) for k in keys}},
+                          sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,11 +131,47 @@ def _ellipsoid_mask(shape, rng) -> np.ndarray:
     return sum(((gi - c) / r) ** 2 for gi, c, r in zip(g, centre, radii)) <= 1.0
 
 
-def _make_pair(chi, mask, rng, recipe: Recipe, name: str):
-    """Observed local field and label for one phantom (see the module docstring)."""
+def smooth_variety(chi, mask, rng, recipe: Recipe, *, voxel_size=(1.0, 1.0, 1.0)):
+    """Stage 2's augmentation of a phantom's χ (ppm): with probability ``p_texture`` a smooth
+    Gaussian random texture (std ``texture_ppm``, correlation length ``texture_mm``) is added
+    inside the mask, and with probability ``p_blur`` the map is blurred by a Gaussian of
+    ``blur_sigma_mm`` (partial volume, smooth tissue boundaries; a normalised convolution
+    that averages brain voxels only).  The field is simulated from
+    the result afterwards, so label and field stay exactly consistent.  Returns
+    ``(chi, info)``."""
+    from scipy import ndimage as ndi
+
+    from ..data.synthetic import _noise_field
+
+    info = {}
+    chi = np.where(mask, chi, 0).astype(np.float32)
+    if rng.uniform() < recipe.p_texture:
+        amp = float(rng.uniform(*recipe.texture_ppm))
+        length = float(rng.uniform(*recipe.texture_mm))
+        tex = _noise_field(chi.shape, voxel_size, rng, length)
+        chi = np.where(mask, chi + np.float32(amp) * tex, 0).astype(np.float32)
+        info.update(texture_ppm=round(amp, 4), texture_mm=round(length, 2))
+    if rng.uniform() < recipe.p_blur:
+        sigma = float(rng.uniform(*recipe.blur_sigma_mm))
+        # normalised convolution: the blur averages brain voxels only, so χ does not fade
+        # towards the mask's edge
+        sig = [sigma / v for v in voxel_size]
+        weight = ndi.gaussian_filter(mask.astype(np.float32), sig, mode="constant")
+        chi = ndi.gaussian_filter(chi, sig, mode="constant") / np.maximum(weight, 1e-3)
+        chi = np.where(mask, chi, 0).astype(np.float32)
+        info["blur_mm"] = round(sigma, 2)
+    return chi, info
+
+
+def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = False):
+    """Observed local field and label for one phantom (see the module docstring); with
+    ``variety`` (stage 2) :func:`smooth_variety` first."""
     from ..data.synthetic import erode_mask, simulate_local_field
     from .patches import TrainingVolume
 
+    extra = {}
+    if variety:
+        chi, extra = smooth_variety(chi, mask, rng, recipe)
     chi = np.where(mask, chi, 0).astype(np.float32)
     if rng.uniform() < recipe.p_linearity:
         factor = rng.uniform(*recipe.linearity_range)
@@ -129,78 +186,123 @@ def _make_pair(chi, mask, rng, recipe: Recipe, name: str):
     field = np.where(observed, field, 0).astype(np.float32)
     label = np.where(observed, chi, 0).astype(np.float32)
     return TrainingVolume(field, label, observed, subject=name,
-                          sources={"noise_ppm": round(noise, 6), "erosion": k})
+                          sources={"noise_ppm": round(noise, 6), "erosion": k, **extra})
 
 
-def training_volumes(recipe: Recipe):
-    """Yield the recipe's training volumes one at a time (brains, then source phantoms)."""
+def training_volumes(recipe: Recipe, *, stage: int = 1):
+    """Yield the recipe's training volumes one at a time (brains, then source phantoms):
+    stage 1's, or stage 2's (other seeds, with :func:`smooth_variety`)."""
     from ..data.synthetic import make_brain_phantom, make_source_phantom
 
-    root = np.random.SeedSequence(recipe.seed)
-    seeds = root.spawn(recipe.n_brains + recipe.n_sources)
-    for i in range(recipe.n_brains):
+    if stage == 1:
+        seed, n_brains, n_sources, prefix = recipe.seed, recipe.n_brains, recipe.n_sources, ""
+    else:
+        seed, n_brains, n_sources = recipe.ft_seed, recipe.ft_brains, recipe.ft_sources
+        prefix = "ft-"
+    root = np.random.SeedSequence(seed)
+    seeds = root.spawn(n_brains + n_sources)
+    for i in range(n_brains):
         rng = np.random.default_rng(seeds[i])
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
-        yield _make_pair(ph.chi, ph.mask, rng, recipe, f"brain-{i:03d}")
-    for j in range(recipe.n_sources):
-        rng = np.random.default_rng(seeds[recipe.n_brains + j])
+        yield _make_pair(ph.chi, ph.mask, rng, recipe, f"{prefix}brain-{i:03d}",
+                         variety=stage == 2)
+    for j in range(n_sources):
+        rng = np.random.default_rng(seeds[n_brains + j])
         ph = make_source_phantom(recipe.source_shape, rng=rng)
         mask = _ellipsoid_mask(recipe.source_shape, rng) if rng.uniform() < 0.5 else ph.mask
-        yield _make_pair(ph.chi, mask, rng, recipe, f"sources-{j:03d}")
+        yield _make_pair(ph.chi, mask, rng, recipe, f"{prefix}sources-{j:03d}",
+                         variety=stage == 2)
 
 
-def validation_volumes(recipe: Recipe):
-    """Whole held-out brains (seeds disjoint from training) for validation during training."""
+def validation_volumes(recipe: Recipe, *, stage: int = 1):
+    """Whole held-out brains (seeds disjoint from training) for validation during training;
+    stage 2 adds a smooth copy of each (blurred by 1.2 mm, with a 0.01 ppm texture)."""
+    from dataclasses import replace
+
     from ..data.synthetic import make_brain_phantom
     from .trainer import ValidationVolume
 
     out = []
+    smooth = replace(recipe, p_blur=1.0, blur_sigma_mm=(1.2, 1.2), p_texture=1.0,
+                     texture_ppm=(0.01, 0.01), texture_mm=(5.0, 5.0))
     for i in range(recipe.n_validation):
         rng = np.random.default_rng([recipe.seed, 999_000 + i])
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
         pair = _make_pair(ph.chi, ph.mask, rng, recipe, f"val-{i}")
         out.append(ValidationVolume(pair.subject, pair.field, pair.chi, pair.mask))
+        if stage == 2:
+            rng = np.random.default_rng([recipe.seed, 999_500 + i])
+            pair = _make_pair(ph.chi, ph.mask, rng, smooth, f"val-{i}-smooth", variety=True)
+            out.append(ValidationVolume(pair.subject, pair.field, pair.chi, pair.mask))
     return out
 
 
-def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
-               threads: int | None = None, device: str = "cpu") -> str:
-    """Make (or reuse) the patch store, then train; returns the model path."""
+def _patch_store(path: str, volumes, recipe: Recipe, what: str):
     from .patches import extract_patches, read_store_info
+
+    try:
+        info = read_store_info(path)
+        LOGGER.info("reusing the patch store %s (%d patches)", path, info.n_patches)
+    except (ValueError, FileNotFoundError, OSError):
+        LOGGER.info("generating %s → %s", what, path)
+        info = extract_patches(volumes, path, patch_size=recipe.patch_size,
+                               max_stride=recipe.max_stride,
+                               min_mask_fraction=recipe.min_mask_fraction, progress=True)
+    return info
+
+
+def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
+               threads: int | None = None, device: str = "cpu",
+               stages: tuple = (1, 2)) -> str:
+    """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train`` and
+    fine-tune it (stage 2) into ``out_dir/finetune``; returns the last stage's model path."""
     from .trainer import TrainingConfig, train
 
     os.makedirs(out_dir, exist_ok=True)
-    store = os.path.join(out_dir, f"patches-{recipe.data_hash()}.h5")
-    try:
-        info = read_store_info(store)
-        LOGGER.info("reusing the patch store %s (%d patches)", store, info.n_patches)
-    except (ValueError, FileNotFoundError, OSError):
-        LOGGER.info("generating %d brain and %d source phantoms → %s", recipe.n_brains,
-                    recipe.n_sources, store)
-        info = extract_patches(training_volumes(recipe), store, patch_size=recipe.patch_size,
-                               max_stride=recipe.max_stride,
-                               min_mask_fraction=recipe.min_mask_fraction, progress=True)
     with open(os.path.join(out_dir, "recipe.json"), "w") as fh:
         json.dump(asdict(recipe), fh, indent=2, default=list)
-    cfg = TrainingConfig(
-        patches=store, out_dir=os.path.join(out_dir, "train"), architecture=recipe.architecture,
-        name="default", batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-        lr_decay=recipe.lr_decay, lr_decay_steps=recipe.lr_decay_steps, epochs=recipe.epochs,
-        save_step=1, w_model=recipe.w_model, w_grad=recipe.w_grad, seed=recipe.seed,
-        device=device, channels_last=recipe.channels_last, val_every=1,
-        checkpoint_every_steps=100, resume=resume,
-        max_steps=max_steps, threads=threads, log_every=10,
-        training_info={"recipe": asdict(recipe),
-                       "command": "python -m bids_qsmnet.training.default_recipe "
-                                  + " ".join(sys.argv[1:]),
-                       "data": "synthetic brain-like and random-source phantoms "
-                               "(bids_qsmnet.data.synthetic), see MODEL_CARD.md"},
-        inference_defaults={"dc_lambda": recipe.dc_lambda,
-                            "dc_iterations": recipe.dc_iterations})
-    t0 = time.time()
-    result = train(cfg, validation_volumes(recipe))
-    LOGGER.info("default-model training took %.0f s this run", time.time() - t0)
-    return result.model_path
+    common = dict(architecture=recipe.architecture, name="default",
+                  batch_size=recipe.batch_size, lr_decay=recipe.lr_decay,
+                  lr_decay_steps=recipe.lr_decay_steps, save_step=1, w_model=recipe.w_model,
+                  w_grad=recipe.w_grad, seed=recipe.seed, device=device,
+                  channels_last=recipe.channels_last, val_every=1,
+                  checkpoint_every_steps=100, resume=resume, max_steps=max_steps,
+                  threads=threads, log_every=10,
+                  inference_defaults={"dc_lambda": recipe.dc_lambda,
+                                      "dc_iterations": recipe.dc_iterations})
+    info = {"recipe": asdict(recipe),
+            "command": "python -m bids_qsmnet.training.default_recipe " + " ".join(sys.argv[1:]),
+            "data": "synthetic brain-like and random-source phantoms "
+                    "(bids_qsmnet.data.synthetic), see MODEL_CARD.md"}
+    stage1_model = os.path.join(out_dir, "train", f"model_epoch-{recipe.epochs:03d}.safetensors")
+    model_path = stage1_model
+    if 1 in stages:
+        store = os.path.join(out_dir, f"patches-{recipe.data_hash()}.h5")
+        _patch_store(store, training_volumes(recipe), recipe,
+                     f"{recipe.n_brains} brain and {recipe.n_sources} source phantoms")
+        cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "train"),
+                             learning_rate=recipe.learning_rate, epochs=recipe.epochs,
+                             training_info={**info, "stage": 1}, **common)
+        t0 = time.time()
+        model_path = train(cfg, validation_volumes(recipe)).model_path
+        LOGGER.info("stage 1 (%d epochs) took %.0f s this run", recipe.epochs, time.time() - t0)
+    if 2 in stages:
+        if not os.path.exists(stage1_model):
+            raise FileNotFoundError(f"stage 2 starts from stage 1's {stage1_model}, which "
+                                    "does not exist: run stage 1 first")
+        store = os.path.join(out_dir, f"patches-ft-{recipe.finetune_hash()}.h5")
+        _patch_store(store, training_volumes(recipe, stage=2), recipe,
+                     f"{recipe.ft_brains} brain and {recipe.ft_sources} source phantoms with "
+                     "smoothness and texture variety")
+        cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "finetune"),
+                             learning_rate=recipe.ft_learning_rate, epochs=recipe.ft_epochs,
+                             init_model=stage1_model, training_info={**info, "stage": 2},
+                             **common)
+        t0 = time.time()
+        model_path = train(cfg, validation_volumes(recipe, stage=2)).model_path
+        LOGGER.info("stage 2 (%d epochs) took %.0f s this run", recipe.ft_epochs,
+                    time.time() - t0)
+    return model_path
 
 
 def main(argv=None) -> int:
@@ -209,7 +311,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="runs/default")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the recipe's stage-1 epochs")
+    p.add_argument("--ft-epochs", type=int, default=None,
+                   help="override the recipe's stage-2 (fine-tuning) epochs")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None,
+                   help="run only this stage (default: both, stage 1 then stage 2)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-channels-last", action="store_true",
@@ -220,10 +327,13 @@ def main(argv=None) -> int:
     recipe = Recipe()
     if args.epochs:
         recipe.epochs = args.epochs
+    if args.ft_epochs:
+        recipe.ft_epochs = args.ft_epochs
     if args.no_channels_last:
         recipe.channels_last = False
     print(run_recipe(args.out_dir, recipe, resume=args.resume, max_steps=args.max_steps,
-                     threads=args.threads, device=args.device))
+                     threads=args.threads, device=args.device,
+                     stages=(args.stage,) if args.stage else (1, 2)))
     return 0
 
 

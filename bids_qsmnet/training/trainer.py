@@ -31,6 +31,7 @@ removed when the next run takes the folder's lock.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -100,6 +101,10 @@ class TrainingConfig:
     threads : torch CPU threads (None: torch's default)
     training_info : free-form provenance copied into the model file (data recipe, command)
     inference_defaults : copied into the model file's ``inference`` section
+    init_model : a model file to start from (fine-tuning): its weights replace the seeded
+        initialisation and its normalisation constants replace the patch store's (the network
+        learned its units with them); its architecture must be ``architecture``'s.  Ignored
+        when a checkpoint is resumed (the checkpoint already holds the fine-tuned weights).
     """
 
     patches: str
@@ -128,6 +133,7 @@ class TrainingConfig:
     threads: int | None = None
     training_info: dict = field(default_factory=dict)
     inference_defaults: dict = field(default_factory=dict)
+    init_model: str | None = None
 
     def validate(self) -> None:
         for name in ("batch_size", "epochs", "save_step", "lr_decay_steps", "log_every"):
@@ -301,6 +307,18 @@ def _architecture_config(arch):
         raise ValueError(f"invalid network config {arch!r}: {exc}") from None
 
 
+def _load_init_model(path: str, arch_config: dict):
+    """The model file fine-tuning starts from, checked against the run's architecture."""
+    from ..models.modelfile import load_model
+
+    loaded = load_model(path)
+    if json.dumps(loaded.spec.architecture, sort_keys=True) != \
+            json.dumps(arch_config, sort_keys=True):
+        raise ValueError(f"{path}: the initial model's architecture differs from the one "
+                         "being trained; fine-tune with the same architecture")
+    return loaded
+
+
 def _make_spec(cfg: TrainingConfig, arch_config: dict, normalization: dict, extra: dict):
     from ..models.modelfile import ModelSpec
 
@@ -312,6 +330,8 @@ def _make_spec(cfg: TrainingConfig, arch_config: dict, normalization: dict, extr
         "epochs": cfg.epochs, "w_model": cfg.w_model, "w_grad": cfg.w_grad, "seed": cfg.seed,
         **cfg.training_info, **extra,
     }
+    if cfg.init_model:
+        training["init_model"] = os.path.basename(cfg.init_model)
     return ModelSpec(name=cfg.name, architecture=arch_config,
                      normalization={k: float(v) for k, v in normalization.items()},
                      voxel_size=[1.0, 1.0, 1.0], b0_dir=[0.0, 0.0, 1.0],
@@ -463,13 +483,21 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
     log_path = os.path.join(out_dir, "training_log.csv")
     model_path = os.path.join(out_dir, "model.safetensors")
 
-    dataset = PatchDataset(cfg.patches)
+    arch_config = _architecture_config(cfg.architecture)
+    init = _load_init_model(cfg.init_model, arch_config) if cfg.init_model else None
+    dataset = PatchDataset(cfg.patches, normalization=None if init is None
+                           else dataclasses.asdict(init.spec.normalization))
     norm = dataset.normalization
     n = len(dataset)
-    arch_config = _architecture_config(cfg.architecture)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
-    network = build_network(arch_config).to(device)
+    network = build_network(arch_config)
+    if init is not None:
+        network.load_state_dict(init.network.state_dict())
+        if is_main:
+            LOGGER.info("starting from the weights and normalisation of %s (sha256 %s…)",
+                        cfg.init_model, init.sha256[:16])
+    network = network.to(device)
     if cfg.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)

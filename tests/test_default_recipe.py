@@ -1,0 +1,97 @@
+"""The default model's recipe: stage-2 smoothness/texture variety and the stores' hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bids_qsmnet.data.synthetic import simulate_local_field
+from bids_qsmnet.training.default_recipe import (
+    Recipe,
+    _make_pair,
+    smooth_variety,
+    validation_volumes,
+)
+
+
+def _ball(shape=(40, 44, 36), radius=14.0):
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij", sparse=True)
+    return sum(x * x for x in g) <= radius**2
+
+
+def test_blur_keeps_a_uniform_map_uniform_up_to_the_mask_edge():
+    """Normalised convolution: blurring a constant χ inside the mask changes nothing (a plain
+    Gaussian would fade it towards the zero outside)."""
+    mask = _ball()
+    chi = np.where(mask, 0.05, 0.0).astype(np.float32)
+    recipe = dataclasses.replace(Recipe(), p_blur=1.0, blur_sigma_mm=(2.0, 2.0), p_texture=0.0)
+    out, info = smooth_variety(chi, mask, np.random.default_rng(0), recipe)
+    assert info == {"blur_mm": 2.0}
+    np.testing.assert_allclose(out[mask], 0.05, rtol=1e-5)
+    assert not out[~mask].any()
+
+
+def test_blur_smooths_an_edge_by_the_requested_width():
+    """A step between two halves of the mask becomes an erf of width σ: 84 % of the step one σ
+    into the high side (σ = 1.5 mm on 0.75 mm voxels: 2 voxels)."""
+    mask = np.ones((24, 24, 48), bool)
+    chi = np.zeros(mask.shape, np.float32)
+    chi[:, :, 24:] = 0.1
+    recipe = dataclasses.replace(Recipe(), p_blur=1.0, blur_sigma_mm=(1.5, 1.5), p_texture=0.0)
+    out, _ = smooth_variety(chi, mask, np.random.default_rng(0), recipe,
+                            voxel_size=(1.0, 1.0, 0.75))
+    # the step sits between voxels 23 and 24, i.e. at z = 23.5 voxels
+    from scipy.special import erf
+
+    z = np.arange(48) - 23.5
+    expected = 0.05 * (1 + erf(z * 0.75 / (1.5 * np.sqrt(2))))
+    np.testing.assert_allclose(out[12, 12, 8:40], expected[8:40], atol=2e-3)
+
+
+def test_texture_has_the_requested_amplitude_inside_the_mask_only():
+    mask = _ball((48, 48, 48), 20.0)
+    chi = np.zeros(mask.shape, np.float32)
+    recipe = dataclasses.replace(Recipe(), p_blur=0.0, p_texture=1.0,
+                                 texture_ppm=(0.01, 0.01), texture_mm=(3.0, 3.0))
+    out, info = smooth_variety(chi, mask, np.random.default_rng(1), recipe)
+    assert info == {"texture_ppm": 0.01, "texture_mm": 3.0}
+    assert 0.007 < out[mask].std() < 0.013
+    assert not out[~mask].any()
+
+
+def test_stage2_pairs_are_physically_consistent():
+    """Field and label of a varied volume: the field is the dipole field of the label."""
+    mask = _ball()
+    rng = np.random.default_rng(3)
+    chi = np.where(mask, rng.normal(0, 0.05, mask.shape), 0).astype(np.float32)
+    recipe = dataclasses.replace(Recipe(), p_blur=1.0, p_texture=1.0, max_erosion=0,
+                                 noise_ppm=(1e-12, 1e-12), p_background=0.0, p_linearity=0.0)
+    vol = _make_pair(chi, mask, np.random.default_rng(4), recipe, "v", variety=True)
+    assert {"blur_mm", "texture_ppm", "texture_mm"} <= set(vol.sources)
+    assert not np.allclose(vol.chi, chi)
+    expected = simulate_local_field(vol.chi, mask)
+    np.testing.assert_allclose(vol.field[mask], expected[mask], atol=1e-6)
+
+
+def test_store_hashes():
+    r = Recipe()
+    # stage 1's store (and so the shipped weights' data) must not change with stage 2's knobs
+    assert r.data_hash() == "1ef2a359b4e78ff4"
+    assert dataclasses.replace(r, p_blur=0.1).data_hash() == r.data_hash()
+    assert dataclasses.replace(r, p_blur=0.1).finetune_hash() != r.finetune_hash()
+    assert dataclasses.replace(r, seed=1).finetune_hash() != r.finetune_hash()
+
+
+@pytest.mark.parametrize("stage,names", [(1, ["val-0"]), (2, ["val-0", "val-0-smooth"])])
+def test_validation_volumes(stage, names):
+    r = dataclasses.replace(Recipe(), brain_shape=(72, 84, 72))
+    vols = validation_volumes(r, stage=stage)
+    assert [v.name for v in vols] == names
+    if stage == 2:
+        sharp, smooth = vols
+        m = sharp.mask & smooth.mask
+        # the same brain, smoother: less energy in the voxel-to-voxel differences
+        assert np.abs(np.diff(smooth.chi, axis=0))[m[1:]].mean() < \
+            0.8 * np.abs(np.diff(sharp.chi, axis=0))[m[1:]].mean()

@@ -469,7 +469,7 @@ def _check_settings(meta: dict, b0_strength, s: dict) -> None:
     if te is not None:
         assert _is_number(meta["EchoTime"]) and te == float(meta["EchoTime"])
         assert isinstance(te, float) and 0 < te <= 1
-    if "B0_dir" in meta:
+    if meta.get("B0_dir") is not None:  # JSON null: not given, the affine decides
         d = np.asarray(s["b0_dir"], dtype=np.float64)
         given_dir = np.asarray(meta["B0_dir"], dtype=np.float64)
         assert d.shape == (3,) and abs(np.linalg.norm(d) - 1) < 1e-9

@@ -156,13 +156,38 @@ def _offsets_sq_mm(shape: tuple[int, ...], vs: tuple[float, float, float]) -> li
     return parts
 
 
-def _second_difference_k(shape: tuple[int, ...]) -> list[np.ndarray]:
-    """rfft-grid response of the stencil ``[1, −2, 1]`` along each axis: ``2 cos(2πm/N) − 2``."""
+def _second_difference_k(shape: tuple[int, ...], *, real: bool = True) -> list[np.ndarray]:
+    """Response of the stencil ``[1, −2, 1]`` along each axis, ``2 cos(2πm/N) − 2``, on the
+    rfft grid (``real``) or the full fft grid."""
     out = []
     for axis, n in enumerate(shape):
-        m = np.arange(n // 2 + 1 if axis == len(shape) - 1 else n)
+        m = np.arange(n // 2 + 1 if real and axis == len(shape) - 1 else n)
         out.append(_axis_view(2.0 * np.cos(2.0 * np.pi * m / n) - 2.0, axis))
     return out
+
+
+def _sphere_spectra(shape: tuple[int, ...], vs: tuple[float, float, float], r: float, *,
+                    real: bool, off2: list[np.ndarray] | None = None):
+    """``(Ŝ of the plain voxelised sphere, moment-matched Ŝ_r, voxels in the sphere)``: the
+    first erodes masks, the second filters fields (see :func:`smv_kernel`).  ``off2``: the
+    grid's :func:`_offsets_sq_mm`, when the caller already has them."""
+    off2 = _offsets_sq_mm(shape, vs) if off2 is None else off2
+    sphere = (off2[0] + off2[1] + off2[2]) <= r * r * (1.0 + 1e-9)
+    count = int(sphere.sum())
+    # The sphere is symmetric about the origin, so its spectrum is real.
+    fft = scipy.fft.rfftn if real else scipy.fft.fftn
+    sphere_k = fft(sphere / count).real
+    # Match the second moments: with anisotropic voxels the voxelised sphere is not isotropic,
+    # and (δ − S) ⊛ b ≈ −½ Σ M_ii ∂_i² b is then not zero for harmonic b.  Adding
+    # α_i·[1, −2, 1] along axis i raises M_ii by 2 α_i h_i² without changing the weights' sum
+    # or the support, so every M_ii equals the largest.
+    moments = [float(np.sum(sphere * o2)) / count for o2 in off2]
+    smv_k = sphere_k.copy()
+    for mom, h, sd_k in zip(moments, vs, _second_difference_k(shape, real=real)):
+        alpha = (max(moments) - mom) / (2.0 * h * h)
+        if alpha > 0:
+            smv_k += alpha * sd_k
+    return sphere_k, smv_k, count
 
 
 def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float, *,
@@ -188,22 +213,7 @@ def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: flo
     """
     vs = _check_voxel_size(voxel_size)
     r = float(_check_radii([radius_mm], vs)[0])
-    shape = tuple(int(n) for n in shape)
-    off2 = _offsets_sq_mm(shape, vs)
-    d2 = off2[0] + off2[1] + off2[2]
-    sphere = d2 <= r * r * (1.0 + 1e-9)
-    count = int(sphere.sum())
-    moments = [float(np.sum(sphere * o2)) / count for o2 in off2]
-    fft = scipy.fft.rfftn if real else scipy.fft.fftn
-    out = fft(sphere / count).real
-    diff_k = _second_difference_k(shape) if real else [
-        _axis_view(2.0 * np.cos(2.0 * np.pi * np.arange(n) / n) - 2.0, axis)
-        for axis, n in enumerate(shape)]
-    for mom, h, sd_k in zip(moments, vs, diff_k):
-        alpha = (max(moments) - mom) / (2.0 * h * h)
-        if alpha > 0:
-            out = out + alpha * sd_k
-    return out
+    return _sphere_spectra(tuple(int(n) for n in shape), vs, r, real=real)[1]
 
 
 def vsharp(
@@ -316,22 +326,13 @@ def vsharp(
     field_k = rfft(to_padded(field))
     mask_k = rfft(to_padded(m.astype(np.float64)))
     off2 = _offsets_sq_mm(padded, vs)
-    d2 = off2[0] + off2[1] + off2[2]
 
     highpass = np.zeros(shape, dtype=np.float64)
     filled = np.zeros(shape, dtype=bool)  # voxels already given a larger radius's value
     deconv_kernel = None
     eroded = m
     for r in radii:
-        sphere = d2 <= r * r * (1.0 + 1e-9)
-        count = int(sphere.sum())
-        # The sphere is symmetric about the origin, so its spectrum is real.
-        sphere_k = rfft(sphere / count).real
-        # Match the second moments: with anisotropic voxels the voxelised sphere is not
-        # isotropic, and (δ − S) ⊛ b ≈ −½ Σ M_ii ∂_i² b is then not zero for harmonic b.
-        # Adding α_i·[1, −2, 1] along axis i raises M_ii by 2 α_i h_i² without changing the
-        # weights' sum or the support, so every M_ii equals the largest (smv_kernel).
-        smv_k = smv_kernel(padded, vs, r, real=True)
+        sphere_k, smv_k, count = _sphere_spectra(padded, vs, r, real=True, off2=off2)
         if deconv_kernel is None:
             deconv_kernel = 1.0 - smv_k  # largest radius: used for the deconvolution
         # Voxels whose whole sphere lies in the mask: the mean of the mask over the sphere is 1
@@ -343,7 +344,7 @@ def vsharp(
             highpass[new] = field[new] - irfft(field_k * smv_k)[new]
             filled |= new
         logger.debug("V-SHARP radius %.3g mm: %d voxels in the eroded mask", r, eroded.sum())
-        del sphere, sphere_k, smv_k
+        del sphere_k, smv_k
 
     if not eroded.any():
         raise ValueError(

@@ -95,3 +95,63 @@ def test_validation_volumes(stage, names):
         # the same brain, smoother: less energy in the voxel-to-voxel differences
         assert np.abs(np.diff(smooth.chi, axis=0))[m[1:]].mean() < \
             0.8 * np.abs(np.diff(sharp.chi, axis=0))[m[1:]].mean()
+
+
+def _small(**kw):
+    return dataclasses.replace(Recipe(), n_brains=2, n_sources=2, ft_brains=1, ft_sources=1,
+                               brain_shape=(48, 56, 48), source_shape=(32, 32, 32), **kw)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_parallel_generation_gives_the_serial_volumes(stage):
+    """Worker processes change nothing: same volumes, same order (each draws from its own
+    child seed), as the serial generator and as one volume made alone."""
+    from bids_qsmnet.training.default_recipe import training_volume, training_volumes
+
+    r = _small()
+    serial = list(training_volumes(r, stage=stage))
+    parallel = list(training_volumes(r, stage=stage, workers=2))
+    n = 4 if stage == 1 else 2
+    assert [v.subject for v in serial] == [v.subject for v in parallel]
+    assert len(serial) == n and serial[0].subject.endswith("brain-000")
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.field, b.field)
+        np.testing.assert_array_equal(a.chi, b.chi)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert a.sources == b.sources
+    alone = training_volume(r, stage, n - 1)
+    np.testing.assert_array_equal(alone.field, serial[-1].field)
+    with pytest.raises(IndexError, match="volumes"):
+        training_volume(r, stage, n)
+
+
+def test_volumes_draw_from_the_stage_seed_children():
+    """Volume i is made from child i of SeedSequence(seed), phantom first, then the field:
+    how the shipped stage-1 store was made (before volumes could be made in workers)."""
+    from bids_qsmnet.data.synthetic import make_brain_phantom
+    from bids_qsmnet.training.default_recipe import training_volume
+
+    r = _small()
+    seeds = np.random.SeedSequence(r.seed).spawn(r.n_brains + r.n_sources)
+    rng = np.random.default_rng(seeds[1])
+    ph = make_brain_phantom(r.brain_shape, rng=rng)
+    expected = _make_pair(ph.chi, ph.mask, rng, r, "brain-001")
+    vol = training_volume(r, 1, 1)
+    assert vol.subject == "brain-001"
+    np.testing.assert_array_equal(vol.field, expected.field)
+    np.testing.assert_array_equal(vol.chi, expected.chi)
+
+
+def test_set_fields():
+    from bids_qsmnet.training.default_recipe import set_fields
+
+    r = set_fields(Recipe(), ["n_brains=60", "learning_rate=1", "noise_ppm=[0.001, 0.002]",
+                              "architecture=qsmnet-lite", "channels_last=false"])
+    assert (r.n_brains, r.learning_rate, r.noise_ppm) == (60, 1.0, (0.001, 0.002))
+    assert r.architecture == "qsmnet-lite" and r.channels_last is False
+    assert r.data_hash() != Recipe().data_hash()
+    for bad, msg in [("n_bran=3", "FIELD one of"), ("n_brains", "FIELD=VALUE"),
+                     ("n_brains=2.5", "takes a int"), ("channels_last=1", "true or false"),
+                     ("noise_ppm=[1]", "takes a tuple")]:
+        with pytest.raises(ValueError, match=msg):
+            set_fields(Recipe(), [bad])

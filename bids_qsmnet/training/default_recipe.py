@@ -61,7 +61,8 @@ import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Recipe", "training_volumes", "validation_volumes", "run_recipe", "main"]
+__all__ = ["Recipe", "set_fields", "training_volume", "training_volumes", "validation_volumes",
+           "run_recipe", "main"]
 
 
 @dataclass
@@ -203,29 +204,60 @@ def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = Fal
                           sources={"noise_ppm": round(noise, 6), "erosion": k, **extra})
 
 
-def training_volumes(recipe: Recipe, *, stage: int = 1):
-    """Yield the recipe's training volumes one at a time (brains, then source phantoms):
-    stage 1's, or stage 2's (other seeds, with :func:`smooth_variety`)."""
+def _stage_plan(recipe: Recipe, stage: int):
+    """(seed, number of brains, number of source phantoms, name prefix) of a stage."""
+    if stage == 1:
+        return recipe.seed, recipe.n_brains, recipe.n_sources, ""
+    return recipe.ft_seed, recipe.ft_brains, recipe.ft_sources, "ft-"
+
+
+def training_volume(recipe: Recipe, stage: int, index: int):
+    """Training volume ``index`` of a stage (brains first, then source phantoms).
+
+    Each volume draws from its own child of the stage's ``SeedSequence``, so a volume is the
+    same whether it is made alone, in order, or in a worker process."""
     from ..data.synthetic import make_brain_phantom, make_source_phantom
 
-    if stage == 1:
-        seed, n_brains, n_sources, prefix = recipe.seed, recipe.n_brains, recipe.n_sources, ""
-    else:
-        seed, n_brains, n_sources = recipe.ft_seed, recipe.ft_brains, recipe.ft_sources
-        prefix = "ft-"
-    root = np.random.SeedSequence(seed)
-    seeds = root.spawn(n_brains + n_sources)
-    for i in range(n_brains):
-        rng = np.random.default_rng(seeds[i])
+    seed, n_brains, n_sources, prefix = _stage_plan(recipe, stage)
+    if not 0 <= index < n_brains + n_sources:
+        raise IndexError(f"stage {stage} has {n_brains + n_sources} volumes, not {index + 1}")
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(n_brains + n_sources)[index])
+    if index < n_brains:
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
-        yield _make_pair(ph.chi, ph.mask, rng, recipe, f"{prefix}brain-{i:03d}",
-                         variety=stage == 2)
-    for j in range(n_sources):
-        rng = np.random.default_rng(seeds[n_brains + j])
-        ph = make_source_phantom(recipe.source_shape, rng=rng)
-        mask = _ellipsoid_mask(recipe.source_shape, rng) if rng.uniform() < 0.5 else ph.mask
-        yield _make_pair(ph.chi, mask, rng, recipe, f"{prefix}sources-{j:03d}",
-                         variety=stage == 2)
+        return _make_pair(ph.chi, ph.mask, rng, recipe, f"{prefix}brain-{index:03d}",
+                          variety=stage == 2)
+    ph = make_source_phantom(recipe.source_shape, rng=rng)
+    mask = _ellipsoid_mask(recipe.source_shape, rng) if rng.uniform() < 0.5 else ph.mask
+    return _make_pair(ph.chi, mask, rng, recipe, f"{prefix}sources-{index - n_brains:03d}",
+                      variety=stage == 2)
+
+
+def training_volumes(recipe: Recipe, *, stage: int = 1, workers: int = 1):
+    """Yield the recipe's training volumes one at a time, in order (brains, then source
+    phantoms): stage 1's, or stage 2's (other seeds, with :func:`smooth_variety`).
+
+    ``workers`` > 1 simulates them in that many processes (at most ``2 × workers`` volumes
+    ahead of the consumer, so memory stays bounded); the volumes are identical to the serial
+    ones (:func:`training_volume`)."""
+    _, n_brains, n_sources, _ = _stage_plan(recipe, stage)
+    n = n_brains + n_sources
+    if workers <= 1:
+        for i in range(n):
+            yield training_volume(recipe, stage, i)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/BLAS thread state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = deque()
+        nxt = 0
+        while nxt < n or pending:
+            while nxt < n and len(pending) < 2 * workers:
+                pending.append(pool.submit(training_volume, recipe, stage, nxt))
+                nxt += 1
+            yield pending.popleft().result()
 
 
 def validation_volumes(recipe: Recipe, *, stage: int = 1):
@@ -267,9 +299,14 @@ def _patch_store(path: str, volumes, recipe: Recipe, what: str):
 
 def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
                threads: int | None = None, device: str = "cpu",
-               stages: tuple = (1, 2)) -> str:
+               stages: tuple = (1, 2), workers: int = 1, loader_workers: int = 0,
+               amp: bool = False) -> str:
     """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train`` and
-    fine-tune it (stage 2) into ``out_dir/finetune``; returns the last stage's model path."""
+    fine-tune it (stage 2) into ``out_dir/finetune``; returns the last stage's model path.
+
+    ``workers``: processes that simulate the training volumes (same volumes for any number);
+    ``loader_workers``: DataLoader processes reading patches; ``amp``: bf16 autocast (CUDA).
+    None of them changes the data; ``amp`` changes the float rounding of training."""
     from .trainer import TrainingConfig, train
 
     os.makedirs(out_dir, exist_ok=True)
@@ -281,7 +318,7 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
                   w_grad=recipe.w_grad, seed=recipe.seed, device=device,
                   channels_last=recipe.channels_last, val_every=1,
                   checkpoint_every_steps=100, resume=resume, max_steps=max_steps,
-                  threads=threads, log_every=10,
+                  threads=threads, log_every=10, num_workers=loader_workers, amp=amp,
                   inference_defaults={"dc_lambda": recipe.dc_lambda,
                                       "dc_iterations": recipe.dc_iterations})
     info = {"recipe": asdict(recipe),
@@ -292,7 +329,7 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
     model_path = stage1_model
     if 1 in stages:
         store = os.path.join(out_dir, f"patches-{recipe.data_hash()}.h5")
-        _patch_store(store, training_volumes(recipe), recipe,
+        _patch_store(store, training_volumes(recipe, workers=workers), recipe,
                      f"{recipe.n_brains} brain and {recipe.n_sources} source phantoms")
         cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "train"),
                              learning_rate=recipe.learning_rate, epochs=recipe.epochs,
@@ -305,7 +342,7 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
             raise FileNotFoundError(f"stage 2 starts from stage 1's {stage1_model}, which "
                                     "does not exist: run stage 1 first")
         store = os.path.join(out_dir, f"patches-ft-{recipe.finetune_hash()}.h5")
-        _patch_store(store, training_volumes(recipe, stage=2), recipe,
+        _patch_store(store, training_volumes(recipe, stage=2, workers=workers), recipe,
                      f"{recipe.ft_brains} brain and {recipe.ft_sources} source phantoms with "
                      "smoothness and texture variety")
         cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "finetune"),
@@ -317,6 +354,37 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
         LOGGER.info("stage 2 (%d epochs) took %.0f s this run", recipe.ft_epochs,
                     time.time() - t0)
     return model_path
+
+
+def set_fields(recipe: Recipe, assignments) -> Recipe:
+    """Apply ``FIELD=VALUE`` strings to ``recipe`` in place (VALUE is JSON; lists become
+    tuples where the field is a tuple).  Unknown fields and values of the wrong type raise
+    ``ValueError``."""
+    from dataclasses import fields
+
+    known = {f.name: f for f in fields(recipe) if f.name != "extra"}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of "
+                             f"{', '.join(sorted(known))}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text  # a bare string, e.g. architecture=qsmnet-lite
+        old = getattr(recipe, name)
+        if isinstance(old, tuple) and isinstance(value, list) and len(value) == len(old):
+            value = tuple(value)
+        elif isinstance(old, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"--set {item!r}: {name} takes true or false")
+        elif isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(old):
+            raise ValueError(f"--set {item!r}: {name} takes a {type(old).__name__} like "
+                             f"{json.dumps(old, default=list)}")
+        setattr(recipe, name, value)
+    return recipe
 
 
 def main(argv=None) -> int:
@@ -335,10 +403,22 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-channels-last", action="store_true",
                    help="contiguous layout (how epochs 1-6 of the shipped model were trained)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes simulating the training volumes (the data does not change)")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="DataLoader processes reading patches during training")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    p.add_argument("--set", nargs="+", default=(), metavar="FIELD=VALUE",
+                   help="change recipe fields (JSON values), e.g. --set n_brains=60 "
+                        "epochs=16; recorded in recipe.json and the model files")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     recipe = Recipe()
+    try:
+        set_fields(recipe, args.set)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.epochs:
         recipe.epochs = args.epochs
     if args.ft_epochs:
@@ -347,7 +427,8 @@ def main(argv=None) -> int:
         recipe.channels_last = False
     print(run_recipe(args.out_dir, recipe, resume=args.resume, max_steps=args.max_steps,
                      threads=args.threads, device=args.device,
-                     stages=(args.stage,) if args.stage else (1, 2)))
+                     stages=(args.stage,) if args.stage else (1, 2), workers=args.workers,
+                     loader_workers=args.loader_workers, amp=args.amp))
     return 0
 
 

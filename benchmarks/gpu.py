@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/gpu.py --json docs/benchmarks_gpu.json --md docs/benchmarks_gpu.md
     python benchmarks/gpu.py --device cpu --quick --json /tmp/g.json --md /tmp/g.md  # a dry run
+    python benchmarks/gpu.py --markdown-only --json docs/benchmarks_gpu.json \
+        --md docs/benchmarks_gpu.md --notes benchmarks/gpu_notes.md
 
 What it measures, all in one process on one GPU (so ratios are within one run):
 
@@ -217,7 +219,7 @@ def bench_training(torch, device, arch: str, patch: int, batch: int, prec: str,
     return row
 
 
-def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
+def write_markdown(meta: dict, rows: list[dict], path: str, notes: str | None = None) -> None:
     lines = ["# GPU benchmarks", "",
              f"Device: {meta['device_name']} ({meta['device']}); host {meta['cpus']} CPU "
              f"cores; torch {meta['torch']}, CUDA {meta['cuda']}, cuDNN {meta['cudnn']}, "
@@ -272,6 +274,9 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                          f"{r['seconds_per_step']} | {r['patches_per_s']} | "
                          f"{r['tflops_per_s']} | {r['peak_mb']} |")
         lines.append("")
+    if notes and os.path.exists(notes):
+        with open(notes) as fh:
+            lines += [fh.read().rstrip(), ""]
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
 
@@ -285,7 +290,16 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-threads", type=int, default=os.cpu_count() or 1,
                    help="threads for the CPU reference rows (0: none)")
     p.add_argument("--quick", action="store_true", help="small sizes (a dry run of the script)")
+    p.add_argument("--notes", default=None,
+                   help="hand-written notes appended to the markdown (benchmarks/gpu_notes.md)")
+    p.add_argument("--markdown-only", action="store_true",
+                   help="rewrite --md from an existing --json without measuring")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        with open(args.json) as fh:
+            data = json.load(fh)
+        write_markdown(data["meta"], data["rows"], args.md, args.notes)
+        return 0
     import torch
 
     device = torch.device(args.device)
@@ -301,7 +315,7 @@ def main(argv=None) -> int:
         rows.extend(row if isinstance(row, list) else [row])
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-        write_markdown(meta, rows, args.md)
+        write_markdown(meta, rows, args.md, args.notes)
 
     t_start = time.perf_counter()
     save(bench_peak(torch, device, args.quick))

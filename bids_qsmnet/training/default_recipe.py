@@ -110,6 +110,17 @@ class Recipe:
     texture_mm: tuple = (2.0, 10.0)
     ft_epochs: int = 4
     ft_learning_rate: float = 3e-4
+    # ---- stage 3: fine-tuning on fields made by the app's own phase chain (see the docstring)
+    chain_seed: int = 20261127
+    #: brains whose field goes through simulated GRE → mask → echo fit → V-SHARP
+    chain_brains: int = 16
+    #: brains and source phantoms with stage 2's exact fields, so those are not forgotten
+    chain_plain_brains: int = 8
+    chain_sources: int = 8
+    #: first-echo SNR range of the simulated GRE (log-uniform)
+    chain_snr: tuple = (20.0, 100.0)
+    chain_epochs: int = 3
+    chain_learning_rate: float = 2e-4
     extra: dict = field(default_factory=dict)
 
     def data_hash(self) -> str:
@@ -117,6 +128,14 @@ class Recipe:
                 "noise_ppm", "background_ppm", "p_background", "p_linearity",
                 "linearity_range", "patch_size", "max_stride", "min_mask_fraction")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def chain_hash(self) -> str:
+        """Hash of everything that determines the stage-3 patch store."""
+        keys = ("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources",
+                "chain_snr")
+        blob = json.dumps({"stage2": self.finetune_hash(),
+                           **{k: getattr(self, k) for k in keys}}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def finetune_hash(self) -> str:
@@ -178,9 +197,40 @@ def smooth_variety(chi, mask, rng, recipe: Recipe, *, voxel_size=(1.0, 1.0, 1.0)
     return chi, info
 
 
-def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = False):
+def _chain_field(chi, brain, rng, recipe: Recipe):
+    """The local field the app's phase chain makes of ``chi`` (stage 3): a multi-echo GRE of the
+    brain in a head (:func:`~bids_qsmnet.data.megre.simulate_megre`: skull, scalp, air, sinus,
+    shim, phase offset, complex noise) → brain mask from the magnitude → Laplacian unwrapping and
+    echo fit → V-SHARP, exactly as ``bids_qsmnet … participant`` runs them.  Returns
+    ``(field, mask, info)``: the V-SHARP local field (ppm) and mask."""
+    from ..data.megre import simulate_megre
+    from ..phase.background import vsharp
+    from ..phase.echo_fit import fit_total_field
+    from ..phase.mask import brain_mask_from_magnitude, combine_echoes
+    from ..physics.units import hz_to_ppm
+
+    vs = (1.0, 1.0, 1.0)
+    n_echo = int(rng.integers(3, 6))
+    te1, dte = float(rng.uniform(0.003, 0.006)), float(rng.uniform(0.005, 0.009))
+    tes = tuple(te1 + dte * np.arange(n_echo))
+    snr = float(np.exp(rng.uniform(*np.log(recipe.chain_snr))))
+    background = "head" if rng.uniform() < 0.7 else "head-no-cavity"
+    sim = simulate_megre(chi, brain, voxel_size=vs, b0_tesla=3.0, echo_times=tes, snr=snr,
+                         rng=rng, background=background)
+    mask = brain_mask_from_magnitude(combine_echoes(sim.magnitude, axis=0), vs)
+    fit = fit_total_field(sim.phase, sim.magnitude, sim.echo_times, mask=mask, voxel_size=vs)
+    bfr = vsharp(hz_to_ppm(fit.field_hz.astype(np.float64), 3.0), mask, vs)
+    info = {"chain_snr": round(snr, 1), "echoes": n_echo, "te1_ms": round(1e3 * te1, 2),
+            "dte_ms": round(1e3 * dte, 2), "background": background}
+    return np.where(bfr.mask, bfr.local_field, 0).astype(np.float32), bfr.mask, info
+
+
+def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = False,
+               chain: bool = False):
     """Observed local field and label for one phantom (see the module docstring); with
-    ``variety`` (stage 2) :func:`smooth_variety` first."""
+    ``variety`` (stages 2 and 3) :func:`smooth_variety` first; with ``chain`` (stage 3) the
+    field is what the app's phase chain makes of a simulated GRE (:func:`_chain_field`)
+    instead of the exact local field with noise and a polynomial residual."""
     from ..data.synthetic import erode_mask, simulate_local_field
     from .patches import TrainingVolume
 
@@ -191,6 +241,11 @@ def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = Fal
     if rng.uniform() < recipe.p_linearity:
         factor = rng.uniform(*recipe.linearity_range)
         chi = np.where(chi > 0, chi * factor, chi).astype(np.float32)
+    if chain:
+        field, observed, info = _chain_field(chi, mask, rng, recipe)
+        # χ is zero (water-like CSF) in mask voxels outside the brain, as in the head model
+        return TrainingVolume(field, np.where(observed & mask, chi, 0).astype(np.float32),
+                              observed, subject=name, sources={**info, **extra})
     k = int(rng.integers(0, recipe.max_erosion + 1))
     observed = erode_mask(mask, k) if k else mask
     noise = float(np.exp(rng.uniform(*np.log(recipe.noise_ppm))))
@@ -208,11 +263,17 @@ def _stage_plan(recipe: Recipe, stage: int):
     """(seed, number of brains, number of source phantoms, name prefix) of a stage."""
     if stage == 1:
         return recipe.seed, recipe.n_brains, recipe.n_sources, ""
-    return recipe.ft_seed, recipe.ft_brains, recipe.ft_sources, "ft-"
+    if stage == 2:
+        return recipe.ft_seed, recipe.ft_brains, recipe.ft_sources, "ft-"
+    if stage == 3:
+        return (recipe.chain_seed, recipe.chain_brains + recipe.chain_plain_brains,
+                recipe.chain_sources, "chain-")
+    raise ValueError(f"the recipe has stages 1, 2 and 3, not {stage}")
 
 
 def training_volume(recipe: Recipe, stage: int, index: int):
-    """Training volume ``index`` of a stage (brains first, then source phantoms).
+    """Training volume ``index`` of a stage (brains first, then source phantoms; in stage 3
+    the first ``chain_brains`` brains go through the phase chain).
 
     Each volume draws from its own child of the stage's ``SeedSequence``, so a volume is the
     same whether it is made alone, in order, or in a worker process."""
@@ -225,16 +286,17 @@ def training_volume(recipe: Recipe, stage: int, index: int):
     if index < n_brains:
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
         return _make_pair(ph.chi, ph.mask, rng, recipe, f"{prefix}brain-{index:03d}",
-                          variety=stage == 2)
+                          variety=stage >= 2, chain=stage == 3 and index < recipe.chain_brains)
     ph = make_source_phantom(recipe.source_shape, rng=rng)
     mask = _ellipsoid_mask(recipe.source_shape, rng) if rng.uniform() < 0.5 else ph.mask
     return _make_pair(ph.chi, mask, rng, recipe, f"{prefix}sources-{index - n_brains:03d}",
-                      variety=stage == 2)
+                      variety=stage >= 2)
 
 
 def training_volumes(recipe: Recipe, *, stage: int = 1, workers: int = 1):
     """Yield the recipe's training volumes one at a time, in order (brains, then source
-    phantoms): stage 1's, or stage 2's (other seeds, with :func:`smooth_variety`).
+    phantoms): stage 1's, stage 2's (other seeds, with :func:`smooth_variety`) or stage 3's
+    (other seeds again; most brains through the phase chain).
 
     ``workers`` > 1 simulates them in that many processes (at most ``2 × workers`` volumes
     ahead of the consumer, so memory stays bounded); the volumes are identical to the serial
@@ -262,7 +324,8 @@ def training_volumes(recipe: Recipe, *, stage: int = 1, workers: int = 1):
 
 def validation_volumes(recipe: Recipe, *, stage: int = 1):
     """Whole held-out brains (seeds disjoint from training) for validation during training;
-    stage 2 adds a smooth copy of each (blurred by 1.2 mm, with a 0.01 ppm texture)."""
+    stage 2 adds a smooth copy of each (blurred by 1.2 mm, with a 0.01 ppm texture), stage 3
+    also the field the phase chain makes of it (simulated GRE → V-SHARP)."""
     from dataclasses import replace
 
     from ..data.synthetic import make_brain_phantom
@@ -276,9 +339,14 @@ def validation_volumes(recipe: Recipe, *, stage: int = 1):
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
         pair = _make_pair(ph.chi, ph.mask, rng, recipe, f"val-{i}")
         out.append(ValidationVolume(pair.subject, pair.field, pair.chi, pair.mask))
-        if stage == 2:
+        if stage >= 2:
             rng = np.random.default_rng([recipe.seed, 999_500 + i])
             pair = _make_pair(ph.chi, ph.mask, rng, smooth, f"val-{i}-smooth", variety=True)
+            out.append(ValidationVolume(pair.subject, pair.field, pair.chi, pair.mask))
+        if stage >= 3:
+            rng = np.random.default_rng([recipe.seed, 999_700 + i])
+            plain = replace(recipe, p_linearity=0.0, p_blur=0.0, p_texture=0.0)
+            pair = _make_pair(ph.chi, ph.mask, rng, plain, f"val-{i}-chain", chain=True)
             out.append(ValidationVolume(pair.subject, pair.field, pair.chi, pair.mask))
     return out
 
@@ -299,7 +367,7 @@ def _patch_store(path: str, volumes, recipe: Recipe, what: str):
 
 def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
                threads: int | None = None, device: str = "cpu",
-               stages: tuple = (1, 2), workers: int = 1, loader_workers: int = 0,
+               stages: tuple = (1, 2, 3), workers: int = 1, loader_workers: int = 0,
                amp: bool = False) -> str:
     """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train`` and
     fine-tune it (stage 2) into ``out_dir/finetune``; returns the last stage's model path.
@@ -326,6 +394,8 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
             "data": "synthetic brain-like and random-source phantoms "
                     "(bids_qsmnet.data.synthetic), see MODEL_CARD.md"}
     stage1_model = os.path.join(out_dir, "train", f"model_epoch-{recipe.epochs:03d}.safetensors")
+    stage2_model = os.path.join(out_dir, "finetune",
+                                f"model_epoch-{recipe.ft_epochs:03d}.safetensors")
     model_path = stage1_model
     if 1 in stages:
         store = os.path.join(out_dir, f"patches-{recipe.data_hash()}.h5")
@@ -353,7 +423,34 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
         model_path = train(cfg, validation_volumes(recipe, stage=2)).model_path
         LOGGER.info("stage 2 (%d epochs) took %.0f s this run", recipe.ft_epochs,
                     time.time() - t0)
+    if 3 in stages:
+        if not os.path.exists(stage2_model):
+            raise FileNotFoundError(f"stage 3 starts from stage 2's {stage2_model}, which "
+                                    "does not exist: run stage 2 first")
+        store = os.path.join(out_dir, f"patches-chain-{recipe.chain_hash()}.h5")
+        _patch_store(store, training_volumes(recipe, stage=3, workers=workers), recipe,
+                     f"{recipe.chain_brains} brains through the phase chain, "
+                     f"{recipe.chain_plain_brains} brain and {recipe.chain_sources} source "
+                     "phantoms with exact fields")
+        cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "chain"),
+                             learning_rate=recipe.chain_learning_rate,
+                             epochs=recipe.chain_epochs, init_model=stage2_model,
+                             training_info={**info, "stage": 3}, **common)
+        t0 = time.time()
+        model_path = train(cfg, validation_volumes(recipe, stage=3)).model_path
+        LOGGER.info("stage 3 (%d epochs) took %.0f s this run", recipe.chain_epochs,
+                    time.time() - t0)
     return model_path
+
+
+#: named recipe sizes (``--preset``): ``FIELD=VALUE`` changes to :class:`Recipe`'s defaults
+PRESETS = {
+    "cpu": (),
+    # stages 1-2 of the shipped weights, trained on an NVIDIA H200 (5 min with 15 processes
+    # simulating the data): twice stage 1's brains and sources of 'cpu' ... see MODEL_CARD.md
+    "gpu": ("n_brains=96", "n_sources=192", "ft_brains=96", "ft_sources=96", "epochs=6",
+            "ft_epochs=2", "batch_size=8", "lr_decay_steps=360"),
+}
 
 
 def set_fields(recipe: Recipe, assignments) -> Recipe:
@@ -397,8 +494,13 @@ def main(argv=None) -> int:
                    help="override the recipe's stage-1 epochs")
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="override the recipe's stage-2 (fine-tuning) epochs")
-    p.add_argument("--stage", type=int, choices=(1, 2), default=None,
-                   help="run only this stage (default: both, stage 1 then stage 2)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
+                   help="run only this stage (default: all three in turn)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="recipe size: cpu (fits a session on 2 cores) or gpu (the shipped "
+                        "weights' stages 1-2: 2.4-4.8x the data, batch 8; minutes on a GPU)")
+    p.add_argument("--chain-epochs", type=int, default=None,
+                   help="override the recipe's stage-3 epochs")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-channels-last", action="store_true",
@@ -416,6 +518,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     recipe = Recipe()
     try:
+        set_fields(recipe, PRESETS[args.preset])
         set_fields(recipe, args.set)
     except ValueError as exc:
         p.error(str(exc))
@@ -423,11 +526,13 @@ def main(argv=None) -> int:
         recipe.epochs = args.epochs
     if args.ft_epochs:
         recipe.ft_epochs = args.ft_epochs
+    if args.chain_epochs:
+        recipe.chain_epochs = args.chain_epochs
     if args.no_channels_last:
         recipe.channels_last = False
     print(run_recipe(args.out_dir, recipe, resume=args.resume, max_steps=args.max_steps,
                      threads=args.threads, device=args.device,
-                     stages=(args.stage,) if args.stage else (1, 2), workers=args.workers,
+                     stages=(args.stage,) if args.stage else (1, 2, 3), workers=args.workers,
                      loader_workers=args.loader_workers, amp=args.amp))
     return 0
 

@@ -155,3 +155,41 @@ def test_set_fields():
                      ("noise_ppm=[1]", "takes a tuple")]:
         with pytest.raises(ValueError, match=msg):
             set_fields(Recipe(), [bad])
+
+
+def test_stage3_plan_and_hashes():
+    from bids_qsmnet.training.default_recipe import PRESETS, _stage_plan, set_fields
+
+    r = Recipe()
+    assert _stage_plan(r, 3) == (r.chain_seed, r.chain_brains + r.chain_plain_brains,
+                                 r.chain_sources, "chain-")
+    with pytest.raises(ValueError, match="stages 1, 2 and 3"):
+        _stage_plan(r, 4)
+    assert dataclasses.replace(r, chain_brains=3).chain_hash() != r.chain_hash()
+    assert dataclasses.replace(r, p_blur=0.1).chain_hash() != r.chain_hash()  # stage 2 data
+    assert dataclasses.replace(r, chain_brains=3).finetune_hash() == r.finetune_hash()
+    # the shipped weights' stages 1-2 were trained with --preset gpu on these stores
+    g = set_fields(Recipe(), PRESETS["gpu"])
+    assert (g.data_hash(), g.finetune_hash()) == ("3af3f6828c4032ec", "635d4868aa2539bb")
+
+
+def test_chain_volume_is_the_local_field_through_the_apps_phase_chain():
+    """A stage-3 volume: the V-SHARP field of a simulated GRE of the brain in a head.  Deep
+    inside the mask it matches the exact local field of the brain (ppm) up to V-SHARP's
+    residual; the label is χ inside the brain and zero in mask voxels outside it."""
+    from bids_qsmnet.data.synthetic import erode_mask, make_brain_phantom
+    from bids_qsmnet.training.default_recipe import _make_pair
+
+    r = dataclasses.replace(Recipe(), p_linearity=0.0, p_blur=0.0, p_texture=0.0,
+                            chain_snr=(1e6, 1e6))
+    ph = make_brain_phantom((72, 84, 72), rng=np.random.default_rng(5))
+    vol = _make_pair(ph.chi, ph.mask, np.random.default_rng(6), r, "c", chain=True)
+    assert {"chain_snr", "echoes", "te1_ms", "dte_ms", "background"} <= set(vol.sources)
+    assert vol.mask.sum() > 0.6 * ph.mask.sum()
+    assert not vol.chi[vol.mask & ~ph.mask].any() and not vol.field[~vol.mask].any()
+    np.testing.assert_array_equal(vol.chi[vol.mask & ph.mask], ph.chi[vol.mask & ph.mask])
+    exact = simulate_local_field(np.where(ph.mask, ph.chi, 0).astype(np.float32), ph.mask)
+    inner = erode_mask(vol.mask, 4) & vol.mask
+    a, b = vol.field[inner], exact[inner]
+    assert np.corrcoef(a, b)[0, 1] > 0.8  # same field, same units (a ppm/Hz slip fails)
+    assert 0.7 < np.std(a) / np.std(b) < 1.4

@@ -245,7 +245,8 @@ def previous_baselines(path: str | None, args, toy_sha: str | None) -> dict:
             "seconds": prev.get("seconds")}
 
 
-def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0, dc_highpass_mm=0.0):
+def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0, dc_highpass_mm=0.0,
+              flip_axes=()):
     from bids_qsmnet.inference.frame import from_frame, network_frame, to_frame
     from bids_qsmnet.inference.predict import predict_chi
     from bids_qsmnet.inference.refine import DCSettings, refine
@@ -254,7 +255,7 @@ def run_model(loaded, case, *, dc_lambda, dc_iterations=30, dc_edge_mm=0.0, dc_h
                           target_voxel=float(loaded.spec.voxel_size[0]))
     f = to_frame(case["field"], frame, order=3)
     m = to_frame(case["mask"].astype(np.float32), frame, order=1) > 0.5
-    chi = predict_chi(loaded, np.where(m, f, 0), m)
+    chi = predict_chi(loaded, np.where(m, f, 0), m, flip_axes=flip_axes)
     # the app's refinement (interfaces/inference.py), in the network frame (1 mm, B0 along z)
     chi = refine(chi, f, m, DCSettings(dc_lambda, dc_iterations, dc_edge_mm, dc_highpass_mm),
                  voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
@@ -305,13 +306,13 @@ def tune(case, fn, grid, param, extra=None):
     return min(res)[1]
 
 
-def tune_dc(loaded, case, grid, edge_mm, highpass_mm=0.0):
+def tune_dc(loaded, case, grid, edge_mm, highpass_mm=0.0, flip_axes=()):
     from bids_qsmnet.metrics import nrmse
 
     res = []
     for lam in grid:
         chi = run_model(loaded, case, dc_lambda=lam, dc_edge_mm=edge_mm,
-                        dc_highpass_mm=highpass_mm)
+                        dc_highpass_mm=highpass_mm, flip_axes=flip_axes)
         res.append((nrmse(chi, case["chi"], case["mask"], demean=True), lam))
         LOGGER.info("tuning data consistency (edge %g mm, high-pass %g mm): λ=%g → NRMSE "
                     "%.1f %%", edge_mm, highpass_mm, lam, res[-1][0])
@@ -339,6 +340,8 @@ def main(argv=None) -> int:
                    help="mask-edge ramp of the refinement's data weight (default: model's)")
     p.add_argument("--dc-highpass-mm", type=float, default=None,
                    help="SMV high-pass radius of the refinement's data term (default: model's)")
+    p.add_argument("--flip-axes", type=int, nargs="*", default=None,
+                   help="flip ensemble of the model rows (default: the model's; none given: off)")
     p.add_argument("--dc-grid", type=float, nargs="+", default=(0.0, 0.01, 0.03, 0.1, 0.3, 1.0),
                    help="λ values tried by --tune-dc / --tune-dc-only")
     p.add_argument("--tune-on", choices=["raw", "exact"], default="raw",
@@ -367,6 +370,9 @@ def main(argv=None) -> int:
     loaded = load_model(resolve_model(args.model))
     toy = load_model(args.toy_model) if args.toy_model else None
     dc_model = float((loaded.spec.inference or {}).get("dc_lambda", 0.0))
+    flips = sorted(set((loaded.spec.inference or {}).get("flip_axes", [])
+                       if args.flip_axes is None else args.flip_axes))
+    fl = f", flips {''.join('xyz'[a] for a in flips)}" if flips else ""
     dc_edge = float((loaded.spec.inference or {}).get("dc_edge_mm", 0.0)
                     if args.dc_edge_mm is None else args.dc_edge_mm)
     dc_hp = float((loaded.spec.inference or {}).get("dc_highpass_mm", 0.0)
@@ -380,7 +386,8 @@ def main(argv=None) -> int:
                       (0, 0, 1), 20, TUNE_SEED)
     dc_table = None
     if args.tune_dc or args.tune_dc_only:
-        dc_model, dc_table = tune_dc(loaded, tcase, tuple(args.dc_grid), dc_edge, dc_hp)
+        dc_model, dc_table = tune_dc(loaded, tcase, tuple(args.dc_grid), dc_edge, dc_hp,
+                                     flips)
         if args.tune_dc_only:
             print(json.dumps({"dc_lambda": dc_model, "dc_edge_mm": dc_edge,
                               "dc_highpass_mm": dc_hp, "table": dc_table}))
@@ -410,14 +417,13 @@ def main(argv=None) -> int:
         methods = {}
         t = time.time()
         hp = f", high-pass {dc_hp:g} mm" if dc_hp else ""
-        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm{hp})"] = (
+        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm{hp}{fl})"] = (
             run_model(loaded, case, dc_lambda=dc_model, dc_edge_mm=dc_edge,
-                      dc_highpass_mm=dc_hp), time.time() - t)
+                      dc_highpass_mm=dc_hp, flip_axes=flips), time.time() - t)
         if dc_model:
             t = time.time()
-            methods[f"{loaded.spec.name}, network only"] = (run_model(loaded, case,
-                                                                      dc_lambda=0.0),
-                                                            time.time() - t)
+            methods[f"{loaded.spec.name}, network only{fl}"] = (
+                run_model(loaded, case, dc_lambda=0.0, flip_axes=flips), time.time() - t)
         reused = []
         if toy is not None and "toy" not in old:
             t = time.time()
@@ -461,7 +467,7 @@ def main(argv=None) -> int:
               "baselines_from": reuse.get("path"), "rows_reused": n_reused,
               "tuned_on": args.tune_on,
               "model_sha256": loaded.sha256, "tv_lambda": tv_lam, "dc_lambda": dc_model,
-              "dc_edge_mm": dc_edge, "dc_highpass_mm": dc_hp,
+              "dc_edge_mm": dc_edge, "dc_highpass_mm": dc_hp, "flip_axes": flips,
               "dc_tuning": dc_table, "rows": rows, "machine": platform.processor() or
               platform.machine(), "torch_threads": torch.get_num_threads(),
               "seconds": round(time.time() - t_start)}

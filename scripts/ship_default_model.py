@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                    help="mask-edge ramp (mm) of the refinement's data weight")
     p.add_argument("--dc-highpass-mm", type=float, default=0.0,
                    help="SMV high-pass radius (mm) of the refinement's data term (0: none)")
+    p.add_argument("--flip-axes", type=int, nargs="*", default=[],
+                   help="axes of the flip ensemble the app runs by default (network frame)")
     p.add_argument("--note", default="", help="free text recorded in training.shipping_note")
     args = p.parse_args(argv)
 
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
         src.spec, name="default", training=training,
         inference={**(src.spec.inference or {}), "dc_lambda": args.dc_lambda,
                    "dc_iterations": args.dc_iterations, "dc_edge_mm": args.dc_edge_mm,
-                   "dc_highpass_mm": args.dc_highpass_mm})
+                   "dc_highpass_mm": args.dc_highpass_mm,
+                   "flip_axes": sorted(set(args.flip_axes))})
     dest = shipped_models_dir() / "default.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_model(dest, src.network, spec)

@@ -295,3 +295,14 @@ def test_console_script_is_fast(arg):
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0
     assert elapsed < 1.5, f"bids_qsmnet {arg} took {elapsed:.2f} s"
+
+
+def test_flip_axes_option(bids, capsys):
+    """--flip-axes: absent → the model's default (None), bare → off ([]), axes → those."""
+    root, out = bids
+    base = [str(root), str(out), "participant"]
+    assert parse_args(base).flip_axes is None
+    assert parse_args([*base, "--flip-axes"]).flip_axes == []
+    assert parse_args([*base, "--flip-axes", "0", "1"]).flip_axes == [0, 1]
+    code, msg = _exit_code([*base, "--flip-axes", "3"], capsys)
+    assert code == 2 and "--flip-axes" in msg

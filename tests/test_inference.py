@@ -313,3 +313,51 @@ def test_cpu_inference_is_deterministic(tmp_path, lite_model):
     assert info["name"] == "test-lite" and info["device"] == "cpu"
     assert info["data_consistency"] == {"lambda": 0.0, "iterations": 0, "edge_mm": 0.0,
                                         "highpass_mm": 0.0}
+
+
+# --------------------------------------------------------------------------- flip ensemble
+
+
+def test_flip_sets():
+    from bids_qsmnet.inference.predict import flip_sets
+
+    assert flip_sets(()) == [()]
+    assert flip_sets([1, 0, 1]) == [(), (0,), (1,), (0, 1)]
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        flip_sets([3])
+
+
+def test_flip_ensemble_is_the_mean_of_flipped_maps_and_flip_equivariant(lite_model):
+    """Flip ensemble over axes A: the mean of g⁻¹ f(g x) over the flips g of A.  So it is
+    exactly equivariant under those flips (a random network alone is not)."""
+    loaded = load_model(lite_model)
+    field, mask = _random_field((24, 32, 16), seed=3)
+    single = predict_chi(loaded, field, mask)
+    flipped = predict_chi(loaded, np.ascontiguousarray(field[::-1]),
+                          np.ascontiguousarray(mask[::-1]))[::-1]
+    ens = predict_chi(loaded, field, mask, flip_axes=[0])
+    np.testing.assert_allclose(ens, (single + flipped) / 2, atol=1e-6)
+    assert not np.allclose(single, flipped, atol=1e-4)  # the network is not flip-symmetric
+    ens2 = predict_chi(loaded, field, mask, flip_axes=[0, 1])
+    g = predict_chi(loaded, np.ascontiguousarray(field[:, ::-1]),
+                    np.ascontiguousarray(mask[:, ::-1]), flip_axes=[0, 1])[:, ::-1]
+    np.testing.assert_allclose(ens2, g, atol=1e-6)
+
+
+def test_run_qsmnet_takes_the_flip_axes_from_the_model_file(tmp_path):
+    from bids_qsmnet.interfaces.inference import run_qsmnet
+
+    path = make_model_file(tmp_path / "m.safetensors", seed=2)
+    loaded = load_model(path)
+    spec = loaded.spec
+    spec = ModelSpec(name=spec.name, architecture=spec.architecture,
+                     normalization=spec.normalization, inference={"flip_axes": [1, 0]})
+    path = str(save_model(tmp_path / "flips.safetensors", loaded.network, spec))
+    field, mask, _ = sphere_field((32, 32, 32))
+    f = write_nifti(tmp_path / "field.nii.gz", field)
+    m = write_nifti(tmp_path / "mask.nii.gz", mask, dtype=np.uint8)
+    _, info = run_qsmnet(f, m, model=path, device="cpu", num_threads=1, newpath=str(tmp_path))
+    assert info["flip_axes"] == [0, 1]
+    _, info = run_qsmnet(f, m, model=path, device="cpu", num_threads=1, newpath=str(tmp_path),
+                         flip_axes=[])
+    assert info["flip_axes"] == []

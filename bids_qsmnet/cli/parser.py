@@ -142,6 +142,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--dc-lambda", type=float, default=None,
                    help="data-consistency prior weight after the network (0: off; default: "
                         "the model's)")
+    g.add_argument("--flip-axes", nargs="*", type=int, choices=(0, 1, 2), default=None,
+                   metavar="AXIS",
+                   help="flip ensemble: also run the network on the field flipped along every "
+                        "subset of these axes of the network frame (0, 1: in-plane; 2: along "
+                        "B0) and average the maps (2^n passes); with no AXIS: off; default: "
+                        "the model's")
 
     g = parser.add_argument_group("Training (group level)")
     g.add_argument("--validation-participant", nargs="+", default=None,

@@ -301,7 +301,8 @@ def build_participant_workflow(opts, layout, errors: dict):
                              model=model, device=opts.device, tile=opts.tile,
                              dc_lambda=opts.dc_lambda, omp_nthreads=opts.omp_nthreads,
                              overwrite=opts.overwrite, b0_strength=opts.b0_strength,
-                             unwrapping=opts.unwrapping, bgremoval=opts.bgremoval)
+                             unwrapping=opts.unwrapping, bgremoval=opts.bgremoval,
+                             flip_axes=opts.flip_axes)
     return wf, model, runs
 
 

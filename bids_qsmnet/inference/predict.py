@@ -29,6 +29,7 @@ import numpy as np
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
+    "flip_sets",
     "pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_weights",
     "receptive_radius", "TilePlan", "plan_tiles", "tiles_of_edge", "choose_tiles",
 ]
@@ -349,9 +350,21 @@ def _run_tiles(network, xp: np.ndarray, plan: TilePlan, device) -> np.ndarray:
     return out / weight
 
 
+def flip_sets(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of ``flip_axes`` (the empty one first): the flips of a flip ensemble."""
+    import itertools
+
+    axes = sorted(set(int(a) for a in flip_axes))
+    bad = [a for a in axes if a not in (0, 1, 2)]
+    if bad:
+        raise ValueError(f"flip axes must be 0, 1 or 2 (volume axes), got {bad}")
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
 def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *,
                 device="cpu", tile: int | None = None, overlap: float | None = None,
-                max_voxels: int | None = None, optimise: bool = True) -> np.ndarray:
+                max_voxels: int | None = None, optimise: bool = True,
+                flip_axes: Sequence[int] = ()) -> np.ndarray:
     """χ (ppm) from a local field (ppm) already in the model's frame.
 
     Parameters
@@ -364,6 +377,14 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
     tile, overlap, max_voxels : see :func:`predict_normalised`
     optimise : run a copy of the network with batch norm folded and channels-last layout
         (:func:`bids_qsmnet.inference.optimize.optimise_for_inference`); same map to ~1e-5
+    flip_axes : flip ensemble: the network also maps the field flipped along every subset of
+        these axes, each map is flipped back, and the maps are averaged (2^n network passes).
+        Exact physics: with B0 along the third axis the dipole kernel is even in every
+        coordinate, so a flipped field is the field of the flipped χ.  The network itself is
+        not flip-symmetric (it learned brain anatomy), so averaging reduces its error: on the
+        accuracy benchmark's tuning brain, flips of the first two axes (in-plane) lowered the
+        default model's NRMSE by 1.8 points (exact field) and 2.6 (through the phase chain);
+        flipping the third axis (head-foot) made single maps worse.
 
     Returns
     -------
@@ -383,7 +404,17 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
         from .optimize import optimise_for_inference
 
         network = optimise_for_inference(network, device=device)
-    y = predict_normalised(network, x, multiple=loaded.network.multiple, device=device,
-                           tile=tile, overlap=overlap, max_voxels=max_voxels)
+    flips = flip_sets(flip_axes)
+    y = None
+    for axes in flips:
+        xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+        yi = predict_normalised(network, xi, multiple=loaded.network.multiple, device=device,
+                                tile=tile, overlap=overlap, max_voxels=max_voxels)
+        yi = np.flip(yi, axes) if axes else yi
+        y = yi if y is None else y + yi
+    y = y / len(flips)
+    if len(flips) > 1:
+        LOGGER.info("flip ensemble: mean of %d maps (flips of axes %s)", len(flips),
+                    sorted(set(int(a) for a in flip_axes)))
     chi = y * norm["label_std"] + norm["label_mean"]
     return np.where(mask, chi, 0.0).astype(np.float32)

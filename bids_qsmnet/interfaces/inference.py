@@ -66,7 +66,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | None = None, dc_iterations: int | None = None,
                dc_edge_mm: float | None = None, dc_highpass_mm: float | None = None,
-               num_threads: int | None = None,
+               flip_axes: list[int] | None = None, num_threads: int | None = None,
                newpath: str | None = None) -> tuple[str, dict]:
     """Predict χ (ppm) from a field (ppm) in the network frame and write it next to ``newpath``.
 
@@ -86,6 +86,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         model default / 0), see :mod:`bids_qsmnet.inference.refine`
     dc_highpass_mm : radius (mm) of the spherical-mean-value high-pass of the refinement's
         data term (None: model default / 0: fields compared as they are)
+    flip_axes : axes of the flip ensemble (:func:`bids_qsmnet.inference.predict.predict_chi`;
+        None: the model file's ``inference.flip_axes``, none if it has none; []: off)
     num_threads : torch CPU threads
 
     Returns
@@ -124,9 +126,11 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                                      available=available_memory())
         except MemoryError as exc:
             raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
+    if flip_axes is None:
+        flip_axes = list((loaded.spec.inference or {}).get("flip_axes", []))
     try:
         chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap,
-                          max_voxels=max_voxels)
+                          max_voxels=max_voxels, flip_axes=flip_axes)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc).lower()
         if not isinstance(exc, MemoryError) and "out of memory" not in text \
@@ -147,7 +151,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     save_volume(chi, img, out)
     info = {"name": loaded.spec.name, "sha256": loaded.sha256, "path": str(loaded.path),
             "format_version": loaded.spec.format_version, "device": str(dev),
-            "data_consistency": dc.to_dict()}
+            "data_consistency": dc.to_dict(), "flip_axes": sorted(set(flip_axes))}
     return out, info
 
 
@@ -167,6 +171,8 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
     dc_edge_mm = traits.Float(desc="data-consistency mask-edge ramp, mm (default: model's)")
     dc_highpass_mm = traits.Float(desc="data-consistency SMV high-pass radius, mm "
                                        "(default: model's)")
+    flip_axes = traits.List(traits.Int, desc="axes of the flip ensemble ([]: off; default: "
+                                             "the model's)")
     num_threads = traits.Int(desc="torch CPU threads")
 
 
@@ -195,6 +201,7 @@ class QSMnetInference(SimpleInterface):
                                dc_iterations=opt("dc_iterations"),
                                dc_edge_mm=opt("dc_edge_mm"),
                                dc_highpass_mm=opt("dc_highpass_mm"),
+                               flip_axes=opt("flip_axes"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)
         self._results.update(out_file=out, model_name=info["name"],
                              model_sha256=info["sha256"], model_info=info)

@@ -145,7 +145,7 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                        device: str, tile: int | None, dc_lambda: float | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
                        unwrapping: str = "laplacian", bgremoval: str = "vsharp",
-                       name: str):
+                       flip_axes: list[int] | None = None, name: str):
     """Inference of one run and its derivatives (χ map + sidecar, mask, report figures).
 
     A raw GRE run (``run.echoes``) first goes through :func:`init_phase_wf`; its total field
@@ -156,7 +156,7 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     settings = run_settings(run, b0_strength=b0_strength)
     workflow = pe.Workflow(name=name)
     qsm_wf = init_qsmnet_wf(model=model, device=device, tile=tile, dc_lambda=dc_lambda,
-                            omp_nthreads=omp_nthreads)
+                            flip_axes=flip_axes, omp_nthreads=omp_nthreads)
     for key in ("units", "b0_strength", "echo_time", "b0_dir"):
         setattr(qsm_wf.inputs.inputnode, key, settings[key])
     entities = {k: v for k, v in run.entities.items() if v is not None}
@@ -307,7 +307,7 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                         dc_lambda: float | None = None, omp_nthreads: int = 1,
                         overwrite: bool = False, b0_strength: float | None = None,
                         unwrapping: str = "laplacian", bgremoval: str = "vsharp",
-                        name: str = "bids_qsmnet_wf"):
+                        flip_axes: list[int] | None = None, name: str = "bids_qsmnet_wf"):
     """One workflow holding a :func:`init_single_run_wf` per run (runs in parallel).
 
     Raises
@@ -324,7 +324,7 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
         init_single_run_wf(run, bids_root=bids_root, out_dir=out_dir, model=model, device=device,
                            tile=tile, dc_lambda=dc_lambda, omp_nthreads=omp_nthreads,
                            overwrite=overwrite, b0_strength=b0_strength,
-                           unwrapping=unwrapping, bgremoval=bgremoval,
+                           unwrapping=unwrapping, bgremoval=bgremoval, flip_axes=flip_axes,
                            name=f"run_{_safe_name(run.key)}_wf")
         for run in runs])
     return workflow

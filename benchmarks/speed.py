@@ -120,19 +120,32 @@ def bench_inference(args) -> dict:
     x = _input(args)
     padded = pad_to_multiple(x, net.multiple)[0].shape
     run_net = net if args.no_optimise else optimise_for_inference(net)
-    t0 = time.perf_counter()
     kw = {"tile": args.tile, "overlap": args.overlap, "max_voxels": args.max_voxels}
-    predict_normalised(run_net, x, multiple=net.multiple, **kw)
+    from bids_qsmnet.inference.predict import flip_sets
+
+    flips = flip_sets(args.flip_axes or ())
+
+    def run():  # the flip ensemble as predict_chi runs it (one pass without --flip-axes)
+        import numpy as np
+
+        for axes in flips:
+            xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+            predict_normalised(run_net, xi, multiple=net.multiple, **kw)
+
+    t0 = time.perf_counter()
+    run()
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        predict_normalised(run_net, x, multiple=net.multiple, **kw)
+        run()
         times.append(time.perf_counter() - t0)
     times = times or [first]  # --repeats 0: one call only (the slow 99 M network)
-    flops = count_flops(net, padded)["flops"]  # whole volume: tiles recompute their overlap
+    # whole volume: tiles recompute their overlap; a flip ensemble repeats the whole pass
+    flops = len(flips) * count_flops(net, padded)["flops"]
     return {"bench": "inference", "arch": args.arch, "shape": list(args.shape),
-            "tile": _plan_label(run_net, net.multiple, padded, args),
+            "tile": _plan_label(run_net, net.multiple, padded, args)
+            if len(flips) == 1 else f"whole volume × {len(flips)} flips",
             "optimised": not args.no_optimise, "threads": args.threads,
             "first_s": round(first, 2), "seconds": round(min(times), 2),
             "gflop": round(flops / 1e9, 1), "gflops_per_s": _gflops(flops, min(times)),
@@ -330,6 +343,7 @@ PLAN = [
     ["peak"],
     ["inference", "--arch", "default", "--shape", "160", "160", "160", "--no-optimise"],
     ["inference", "--arch", "default", "--shape", "160", "160", "160"],
+    ["inference", "--arch", "default", "--shape", "160", "160", "160", "--flip-axes", "0", "1"],
     ["inference", "--arch", "default", "--shape", "256", "256", "176", "--no-optimise"],
     ["inference", "--arch", "default", "--shape", "256", "256", "176"],
     ["inference", "--arch", "default", "--shape", "256", "256", "176", "--tile", "128",
@@ -499,6 +513,8 @@ def main(argv=None) -> int:
                            help="tile by the memory planner, at most this many voxels a tile")
             s.add_argument("--repeats", type=int, default=2)
             s.add_argument("--no-optimise", action="store_true")
+            s.add_argument("--flip-axes", type=int, nargs="*", default=None,
+                           help="time the flip ensemble over these axes (2^n passes)")
         if name == "tiling":
             s.add_argument("--shape", type=int, nargs=3, default=(160, 192, 160))
             s.add_argument("--tiles", type=int, nargs="+", default=(128,))

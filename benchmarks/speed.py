@@ -111,7 +111,7 @@ def bench_inference(args) -> dict:
     import torch
 
     from bids_qsmnet.inference.optimize import optimise_for_inference
-    from bids_qsmnet.inference.predict import pad_to_multiple, predict_normalised
+    from bids_qsmnet.inference.predict import pad_to_multiple
     from bids_qsmnet.models.flops import count_flops
 
     torch.set_num_threads(args.threads)
@@ -121,16 +121,13 @@ def bench_inference(args) -> dict:
     padded = pad_to_multiple(x, net.multiple)[0].shape
     run_net = net if args.no_optimise else optimise_for_inference(net)
     kw = {"tile": args.tile, "overlap": args.overlap, "max_voxels": args.max_voxels}
-    from bids_qsmnet.inference.predict import flip_sets
+    from bids_qsmnet.inference.predict import flip_sets, predict_flip_ensemble
 
     flips = flip_sets(args.flip_axes or ())
 
-    def run():  # the flip ensemble as predict_chi runs it (one pass without --flip-axes)
-        import numpy as np
-
-        for axes in flips:
-            xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
-            predict_normalised(run_net, xi, multiple=net.multiple, **kw)
+    def run():  # what predict_chi runs (one predict_normalised pass without --flip-axes)
+        predict_flip_ensemble(run_net, x, multiple=net.multiple, flip_axes=args.flip_axes or (),
+                              **kw)
 
     t0 = time.perf_counter()
     run()

@@ -29,7 +29,7 @@ import numpy as np
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
-    "flip_sets",
+    "flip_sets", "predict_flip_ensemble",
     "pad_to_multiple", "predict_chi", "predict_normalised", "tile_starts", "blend_weights",
     "receptive_radius", "TilePlan", "plan_tiles", "tiles_of_edge", "choose_tiles",
 ]
@@ -361,6 +361,26 @@ def flip_sets(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def predict_flip_ensemble(network, x: np.ndarray, *, multiple: int,
+                          flip_axes: Sequence[int] = (), device="cpu", tile: int | None = None,
+                          overlap: float | None = None,
+                          max_voxels: int | None = None) -> np.ndarray:
+    """Mean network output over the flips of ``flip_axes`` (:func:`flip_sets`), each flipped
+    back; one :func:`predict_normalised` pass without flips (see :func:`predict_chi`)."""
+    flips = flip_sets(flip_axes)
+    y = None
+    for axes in flips:
+        xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
+        yi = predict_normalised(network, xi, multiple=multiple, device=device, tile=tile,
+                                overlap=overlap, max_voxels=max_voxels)
+        yi = np.flip(yi, axes) if axes else yi
+        y = yi if y is None else y + yi
+    if len(flips) > 1:
+        LOGGER.info("flip ensemble: mean of %d maps (flips of axes %s)", len(flips),
+                    list(flips[-1]))
+    return y if len(flips) == 1 else y / len(flips)
+
+
 def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *,
                 device="cpu", tile: int | None = None, overlap: float | None = None,
                 max_voxels: int | None = None, optimise: bool = True,
@@ -404,17 +424,8 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
         from .optimize import optimise_for_inference
 
         network = optimise_for_inference(network, device=device)
-    flips = flip_sets(flip_axes)
-    y = None
-    for axes in flips:
-        xi = np.ascontiguousarray(np.flip(x, axes)) if axes else x
-        yi = predict_normalised(network, xi, multiple=loaded.network.multiple, device=device,
-                                tile=tile, overlap=overlap, max_voxels=max_voxels)
-        yi = np.flip(yi, axes) if axes else yi
-        y = yi if y is None else y + yi
-    y = y / len(flips)
-    if len(flips) > 1:
-        LOGGER.info("flip ensemble: mean of %d maps (flips of axes %s)", len(flips),
-                    sorted(set(int(a) for a in flip_axes)))
+    y = predict_flip_ensemble(network, x, multiple=loaded.network.multiple,
+                              flip_axes=flip_axes, device=device, tile=tile, overlap=overlap,
+                              max_voxels=max_voxels)
     chi = y * norm["label_std"] + norm["label_mean"]
     return np.where(mask, chi, 0.0).astype(np.float32)

@@ -142,28 +142,29 @@ class Recipe:
     chain_learning_rate: float = 2e-4
     extra: dict = field(default_factory=dict)
 
-    def data_hash(self) -> str:
-        keys = ("seed", "n_brains", "brain_shape", "n_sources", "source_shape", "max_erosion",
-                "noise_ppm", "background_ppm", "p_background", "p_linearity",
-                "linearity_range", "patch_size", "max_stride", "min_mask_fraction")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
+    def _hash(self, keys, previous: dict | None = None) -> str:
+        """16 hex digits of the sha256 of these fields (and of ``previous`` stages' hashes)."""
+        blob = json.dumps({**(previous or {}), **{k: getattr(self, k) for k in keys}},
+                          sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def chain_hash(self) -> str:
-        """Hash of everything that determines the stage-3 patch store."""
-        keys = ("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources",
-                "chain_snr")
-        blob = json.dumps({"stage2": self.finetune_hash(),
-                           **{k: getattr(self, k) for k in keys}}, sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def data_hash(self) -> str:
+        """Hash of everything that determines the stage-1 patch store."""
+        return self._hash(("seed", "n_brains", "brain_shape", "n_sources", "source_shape",
+                           "max_erosion", "noise_ppm", "background_ppm", "p_background",
+                           "p_linearity", "linearity_range", "patch_size", "max_stride",
+                           "min_mask_fraction"))
 
     def finetune_hash(self) -> str:
         """Hash of everything that determines the stage-2 patch store."""
-        keys = ("ft_seed", "ft_brains", "ft_sources", "p_blur", "blur_sigma_mm", "p_texture",
-                "texture_ppm", "texture_mm")
-        blob = json.dumps({"stage1": self.data_hash(), **{k: getattr(self, k) for k in keys}},
-                          sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._hash(("ft_seed", "ft_brains", "ft_sources", "p_blur", "blur_sigma_mm",
+                           "p_texture", "texture_ppm", "texture_mm"),
+                          {"stage1": self.data_hash()})
+
+    def chain_hash(self) -> str:
+        """Hash of everything that determines the stage-3 patch store."""
+        return self._hash(("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources",
+                           "chain_snr"), {"stage2": self.finetune_hash()})
 
 
 def _smooth_background(shape, rng, std_ppm: float) -> np.ndarray:

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", required=True, help="HDF5 patch store (from ExtractPatches)")
     p.add_argument("--out-dir", required=True, help="folder for checkpoints, model and logs")
     p.add_argument("--model", default="qsmnet",
-                   help="architecture: toy, qsmnet, qsmnet+, qsmnet-slim, qsmnet-lite, or a "
-                        "JSON file with a UNet3d config")
+                   help="architecture: toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim, qsmnet-lite, "
+                        "or a JSON file with a UNet3d config")
     p.add_argument("--name", default=None, help="model name (default: the architecture)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-step", type=int, default=d.save_step)
     p.add_argument("--w-model", type=float, default=d.w_model, help="model (dipole) loss weight")
     p.add_argument("--w-grad", type=float, default=d.w_grad, help="gradient loss weight")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                   help="keep an exponential moving average of the weights with this decay "
+                        "per step (e.g. 0.999) and validate and save it (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, learning_rate=args.learning_rate, lr_decay=args.lr_decay,
         lr_decay_steps=args.lr_decay_steps, epochs=args.epochs, save_step=args.save_step,
         w_model=args.w_model, w_grad=args.w_grad, seed=args.seed, device=args.device,
-        amp=args.amp, channels_last=args.channels_last, num_workers=args.num_workers,
+        ema_decay=args.ema_decay, amp=args.amp, channels_last=args.channels_last,
+        num_workers=args.num_workers,
         val_every=args.val_every, log_every=args.log_every,
         checkpoint_every_steps=args.checkpoint_every_steps,
         resume=args.resume, max_steps=args.max_steps, threads=args.threads,

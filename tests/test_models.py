@@ -24,6 +24,7 @@ PINNED_PARAMETERS = {
     "toy": 5_351,
     "qsmnet": 99_451_041,
     "qsmnet+": 99_451_041,
+    "qsmnet-mid": 3_151_369,
     "qsmnet-slim": 1_401_265,
     "qsmnet-lite": 350_809,
 }
@@ -50,10 +51,11 @@ def qsmnet():
 
 
 def test_registry_names():
-    assert list_architectures() == ["toy", "qsmnet", "qsmnet+", "qsmnet-slim", "qsmnet-lite"]
+    assert list_architectures() == ["toy", "qsmnet", "qsmnet+", "qsmnet-mid", "qsmnet-slim",
+                                    "qsmnet-lite"]
 
 
-@pytest.mark.parametrize("name", ["toy", "qsmnet-slim", "qsmnet-lite"])
+@pytest.mark.parametrize("name", ["toy", "qsmnet-mid", "qsmnet-slim", "qsmnet-lite"])
 def test_parameter_counts_small(name):
     net = build_network(name)
     n = count_parameters(net)

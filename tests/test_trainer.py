@@ -270,6 +270,8 @@ def test_partial_config_dict_is_completed(tmp_path, small_store):
         {"learning_rate": 0.0},
         {"lr_decay": 1.5},
         {"w_model": -1.0},
+        {"ema_decay": 1.0},
+        {"ema_decay": -0.1},
     ],
 )
 def test_config_is_checked(tmp_path, small_store, change):
@@ -342,3 +344,71 @@ def test_fine_tuning_starts_from_the_init_model(tmp_path, trained, small_store):
     with pytest.raises(ValueError, match="architecture differs"):
         train(_config(small_store, tmp_path / "bad", architecture=other,
                       init_model=str(init_path)))
+
+
+def test_weight_average_is_what_is_validated_and_saved(tmp_path, small_store, validation_volume,
+                                                       monkeypatch):
+    """``ema_decay``: the model files hold the exponential moving average of the weights and
+    batch-norm statistics, recomputed here from the weights after each step
+    (a₁ = w₁, aₜ = d·aₜ₋₁ + (1 − d)·wₜ), not the last weights."""
+    from bids_qsmnet.training import trainer
+
+    saved = {}
+    real_save = trainer._atomic_torch_save
+
+    def recording(obj, path):
+        saved[obj["step"]] = {k: v.clone() for k, v in obj["network"].items()}
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer, "_atomic_torch_save", recording)
+    decay = 0.5
+    result = train(_config(small_store, tmp_path, ema_decay=decay, checkpoint_every_steps=1,
+                           val_every=1), [validation_volume])
+    assert result.steps_done == 8
+    assert sorted(saved) == list(range(1, 9))  # a checkpoint after every step
+    per_step = [saved[i] for i in range(1, 9)]
+    average = {k: v.double() for k, v in per_step[0].items() if v.is_floating_point()}
+    for w in per_step[1:]:
+        for k in average:
+            average[k] = decay * average[k] + (1 - decay) * w[k].double()
+    loaded = load_model(result.model_path).network.state_dict()
+    last = per_step[-1]
+    for k, v in average.items():
+        torch.testing.assert_close(loaded[k].double(), v, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(loaded[k], last[k], rtol=0, atol=1e-4) for k in average)
+    # the checkpoint keeps both; validation scored the average (it differs from the weights')
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert int(state["ema"]["n_averaged"]) == 8
+    for k in average:
+        assert torch.equal(state["ema"][f"module.{k}"], loaded[k])
+    assert load_model(result.model_path).spec.training["ema_decay"] == decay
+    val = [r for r in _log(tmp_path) if r["kind"] == "val"]
+    from bids_qsmnet.models.losses import qsmnet_loss
+    from bids_qsmnet.training.dataset import KernelCache
+    from bids_qsmnet.training.trainer import _validate
+
+    net = load_model(result.model_path).network
+    rows = _validate(net, [validation_volume], _config(small_store, tmp_path / "v"),
+                     KernelCache(device=torch.device("cpu")), torch.device("cpu"), 2,
+                     str(tmp_path / "v"), qsmnet_loss, small_store.normalization)
+    assert float(val[-1]["nrmse"]) == pytest.approx(rows[0]["nrmse"], rel=1e-6)
+
+
+def test_weight_average_resumes_exactly(tmp_path, small_store):
+    whole = tmp_path / "whole"
+    train(_config(small_store, whole, val_every=0, ema_decay=0.7))
+    out = tmp_path / "run"
+    train(_config(small_store, out, val_every=0, ema_decay=0.7, max_steps=3,
+                  checkpoint_every_steps=2))
+    train(_config(small_store, out, val_every=0, ema_decay=0.7, resume=True))
+    _assert_same_run(whole, out)
+    ea = torch.load(whole / "checkpoint.pt", weights_only=True)["ema"]
+    eb = torch.load(out / "checkpoint.pt", weights_only=True)["ema"]
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+    # a resume that would silently drop or invent the average is refused
+    with pytest.raises(ValueError, match="holds a weight average"):
+        train(_config(small_store, out, val_every=0, resume=True))
+    with pytest.raises(ValueError, match="without a weight average"):
+        plain = tmp_path / "plain"
+        train(_config(small_store, plain, val_every=0, max_steps=1))
+        train(_config(small_store, plain, val_every=0, ema_decay=0.7, resume=True))

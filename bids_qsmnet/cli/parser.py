@@ -84,6 +84,16 @@ def _positive_float(value, *, parser, what):
     return v
 
 
+def _ema_decay(value, *, parser):
+    try:
+        v = float(value)
+    except ValueError:
+        raise parser.error(f"--ema-decay: expected a number, got {value!r}") from None
+    if not 0 <= v < 1:
+        raise parser.error(f"--ema-decay: must be within [0, 1), got {v}")
+    return v
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bids_qsmnet",
@@ -132,7 +142,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help="participant: model file/folder or shipped name (default: the shipped "
                         "default model); group: architecture (toy, qsmnet, qsmnet+, "
-                        "qsmnet-slim, qsmnet-lite)")
+                        "qsmnet-mid, qsmnet-slim, qsmnet-lite)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where torch runs")
     g.add_argument("--tile", type=partial(_positive_int, parser=parser, what="--tile"),
@@ -167,6 +177,9 @@ def get_parser() -> argparse.ArgumentParser:
                                                    what="--learning-rate"), default=1e-3)
     g.add_argument("--save-step", type=partial(_positive_int, parser=parser,
                                                what="--save-step"), default=5)
+    g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=0.0,
+                   help="validate and save an exponential moving average of the weights with "
+                        "this decay per step (e.g. 0.999; 0: the last weights)")
     g.add_argument("--linearity-factor", type=float, default=None,
                    help="QSMnet+ augmentation factor (e.g. 4)")
     g.add_argument("--sign-flip", action="store_true", help="add sign-flipped patches")

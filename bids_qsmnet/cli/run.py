@@ -462,7 +462,8 @@ def build_group_workflow(opts, layout):
                           linearity_factor=opts.linearity_factor, sign_flip=opts.sign_flip,
                           batch_size=opts.batch_size, epochs=opts.epochs,
                           learning_rate=opts.learning_rate, save_step=opts.save_step,
-                          seed=opts.seed, device=opts.device, max_steps=opts.max_steps,
+                          ema_decay=opts.ema_decay, seed=opts.seed, device=opts.device,
+                          max_steps=opts.max_steps,
                           omp_nthreads=opts.omp_nthreads, with_validation=bool(val_runs),
                           name=f"training_{''.join(c if c.isalnum() else '_' for c in name)}_wf")
 

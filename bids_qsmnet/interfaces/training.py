@@ -115,7 +115,7 @@ class ExtractPatches(SimpleInterface):
 class _TrainInputSpec(BaseInterfaceInputSpec):
     patches = File(exists=True, mandatory=True, desc="HDF5 patch store from ExtractPatches")
     architecture = traits.Str("qsmnet", usedefault=True,
-                              desc="toy, qsmnet, qsmnet+, qsmnet-slim, qsmnet-lite")
+                              desc="toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim, qsmnet-lite")
     model_name = traits.Str(desc="name written into the model file (default: architecture)")
     batch_size = traits.Int(12, usedefault=True, desc="patches per step")
     learning_rate = traits.Float(1e-3, usedefault=True, desc="initial Adam learning rate")
@@ -126,6 +126,9 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     w_model = traits.Float(5.0, usedefault=True, desc="model (dipole-consistency) loss weight")
     w_grad = traits.Float(0.1, usedefault=True, desc="gradient loss weight")
     seed = traits.Int(0, usedefault=True, desc="seed of initial weights and patch order")
+    ema_decay = traits.Range(0.0, 1.0, 0.0, usedefault=True, exclude_high=True,
+                             desc="decay per step of the weight average that is validated and "
+                                  "saved (0: the last weights)")
     device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
     use_cuda = traits.Bool(False, usedefault=True,
                            desc="schedule as a GPU job in MultiProc (n_gpu_procs)")
@@ -177,6 +180,7 @@ class TrainQSMnet(SimpleInterface):
             batch_size=i.batch_size, learning_rate=i.learning_rate, lr_decay=i.lr_decay,
             lr_decay_steps=i.lr_decay_steps, epochs=i.epochs, save_step=i.save_step,
             w_model=i.w_model, w_grad=i.w_grad, seed=i.seed, device=i.device, amp=i.amp,
+            ema_decay=i.ema_decay,
             channels_last=i.channels_last, val_every=i.val_every, max_steps=i.max_steps,
             resume=True,
             threads=i.num_threads if isdefined(i.num_threads) else None)

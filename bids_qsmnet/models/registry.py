@@ -6,6 +6,7 @@ name            channels                   kernel activation   use
 ``toy``         2, 4                       5³     ReLU         the tutorial's qsmnet_toy
 ``qsmnet``      32, 64, 128, 256, 512      5³     ReLU         QSMnet (≈99 M parameters)
 ``qsmnet+``     32, 64, 128, 256, 512      5³     leaky 0.1    QSMnet+
+``qsmnet-mid``  24, 48, 96, 192            3³     leaky 0.1    2.25x slim's compute
 ``qsmnet-slim`` 16, 32, 64, 128            3³     leaky 0.1    CPU training / inference
 ``qsmnet-lite`` 8, 16, 32, 64              3³     leaky 0.1    quick CPU runs and tests
 =============== ========================== ====== ============ =========================
@@ -40,6 +41,8 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
         "kernel_size": 5,
         "act": "leaky_relu",
     },
+    "qsmnet-mid": {**_COMMON, "channels": [24, 48, 96, 192], "kernel_size": 3,
+                   "act": "leaky_relu"},
     "qsmnet-slim": {
         **_COMMON,
         "channels": [16, 32, 64, 128],

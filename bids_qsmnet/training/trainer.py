@@ -105,6 +105,10 @@ class TrainingConfig:
         initialisation and its normalisation constants replace the patch store's (the network
         learned its units with them); its architecture must be ``architecture``'s.  Ignored
         when a checkpoint is resumed (the checkpoint already holds the fine-tuned weights).
+    ema_decay : keep an exponential moving average of the weights (and batch-norm statistics)
+        with this decay per step (0: off).  Validation and every model file then use the
+        average, which removes the step-to-step fluctuation of the last weights (the average
+        covers about ``1 / (1 - ema_decay)`` steps); the checkpoint holds both.
     """
 
     patches: str
@@ -134,6 +138,7 @@ class TrainingConfig:
     training_info: dict = field(default_factory=dict)
     inference_defaults: dict = field(default_factory=dict)
     init_model: str | None = None
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         for name in ("batch_size", "epochs", "save_step", "lr_decay_steps", "log_every"):
@@ -145,6 +150,8 @@ class TrainingConfig:
             raise ValueError(f"lr_decay must be within (0, 1], got {self.lr_decay}")
         if self.w_model < 0 or self.w_grad < 0:
             raise ValueError("loss weights must not be negative")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be within [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -328,7 +335,7 @@ def _make_spec(cfg: TrainingConfig, arch_config: dict, normalization: dict, extr
         "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate,
         "lr_decay": cfg.lr_decay, "lr_decay_steps": cfg.lr_decay_steps,
         "epochs": cfg.epochs, "w_model": cfg.w_model, "w_grad": cfg.w_grad, "seed": cfg.seed,
-        **cfg.training_info, **extra,
+        "ema_decay": cfg.ema_decay, **cfg.training_info, **extra,
     }
     if cfg.init_model:
         training["init_model"] = os.path.basename(cfg.init_model)
@@ -503,6 +510,14 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_steps,
                                                 gamma=cfg.lr_decay)
+    ema = None
+    if cfg.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # averages the batch-norm running statistics too (use_buffers), so the averaged
+        # network is used as it is, with no pass over the data to re-estimate them
+        ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)
     epoch, batch_in_epoch, step = 0, 0, 0
     if cfg.resume and os.path.exists(ckpt_path):
         import pickle
@@ -517,6 +532,14 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
             raise ValueError(f"{ckpt_path}: checkpoint is of another architecture; "
                              "use a new output folder or the same --model")
         network.load_state_dict(state["network"])
+        if ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{ckpt_path}: checkpoint was written without a weight "
+                                 "average; resume with the run's own ema_decay (0)")
+            ema.load_state_dict(state["ema"])
+        elif "ema" in state:
+            raise ValueError(f"{ckpt_path}: checkpoint holds a weight average; resume with the "
+                             "run's own ema_decay")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, batch_in_epoch, step = (int(state["epoch"]), int(state["batch_in_epoch"]),
@@ -551,22 +574,28 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
     def checkpoint(epoch_done: int, batch_done: int) -> None:
         if not is_main:
             return
-        _atomic_torch_save({
+        state = {
             "network": network.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch_done,
             "batch_in_epoch": batch_done, "step": step, "rng": _rng_state(),
             "architecture": json.dumps(arch_config, sort_keys=True),
-            "version": __version__}, ckpt_path)
+            "version": __version__}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        _atomic_torch_save(state, ckpt_path)
+
+    #: the weights that are validated and written to model files: the average when kept
+    shipped = network if ema is None else ema.module
 
     def save_model_file(path: str, epoch_done: int) -> None:
         if is_main:
             spec = _make_spec(cfg, arch_config, norm,
                               {"epochs_done": epoch_done, "steps_done": step,
                                "world_size": world, "device": str(device)})
-            save_model(path, network, spec)
+            save_model(path, shipped, spec)
 
     def run_validation(epoch_label: int) -> dict:
-        rows = _validate(network, validation, cfg, kernels, device, epoch_label, out_dir,
+        rows = _validate(shipped, validation, cfg, kernels, device, epoch_label, out_dir,
                          qsmnet_loss, norm)
         for r in rows:
             r["step"] = step
@@ -614,6 +643,8 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
             terms["total"].backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(network)
             step += 1
             batch_in_epoch += 1
             # the loss of the whole batch over all ranks: what one process would log, and the

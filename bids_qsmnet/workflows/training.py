@@ -16,7 +16,7 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
                      sign_flip: bool = False, b0_tilts: int = 0, batch_size: int = 12,
                      epochs: int = 25, learning_rate: float = 1e-3, save_step: int = 5,
                      val_every: int = 2, w_model: float = 5.0, w_grad: float = 0.1,
-                     seed: int = 0, device: str = "auto", amp: bool = False,
+                     ema_decay: float = 0.0, seed: int = 0, device: str = "auto", amp: bool = False,
                      channels_last: bool = True, max_steps: int = 0, omp_nthreads: int = 1,
                      with_validation: bool = True,
                      name: str = "training_wf"):
@@ -28,11 +28,12 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
 
     Parameters
     ----------
-    architecture : toy, qsmnet, qsmnet+, qsmnet-slim or qsmnet-lite
+    architecture : toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim or qsmnet-lite
     model_name : name written into the model file (default: the architecture)
     patch_size : patch edge, voxels (QSMnet 64, toy 32)
     linearity_factor, sign_flip, b0_tilts : augmentation (see ExtractPatches)
     batch_size, epochs, learning_rate, save_step, val_every, w_model, w_grad, seed : training
+    ema_decay : validate and save a moving average of the weights (0: the last weights)
     device, amp : ``auto``/``cpu``/``cuda``, bf16 autocast on CUDA
     channels_last : channels-last 3-D layout (faster steps on CPU; same function, other
         float rounding)
@@ -71,6 +72,7 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
                                 model_name=model_name or architecture, batch_size=batch_size,
                                 epochs=epochs, learning_rate=learning_rate, save_step=save_step,
                                 val_every=val_every, w_model=w_model, w_grad=w_grad, seed=seed,
+                                ema_decay=ema_decay,
                                 device=device, amp=amp, channels_last=channels_last,
                                 max_steps=max_steps,
                                 num_threads=omp_nthreads, use_cuda=device.startswith("cuda")),

@@ -240,6 +240,8 @@ def test_bids_filter_file_loaded_as_lists(bids, tmp_path):
         ("--validation-fraction", "1.0"),
         ("--device", "tpu"),
         ("--learning-rate", "0"),
+        ("--ema-decay", "1"),
+        ("--ema-decay", "-0.5"),
     ],
 )
 def test_bad_numbers_exit_2(bids, capsys, option, value):

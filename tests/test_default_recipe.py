@@ -168,9 +168,11 @@ def test_stage3_plan_and_hashes():
     assert dataclasses.replace(r, chain_brains=3).chain_hash() != r.chain_hash()
     assert dataclasses.replace(r, p_blur=0.1).chain_hash() != r.chain_hash()  # stage 2 data
     assert dataclasses.replace(r, chain_brains=3).finetune_hash() == r.finetune_hash()
-    # the shipped weights' stages 1-2 were trained with --preset gpu on these stores
+    # the shipped weights were trained with --preset gpu on these stores
     g = set_fields(Recipe(), PRESETS["gpu"])
-    assert (g.data_hash(), g.finetune_hash()) == ("3af3f6828c4032ec", "635d4868aa2539bb")
+    assert (g.data_hash(), g.finetune_hash(), g.chain_hash()) == (
+        "e72c38b25f4bcf18", "4a570fdcdf59354f", "cdff6bea3f65773d")
+    assert g.architecture == "qsmnet-mid"
 
 
 def test_chain_volume_is_the_local_field_through_the_apps_phase_chain():

@@ -28,7 +28,8 @@ def group_run(tmp_path_factory):
     shutil.copytree(EXAMPLE, bids)
     out = tmp / "bids_qsmnet"
     proc = _run(bids, out, "group", "--model", "toy", "--validation-participant", "sub-02",
-                "--epochs", "1", "--max-steps", "4", "--batch-size", "4", "-w", tmp / "work",
+                "--epochs", "1", "--max-steps", "4", "--batch-size", "4", "--ema-decay", "0.9",
+                "-w", tmp / "work",
                 "--nprocs", "1", "--omp-nthreads", "2", "--plugin", "Linear")
     return bids, out, tmp, proc
 
@@ -41,6 +42,7 @@ def test_group_level_trains_a_loadable_model(group_run):
     assert loaded.spec.name == "toy"
     assert loaded.spec.architecture["channels"] == [2, 4]
     assert loaded.spec.training["steps_done"] == 4
+    assert loaded.spec.training["ema_decay"] == 0.9  # the weight average was saved
     with open(model_dir / "training_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["kind"] for r in rows].count("val") == 1  # sub-02 held out, validated once

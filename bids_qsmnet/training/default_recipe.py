@@ -16,15 +16,18 @@ in a real field do not throw the network (see below).  ``--stage N`` runs one of
 ``--resume`` continues an interrupted run (a patch store is reused when its part of the recipe
 is unchanged, and training resumes from the stage's ``checkpoint.pt``).
 
-``--preset cpu`` (the default) fits a working session on a 2-core CPU; ``--preset gpu`` has 2.4
-(stage 1) to 3.2 (stage 2) times its data and batch 8, and takes about 5 minutes on an NVIDIA
-H200 for stages 1-2 (``docs/benchmarks_gpu.md``).  The shipped weights: stages 1-2 of
-``--preset gpu`` on an H200, then stage 3 on the 2-core CPU (``MODEL_CARD.md``)::
+``--preset cpu`` (the default) fits a working session on a 2-core CPU (the ``qsmnet-slim``
+network); ``--preset gpu`` is the recipe of the shipped weights: 6.4 (stage 1), 3.2 (stage 2)
+and 2 (stage 3, chain brains) times the data of ``cpu``, batch 8 and the 2.25x wider
+``qsmnet-mid`` network.  Its three stages took 12 minutes on an NVIDIA H200 with 15 processes
+simulating the data, sharing the GPU with a second run (``MODEL_CARD.md``)::
 
-    python -m bids_qsmnet.training.default_recipe --out-dir runs/gpu2 --preset gpu \
-        --device cuda --workers 15 --loader-workers 6 --stage 1   # and --stage 2 (H200)
-    python -m bids_qsmnet.training.default_recipe --out-dir runs/gpu2 --preset gpu \
-        --stage 3 --workers 2 --threads 2                         # CPU
+    python -m bids_qsmnet.training.default_recipe --out-dir runs/gpu --preset gpu \
+        --device cuda --workers 15 --loader-workers 6
+
+Every stage keeps an exponential moving average of its weights (``ema_decay``,
+``ft_ema_decay``, ``chain_ema_decay``) and validates and saves that: with the last weights,
+validation NRMSE swung by 3-8 points from epoch to epoch; with the average it falls steadily.
 
 Training data (why each choice: ``MODEL_CARD.md`` and the field's lessons)
 --------------------------------------------------------------------------------------
@@ -57,11 +60,12 @@ Training data (why each choice: ``MODEL_CARD.md`` and the field's lessons)
   low-order polynomial, against the 1-4 ppb polynomial residual of stages 1-2.  Networks
   trained on exact fields map it to χ errors that differ wildly between training runs (the
   network alone: NRMSE 58-85 % on that brain against 25-31 % from its exact field).  Stage 3
-  simulates 16 brains (with stage 2's smoothness variety and linearity) as 3-5-echo GRE
-  (first echo 3-6 ms, spacing 5-9 ms, SNR 20-100) in a head with skull, scalp and, in 70 %, an
-  air sinus, and runs the app's chain on them (magnitude mask, Laplacian unwrapping and echo
-  fit, V-SHARP); the label is χ in the V-SHARP mask (zero in CSF outside the brain).  8 brains
-  and 8 source phantoms with exact fields keep the other stages' inputs in the mix.
+  simulates 16 brains (32 in ``--preset gpu``; with stage 2's smoothness variety and
+  linearity) as 3-5-echo GRE (first echo 3-6 ms, spacing 5-9 ms, SNR 20-100) in a head with
+  skull, scalp and, in 70 %, an air sinus, and runs the app's chain on them (magnitude mask,
+  Laplacian unwrapping and echo fit, V-SHARP); the label is χ in the V-SHARP mask (zero in
+  CSF outside the brain).  8 brains and 8 source phantoms with exact fields keep the other
+  stages' inputs in the mix.
 """
 
 from __future__ import annotations
@@ -475,10 +479,12 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
 #: named recipe sizes (``--preset``): ``FIELD=VALUE`` changes to :class:`Recipe`'s defaults
 PRESETS = {
     "cpu": (),
-    # stages 1-2 of the shipped weights, trained on an NVIDIA H200 (5 min with 15 processes
-    # simulating the data): twice stage 1's brains and sources of 'cpu' ... see MODEL_CARD.md
-    "gpu": ("n_brains=96", "n_sources=192", "ft_brains=96", "ft_sources=96", "epochs=6",
-            "ft_epochs=2", "batch_size=8", "lr_decay_steps=360"),
+    # the shipped weights (all three stages on an NVIDIA H200, see MODEL_CARD.md): 6.4x the
+    # brains and sources of 'cpu' in stage 1, 3.2x in stage 2, 2x the chain brains of stage 3,
+    # batch 8, and the 2.25x wider qsmnet-mid, which a 2-core CPU cannot train in a session
+    "gpu": ("n_brains=128", "n_sources=256", "ft_brains=96", "ft_sources=96", "epochs=6",
+            "ft_epochs=2", "batch_size=8", "lr_decay_steps=480", "chain_brains=32",
+            "architecture=qsmnet-mid"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -373,3 +374,24 @@ def test_reading_a_spec_needs_no_torch_import(saved):
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "toy-test"
+
+
+@pytest.mark.parametrize(
+    ("inference", "match"),
+    [
+        ({"flip_axes": [0, 3]}, "inference.flip_axes"),
+        ({"flip_axes": "xy"}, "inference.flip_axes"),
+        ({"dc_lambda": -0.1}, "inference.dc_lambda"),
+        ({"dc_highpass_mm": "4"}, "inference.dc_highpass_mm"),
+        ({"dc_iterations": 2.5}, "inference.dc_iterations"),
+    ],
+)
+def test_bad_inference_defaults_are_refused_naming_the_file(tmp_path, toy, spec, inference,
+                                                           match):
+    """A model file whose inference defaults the app could not use fails when it is loaded,
+    naming the file, not later at inference."""
+    bad = {**spec.to_dict(), "inference": inference}
+    path = _write(tmp_path / "bad.safetensors", _tensors(toy), bad)
+    _refused(path, match)
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(spec, inference=inference)

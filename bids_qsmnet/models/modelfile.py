@@ -252,6 +252,7 @@ class ModelSpec:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
             setattr(self, name, _json_copy(name, dict(value)))
+        _check_inference_defaults(self.inference)
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain JSON types (the content of the file's metadata)."""
@@ -391,6 +392,30 @@ def _read_header(path: Path) -> dict[str, Any]:
     if 8 + n + end < size:
         raise ModelFileError(f"{path} is corrupt: {size - 8 - n - end} bytes after the tensors")
     return header
+
+
+#: inference defaults the app reads from a model file, and what each must be
+_INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm")
+
+
+def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
+    """Refuse inference defaults the app would fail on later, at inference (so that the error
+    can name the model file): non-negative numbers, a non-negative iteration count, and flip
+    axes among the volume axes 0, 1, 2."""
+    for key in _INFERENCE_NUMBERS:
+        if key in inference:
+            v = inference[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"inference.{key} must be a non-negative number, got {v!r}")
+    if "dc_iterations" in inference:
+        v = inference["dc_iterations"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"inference.dc_iterations must be a non-negative integer, got {v!r}")
+    if "flip_axes" in inference:
+        v = inference["flip_axes"]
+        if not isinstance(v, list) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in v):
+            raise ValueError(f"inference.flip_axes must be a list of volume axes 0, 1, 2, "
+                             f"got {v!r}")
 
 
 def _spec_from_header(path: Path, header: Mapping[str, Any]) -> ModelSpec:

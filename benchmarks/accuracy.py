@@ -363,20 +363,20 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from bids_qsmnet.data.synthetic import make_brain_phantom
+    from bids_qsmnet.inference.refine import dc_settings
     from bids_qsmnet.models.modelfile import load_model, resolve_model
     from bids_qsmnet.physics.inversion import closed_form_l2, tkd, tv_admm
 
     t_start = time.time()
     loaded = load_model(resolve_model(args.model))
     toy = load_model(args.toy_model) if args.toy_model else None
-    dc_model = float((loaded.spec.inference or {}).get("dc_lambda", 0.0))
+    # the model file's defaults where no option is given, as the app takes them
+    dc = dc_settings(loaded.spec.inference, edge_mm=args.dc_edge_mm,
+                     highpass_mm=args.dc_highpass_mm)
+    dc_model, dc_edge, dc_hp = dc.lam, dc.edge_mm, dc.highpass_mm
     flips = sorted(set((loaded.spec.inference or {}).get("flip_axes", [])
                        if args.flip_axes is None else args.flip_axes))
     fl = f", flips {''.join('xyz'[a] for a in flips)}" if flips else ""
-    dc_edge = float((loaded.spec.inference or {}).get("dc_edge_mm", 0.0)
-                    if args.dc_edge_mm is None else args.dc_edge_mm)
-    dc_hp = float((loaded.spec.inference or {}).get("dc_highpass_mm", 0.0)
-                  if args.dc_highpass_mm is None else args.dc_highpass_mm)
 
     tp = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(TUNE_SEED))
     if args.tune_on == "raw":

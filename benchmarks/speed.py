@@ -111,7 +111,7 @@ def bench_inference(args) -> dict:
     import torch
 
     from bids_qsmnet.inference.optimize import optimise_for_inference
-    from bids_qsmnet.inference.predict import pad_to_multiple
+    from bids_qsmnet.inference.predict import flip_sets, pad_to_multiple, predict_flip_ensemble
     from bids_qsmnet.models.flops import count_flops
 
     torch.set_num_threads(args.threads)
@@ -121,8 +121,6 @@ def bench_inference(args) -> dict:
     padded = pad_to_multiple(x, net.multiple)[0].shape
     run_net = net if args.no_optimise else optimise_for_inference(net)
     kw = {"tile": args.tile, "overlap": args.overlap, "max_voxels": args.max_voxels}
-    from bids_qsmnet.inference.predict import flip_sets, predict_flip_ensemble
-
     flips = flip_sets(args.flip_axes or ())
 
     def run():  # what predict_chi runs (one predict_normalised pass without --flip-axes)

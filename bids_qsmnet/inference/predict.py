@@ -402,9 +402,10 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
         Exact physics: with B0 along the third axis the dipole kernel is even in every
         coordinate, so a flipped field is the field of the flipped χ.  The network itself is
         not flip-symmetric (it learned brain anatomy), so averaging reduces its error: on the
-        accuracy benchmark's tuning brain, flips of the first two axes (in-plane) lowered the
-        default model's NRMSE by 1.8 points (exact field) and 2.6 (through the phase chain);
-        flipping the third axis (head-foot) made single maps worse.
+        accuracy benchmark's tuning brain, flips of the first two axes (in-plane) lowered
+        session 5's default model's NRMSE by 1.8 points (exact field) and 2.6 (through the
+        phase chain), session 6's wider default's by 0.4 (through the chain, with the
+        refinement); flipping the third axis (head-foot) made single maps worse.
 
     Returns
     -------

@@ -308,3 +308,15 @@ def test_flip_axes_option(bids, capsys):
     assert parse_args([*base, "--flip-axes", "0", "1"]).flip_axes == [0, 1]
     code, msg = _exit_code([*base, "--flip-axes", "3"], capsys)
     assert code == 2 and "--flip-axes" in msg
+
+
+def test_residual_passes_option(bids, capsys):
+    """--residual-passes: absent → the model's default (None), N ≥ 0 → N, else exit code 2."""
+    root, out = bids
+    base = [str(root), str(out), "participant"]
+    assert parse_args(base).residual_passes is None
+    assert parse_args([*base, "--residual-passes", "0"]).residual_passes == 0
+    assert parse_args([*base, "--residual-passes", "2"]).residual_passes == 2
+    for bad in ("-1", "two"):
+        code, msg = _exit_code([*base, "--residual-passes", bad], capsys)
+        assert code == 2 and "--residual-passes" in msg

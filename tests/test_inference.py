@@ -361,3 +361,36 @@ def test_run_qsmnet_takes_the_flip_axes_from_the_model_file(tmp_path):
     _, info = run_qsmnet(f, m, model=path, device="cpu", num_threads=1, newpath=str(tmp_path),
                          flip_axes=[])
     assert info["flip_axes"] == []
+
+
+def test_run_qsmnet_residual_passes(tmp_path):
+    """run_qsmnet takes ``residual_passes`` from the model file unless given, and one pass is
+    the network's map plus the network's map of the field it leaves unexplained."""
+    import nibabel as nib
+
+    from bids_qsmnet.interfaces.inference import run_qsmnet
+    from bids_qsmnet.physics.dipole import forward_field
+
+    path = make_model_file(tmp_path / "m.safetensors", seed=2)
+    loaded = load_model(path)
+    spec = loaded.spec
+    spec = ModelSpec(name=spec.name, architecture=spec.architecture,
+                     normalization=spec.normalization, inference={"residual_passes": 1})
+    path = str(save_model(tmp_path / "passes.safetensors", loaded.network, spec))
+    field, mask, _ = sphere_field((32, 32, 32))
+    f = write_nifti(tmp_path / "field.nii.gz", field)
+    m = write_nifti(tmp_path / "mask.nii.gz", mask, dtype=np.uint8)
+    out, info = run_qsmnet(f, m, model=path, device="cpu", num_threads=1, dc_lambda=0.0,
+                           newpath=str(tmp_path / "a"))
+    assert info["residual_passes"] == 1
+    got = nib.load(out).get_fdata()
+    mask = mask > 0
+    chi0 = predict_chi(loaded, field, mask)
+    res = np.where(mask, field - forward_field(chi0, pad=16), 0).astype(np.float32)
+    want = np.where(mask, chi0 + predict_chi(loaded, res, mask), 0)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    assert np.abs(want - chi0).max() > 1e-3 * np.abs(chi0).max()
+    out, info = run_qsmnet(f, m, model=path, device="cpu", num_threads=1, dc_lambda=0.0,
+                           residual_passes=0, newpath=str(tmp_path / "b"))
+    assert info["residual_passes"] == 0
+    np.testing.assert_allclose(nib.load(out).get_fdata(), chi0, atol=1e-5 * np.abs(chi0).max())

@@ -384,6 +384,8 @@ def test_reading_a_spec_needs_no_torch_import(saved):
         ({"dc_lambda": -0.1}, "inference.dc_lambda"),
         ({"dc_highpass_mm": "4"}, "inference.dc_highpass_mm"),
         ({"dc_iterations": 2.5}, "inference.dc_iterations"),
+        ({"residual_passes": -1}, "inference.residual_passes"),
+        ({"residual_passes": True}, "inference.residual_passes"),
     ],
 )
 def test_bad_inference_defaults_are_refused_naming_the_file(tmp_path, toy, spec, inference,

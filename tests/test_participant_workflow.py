@@ -319,6 +319,7 @@ def test_chimap_sidecar(example_runs, sub):
     assert meta["InputUnits"] == ("ppm" if sub == "01" else "Hz")
     assert meta["MagneticFieldStrength"] == 3.0
     assert meta["ResampledToNetworkFrame"].startswith("no")
+    assert meta["ResidualPasses"] == 0 and meta["FlipEnsembleAxes"] == []
     mask_meta = json.loads((out / f"sub-{sub}/anat/sub-{sub}_desc-brain_mask.json").read_text())
     assert mask_meta["Type"] == "Brain" and mask_meta["Sources"] == meta["Sources"]
 

@@ -11,6 +11,7 @@ from bids_qsmnet.inference.refine import (
     dc_settings,
     edge_weights,
     refine,
+    residual_passes,
 )
 from bids_qsmnet.physics.dipole import forward_field
 
@@ -175,3 +176,71 @@ def test_refine_passes_the_high_pass_radius_on():
     ref = data_consistency(np.zeros_like(chi), np.where(m, field, 0), w, lam=0.05, n_iter=10,
                            pad=8, highpass_mm=3.0)
     np.testing.assert_allclose(out, ref.astype(np.float32), atol=1e-7)
+
+
+def test_residual_passes_are_a_richardson_iteration():
+    """With a linear stand-in for the network, predict(r) = c·D∗r on a periodic grid with the
+    whole grid as mask, n passes give in k-space χ̂ₙ = χ̂ − (1 − c·D̂²)ⁿ (χ̂ − χ̂₀) exactly
+    (Landweber's iteration); n = 0 only masks."""
+    from bids_qsmnet.physics.dipole import dipole_kernel
+
+    shape = (20, 24, 16)
+    rng = np.random.default_rng(4)
+    chi = rng.normal(0, 0.05, shape)
+    D = dipole_kernel(shape, (1, 1, 1), (0, 0, 1))
+    field = np.fft.ifftn(D * np.fft.fftn(chi)).real
+    chi0 = 0.5 * chi + rng.normal(0, 0.01, shape)
+    c = 1.5
+
+    def predict(r):
+        return c * np.fft.ifftn(D * np.fft.fftn(r)).real
+
+    m = np.ones(shape, bool)
+    for n in (1, 3):
+        got = residual_passes(predict, chi0, field, m, n, pad=0)
+        want = np.fft.ifftn(np.fft.fftn(chi) - (1 - c * D**2) ** n
+                            * np.fft.fftn(chi - chi0)).real
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    part = _box(shape, 3, 13)
+    np.testing.assert_array_equal(residual_passes(predict, chi0, field, part, 0),
+                                  np.where(part, chi0, 0).astype(np.float32))
+    with pytest.raises(ValueError, match="non-negative"):
+        residual_passes(predict, chi0, field, m, -1)
+
+
+def test_residual_passes_restore_a_shrunk_sphere():
+    """A "network" that recovers only 60 % of a source (0.6 × the closed-form L2 inverse):
+    its map of a uniformly magnetised sphere (the analytic field: χ/3 inside, the dipole
+    field outside, here sampled on the grid) is 40 % short; each residual pass shrinks what
+    is missing by about 0.4, so two passes bring the sphere's mean within 20 % of the truth
+    and the data residual falls with every pass."""
+    from bids_qsmnet.physics.inversion import closed_form_l2
+
+    shape = (48, 48, 48)
+    g = np.meshgrid(*[np.arange(n) - 23.5 for n in shape], indexing="ij")
+    r = np.sqrt(sum(x**2 for x in g))
+    a, dchi = 6.0, 0.4
+    # analytic field of a uniformly magnetised sphere (Lorentz-corrected): 0 inside,
+    # dchi·a³/3 · (3cos²θ − 1)/r³ outside
+    cos2 = np.where(r > 0, g[2] ** 2 / np.maximum(r, 1e-9) ** 2, 0)
+    field = np.where(r <= a, 0.0, dchi * a**3 / 3 * (3 * cos2 - 1) / np.maximum(r, a) ** 3)
+    m = r < 22
+    field = np.where(m, field, 0.0)
+
+    def predict(f):
+        return 0.6 * closed_form_l2(f, m, lam=1e-3)
+
+    chi0 = predict(field)
+    sphere = r <= a - 1
+
+    def shortfall(x):
+        return 1 - float(x[sphere].mean()) / dchi
+
+    assert shortfall(chi0) > 0.35
+    out1 = residual_passes(predict, chi0, field, m, 1)
+    out2 = residual_passes(predict, chi0, field, m, 2)
+    assert shortfall(out2) < 0.2 and shortfall(out2) < shortfall(out1) < shortfall(chi0)
+    res = [np.linalg.norm(np.where(m, field - forward_field(x, pad=16), 0))
+           for x in (chi0, out1, out2)]
+    assert res[0] > res[1] > res[2]
+    assert np.abs(out2[~m]).max() == 0

@@ -64,14 +64,22 @@ def _filter_file(value, *, parser):
         raise parser.error(str(exc)) from None
 
 
-def _positive_int(value, *, parser, what):
+def _int_at_least(value, *, parser, what, low: int):
     try:
         v = int(value)
     except ValueError:
         raise parser.error(f"{what}: expected an integer, got {value!r}") from None
-    if v < 1:
-        raise parser.error(f"{what}: must be at least 1, got {v}")
+    if v < low:
+        raise parser.error(f"{what}: must be at least {low}, got {v}")
     return v
+
+
+def _positive_int(value, *, parser, what):
+    return _int_at_least(value, parser=parser, what=what, low=1)
+
+
+def _non_negative_int(value, *, parser, what):
+    return _int_at_least(value, parser=parser, what=what, low=0)
 
 
 def _positive_float(value, *, parser, what):
@@ -158,6 +166,16 @@ def get_parser() -> argparse.ArgumentParser:
                         "subset of these axes of the network frame (0, 1: in-plane; 2: along "
                         "B0) and average the maps (2^n passes); with no AXIS: off; default: "
                         "the model's")
+    g.add_argument("--residual-passes", default=None, metavar="N",
+                   type=partial(_non_negative_int, parser=parser, what="--residual-passes"),
+                   help="residual-field passes: the network also maps what its map leaves "
+                        "unexplained of the field and the result is added, N times, before "
+                        "the data-consistency refinement. Restores strong and extended "
+                        "sources (haemorrhage, deep nuclei) when the local field is accurate "
+                        "at large scales (e.g. simulated, or a trusted background removal); "
+                        "on fields from this app's raw-GRE chain it amplifies the background-"
+                        "removal error (MODEL_CARD.md). Default: the model's (0 for the "
+                        "shipped model)")
 
     g = parser.add_argument_group("Training (group level)")
     g.add_argument("--validation-participant", nargs="+", default=None,

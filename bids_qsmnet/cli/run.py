@@ -302,7 +302,7 @@ def build_participant_workflow(opts, layout, errors: dict):
                              dc_lambda=opts.dc_lambda, omp_nthreads=opts.omp_nthreads,
                              overwrite=opts.overwrite, b0_strength=opts.b0_strength,
                              unwrapping=opts.unwrapping, bgremoval=opts.bgremoval,
-                             flip_axes=opts.flip_axes)
+                             flip_axes=opts.flip_axes, residual_passes=opts.residual_passes)
     return wf, model, runs
 
 

@@ -66,7 +66,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | None = None, dc_iterations: int | None = None,
                dc_edge_mm: float | None = None, dc_highpass_mm: float | None = None,
-               flip_axes: list[int] | None = None, num_threads: int | None = None,
+               flip_axes: list[int] | None = None, residual_passes: int | None = None,
+               num_threads: int | None = None,
                newpath: str | None = None) -> tuple[str, dict]:
     """Predict χ (ppm) from a field (ppm) in the network frame and write it next to ``newpath``.
 
@@ -88,6 +89,9 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         data term (None: model default / 0: fields compared as they are)
     flip_axes : axes of the flip ensemble (:func:`bids_qsmnet.inference.predict.predict_chi`;
         None: the model file's ``inference.flip_axes``, none if it has none; []: off)
+    residual_passes : residual-field passes before the refinement
+        (:func:`bids_qsmnet.inference.refine.residual_passes`; None: the model file's
+        ``inference.residual_passes``, 0 if it has none)
     num_threads : torch CPU threads
 
     Returns
@@ -98,6 +102,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     from ..device import select_device
     from ..inference.predict import predict_chi
     from ..inference.refine import dc_settings, refine
+    from ..inference.refine import residual_passes as run_residual_passes
     from ..io.nifti import available_memory, load_volume, save_volume
     from ..models.modelfile import load_model, resolve_model
     from ..physics.orientation import voxel_sizes_from_affine
@@ -128,9 +133,20 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
             raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
     if flip_axes is None:
         flip_axes = list((loaded.spec.inference or {}).get("flip_axes", []))
+    if residual_passes is None:
+        residual_passes = int((loaded.spec.inference or {}).get("residual_passes", 0))
+    if residual_passes < 0:
+        raise ValueError(f"residual passes must be non-negative, got {residual_passes}")
+    voxel_size = voxel_sizes_from_affine(img.affine)
+
+    def network(f):
+        return predict_chi(loaded, f, mask, device=dev, tile=tile, overlap=overlap,
+                           max_voxels=max_voxels, flip_axes=flip_axes)
+
     try:
-        chi = predict_chi(loaded, field, mask, device=dev, tile=tile, overlap=overlap,
-                          max_voxels=max_voxels, flip_axes=flip_axes)
+        chi = network(field)
+        chi = run_residual_passes(network, chi, field, mask, residual_passes,
+                                  voxel_size=voxel_size, b0_dir=loaded.spec.b0_dir)
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         text = str(exc).lower()
         if not isinstance(exc, MemoryError) and "out of memory" not in text \
@@ -144,14 +160,14 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                           f"; {advice}") from None
     dc = dc_settings(loaded.spec.inference, lam=dc_lambda, n_iter=dc_iterations,
                      edge_mm=dc_edge_mm, highpass_mm=dc_highpass_mm)
-    chi = refine(chi, field, mask, dc, voxel_size=voxel_sizes_from_affine(img.affine),
-                 b0_dir=loaded.spec.b0_dir)
+    chi = refine(chi, field, mask, dc, voxel_size=voxel_size, b0_dir=loaded.spec.b0_dir)
     out = fname_presuffix(field_file, suffix="_chi", newpath=newpath or os.getcwd(),
                           use_ext=False) + ".nii.gz"
     save_volume(chi, img, out)
     info = {"name": loaded.spec.name, "sha256": loaded.sha256, "path": str(loaded.path),
             "format_version": loaded.spec.format_version, "device": str(dev),
-            "data_consistency": dc.to_dict(), "flip_axes": sorted(set(flip_axes))}
+            "data_consistency": dc.to_dict(), "flip_axes": sorted(set(flip_axes)),
+            "residual_passes": int(residual_passes)}
     return out, info
 
 
@@ -173,6 +189,8 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
                                        "(default: model's)")
     flip_axes = traits.List(traits.Int, desc="axes of the flip ensemble ([]: off; default: "
                                              "the model's)")
+    residual_passes = traits.Range(low=0, desc="residual-field passes before the refinement "
+                                               "(default: the model's)")
     num_threads = traits.Int(desc="torch CPU threads")
 
 
@@ -202,6 +220,7 @@ class QSMnetInference(SimpleInterface):
                                dc_edge_mm=opt("dc_edge_mm"),
                                dc_highpass_mm=opt("dc_highpass_mm"),
                                flip_axes=opt("flip_axes"),
+                               residual_passes=opt("residual_passes"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)
         self._results.update(out_file=out, model_name=info["name"],
                              model_sha256=info["sha256"], model_info=info)

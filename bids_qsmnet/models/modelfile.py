@@ -400,17 +400,18 @@ _INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm")
 
 def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
     """Refuse inference defaults the app would fail on later, at inference (so that the error
-    can name the model file): non-negative numbers, a non-negative iteration count, and flip
-    axes among the volume axes 0, 1, 2."""
+    can name the model file): non-negative numbers, non-negative iteration and pass counts,
+    and flip axes among the volume axes 0, 1, 2."""
     for key in _INFERENCE_NUMBERS:
         if key in inference:
             v = inference[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"inference.{key} must be a non-negative number, got {v!r}")
-    if "dc_iterations" in inference:
-        v = inference["dc_iterations"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"inference.dc_iterations must be a non-negative integer, got {v!r}")
+    for key in ("dc_iterations", "residual_passes"):
+        if key in inference:
+            v = inference[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"inference.{key} must be a non-negative integer, got {v!r}")
     if "flip_axes" in inference:
         v = inference["flip_axes"]
         if not isinstance(v, list) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in v):

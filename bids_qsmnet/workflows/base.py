@@ -136,6 +136,8 @@ def _sidecar_extras(model_info, b0_dir, frame_file):
         "B0Direction": [round(float(v), 6) for v in b0_dir],
         "ObliquityDeg": round(math.degrees(math.acos(min(1.0, z))), 3),
         "DataConsistency": model_info["data_consistency"],
+        "FlipEnsembleAxes": model_info.get("flip_axes", []),
+        "ResidualPasses": model_info.get("residual_passes", 0),
         "ResampledToNetworkFrame": resampled,
         "Device": model_info["device"],
     }
@@ -145,7 +147,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                        device: str, tile: int | None, dc_lambda: float | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
                        unwrapping: str = "laplacian", bgremoval: str = "vsharp",
-                       flip_axes: list[int] | None = None, name: str):
+                       flip_axes: list[int] | None = None,
+                       residual_passes: int | None = None, name: str):
     """Inference of one run and its derivatives (χ map + sidecar, mask, report figures).
 
     A raw GRE run (``run.echoes``) first goes through :func:`init_phase_wf`; its total field
@@ -156,7 +159,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     settings = run_settings(run, b0_strength=b0_strength)
     workflow = pe.Workflow(name=name)
     qsm_wf = init_qsmnet_wf(model=model, device=device, tile=tile, dc_lambda=dc_lambda,
-                            flip_axes=flip_axes, omp_nthreads=omp_nthreads)
+                            flip_axes=flip_axes, residual_passes=residual_passes,
+                            omp_nthreads=omp_nthreads)
     for key in ("units", "b0_strength", "echo_time", "b0_dir"):
         setattr(qsm_wf.inputs.inputnode, key, settings[key])
     entities = {k: v for k, v in run.entities.items() if v is not None}
@@ -307,7 +311,8 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                         dc_lambda: float | None = None, omp_nthreads: int = 1,
                         overwrite: bool = False, b0_strength: float | None = None,
                         unwrapping: str = "laplacian", bgremoval: str = "vsharp",
-                        flip_axes: list[int] | None = None, name: str = "bids_qsmnet_wf"):
+                        flip_axes: list[int] | None = None,
+                        residual_passes: int | None = None, name: str = "bids_qsmnet_wf"):
     """One workflow holding a :func:`init_single_run_wf` per run (runs in parallel).
 
     Raises
@@ -325,6 +330,6 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                            tile=tile, dc_lambda=dc_lambda, omp_nthreads=omp_nthreads,
                            overwrite=overwrite, b0_strength=b0_strength,
                            unwrapping=unwrapping, bgremoval=bgremoval, flip_axes=flip_axes,
-                           name=f"run_{_safe_name(run.key)}_wf")
+                           residual_passes=residual_passes, name=f"run_{_safe_name(run.key)}_wf")
         for run in runs])
     return workflow

@@ -13,7 +13,7 @@ __all__ = ["init_qsmnet_wf"]
 
 def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int | None = None,
                    overlap: float | None = None, dc_lambda: float | None = None,
-                   flip_axes: list[int] | None = None,
+                   flip_axes: list[int] | None = None, residual_passes: int | None = None,
                    target_voxel: float = 1.0, omp_nthreads: int = 1,
                    name: str = "qsmnet_wf"):
     """Build the inference workflow of one local field.
@@ -32,6 +32,8 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
     dc_lambda : data-consistency prior weight (None: the model's default; 0: off)
     flip_axes : axes of the flip ensemble in the network frame (None: the model's default;
         []: off), see :func:`bids_qsmnet.inference.predict.predict_chi`
+    residual_passes : residual-field passes before the refinement (None: the model's
+        default), see :func:`bids_qsmnet.inference.refine.residual_passes`
     target_voxel : the network's voxel size, mm (should be the model's)
     omp_nthreads : CPU threads of the inference node
     name : workflow name
@@ -79,6 +81,8 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
         inference.inputs.dc_lambda = float(dc_lambda)
     if flip_axes is not None:
         inference.inputs.flip_axes = [int(a) for a in flip_axes]
+    if residual_passes is not None:
+        inference.inputs.residual_passes = int(residual_passes)
     from_frame = pe.Node(FromNetworkFrame(), name="from_frame")
 
     workflow.connect([

@@ -1,13 +1,14 @@
 """Copy a trained checkpoint into the package as the shipped default model.
 
     python scripts/ship_default_model.py runs/default/train/model_epoch-006.safetensors \
-        --dc-lambda 0.3 --dc-edge-mm 6 --dc-highpass-mm 4
+        --dc-lambda 0.1 --dc-edge-mm 6 --dc-highpass-mm 8 --residual-passes 0
 
 The weights and normalisation are taken unchanged; the model is renamed ``default`` and its
 ``inference`` section gets the data-consistency weight, the mask-edge ramp of its data term
 and the radius of the data term's spherical-mean-value high-pass, chosen on a held-out
 tuning brain (``benchmarks/accuracy.py --tune-dc-only``; see
-``bids_qsmnet/inference/refine.py``).  The sha256 of the source file is recorded.
+``bids_qsmnet/inference/refine.py``), and the number of residual-field passes the app runs by
+default.  The sha256 of the source file is recorded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
                    help="SMV high-pass radius (mm) of the refinement's data term (0: none)")
     p.add_argument("--flip-axes", type=int, nargs="*", default=[],
                    help="axes of the flip ensemble the app runs by default (network frame)")
+    p.add_argument("--residual-passes", type=int, default=0,
+                   help="residual-field passes the app runs by default (0: none)")
     p.add_argument("--note", default="", help="free text recorded in training.shipping_note")
     args = p.parse_args(argv)
 
@@ -45,7 +48,8 @@ def main(argv=None) -> int:
         inference={**(src.spec.inference or {}), "dc_lambda": args.dc_lambda,
                    "dc_iterations": args.dc_iterations, "dc_edge_mm": args.dc_edge_mm,
                    "dc_highpass_mm": args.dc_highpass_mm,
-                   "flip_axes": sorted(set(args.flip_axes))})
+                   "flip_axes": sorted(set(args.flip_axes)),
+                   "residual_passes": args.residual_passes})
     dest = shipped_models_dir() / "default.safetensors"
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_model(dest, src.network, spec)

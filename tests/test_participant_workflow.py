@@ -126,6 +126,8 @@ def test_participant_wf_one_subworkflow_per_run(tmp_path):
         out_dir=str(tmp_path / "out"),
         model="/models/m.safetensors",
         b0_strength=None,
+        flip_axes=[0, 1],
+        residual_passes=2,
     )
     names = wf.list_node_names()
     for sub in ("sub_01", "sub_02"):
@@ -134,6 +136,9 @@ def test_participant_wf_one_subworkflow_per_run(tmp_path):
     inputs = wf.get_node("run_sub_02_wf").get_node("qsmnet_wf").get_node("inputnode").inputs
     assert (inputs.units, inputs.b0_strength) == ("Hz", 3.0)
     assert inputs.in_file == runs[1].field and inputs.mask_file == runs[1].mask
+    for sub in ("sub_01", "sub_02"):  # the inference options reach every run's node
+        node = wf.get_node(f"run_{sub}_wf").get_node("qsmnet_wf").get_node("inference")
+        assert (node.inputs.flip_axes, node.inputs.residual_passes) == ([0, 1], 2)
     assert not (tmp_path / "out").exists()  # building writes nothing
     with pytest.raises(ValueError, match="no runs"):
         init_participant_wf([], bids_root=str(EXAMPLE), out_dir=str(tmp_path / "out"))

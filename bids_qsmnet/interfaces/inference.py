@@ -135,8 +135,6 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         flip_axes = list((loaded.spec.inference or {}).get("flip_axes", []))
     if residual_passes is None:
         residual_passes = int((loaded.spec.inference or {}).get("residual_passes", 0))
-    if residual_passes < 0:
-        raise ValueError(f"residual passes must be non-negative, got {residual_passes}")
     voxel_size = voxel_sizes_from_affine(img.affine)
 
     def network(f):

@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from bids_qsmnet.data.synthetic import make_brain_phantom
-    from bids_qsmnet.inference.refine import dc_settings
+    from bids_qsmnet.inference.refine import dc_settings, pass_count
     from bids_qsmnet.models.modelfile import load_model, resolve_model
     from bids_qsmnet.physics.inversion import closed_form_l2, tkd, tv_admm
 
@@ -401,6 +401,7 @@ def main(argv=None) -> int:
     dc = dc_settings(loaded.spec.inference, edge_mm=args.dc_edge_mm,
                      highpass_mm=args.dc_highpass_mm)
     dc_model, dc_edge, dc_hp = dc.lam, dc.edge_mm, dc.highpass_mm
+    passes = pass_count(loaded.spec.inference)  # the model rows run as the app would
     flips = sorted(set((loaded.spec.inference or {}).get("flip_axes", [])
                        if args.flip_axes is None else args.flip_axes))
     fl = f", flips {''.join('xyz'[a] for a in flips)}" if flips else ""
@@ -453,9 +454,11 @@ def main(argv=None) -> int:
         methods = {}
         t = time.time()
         hp = f", high-pass {dc_hp:g} mm" if dc_hp else ""
-        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm{hp}{fl})"] = (
+        ps = f", {passes} passes" if passes else ""
+        methods[f"{loaded.spec.name} + DC (λ={dc_model:g}, edge {dc_edge:g} mm{hp}{fl}{ps})"] = (
             run_model(loaded, case, dc_lambda=dc_model, dc_edge_mm=dc_edge,
-                      dc_highpass_mm=dc_hp, flip_axes=flips), time.time() - t)
+                      dc_highpass_mm=dc_hp, flip_axes=flips, residual_passes=passes),
+            time.time() - t)
         if args.passes_row:
             t = time.time()
             methods[f"{loaded.spec.name} + {args.passes_row} residual passes + DC{fl}"] = (

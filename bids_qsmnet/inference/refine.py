@@ -48,7 +48,8 @@ import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["DCSettings", "dc_settings", "edge_weights", "refine", "residual_passes"]
+__all__ = ["DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
+           "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
@@ -88,6 +89,12 @@ def dc_settings(defaults: Mapping | None, *, lam: float | None = None,
         raise ValueError(f"data-consistency settings must be non-negative (λ {lam}, "
                          f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm)")
     return DCSettings(lam, n_iter, edge_mm, highpass_mm)
+
+
+def pass_count(defaults: Mapping | None, n: int | None = None) -> int:
+    """The number of residual-field passes to run: ``n`` where given, else the model file's
+    ``residual_passes`` (0 when it has none)."""
+    return int((defaults or {}).get("residual_passes", 0) if n is None else n)
 
 
 def edge_weights(mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0), *,

@@ -101,7 +101,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     """
     from ..device import select_device
     from ..inference.predict import predict_chi
-    from ..inference.refine import dc_settings, refine
+    from ..inference.refine import dc_settings, pass_count, refine
     from ..inference.refine import residual_passes as run_residual_passes
     from ..io.nifti import available_memory, load_volume, save_volume
     from ..models.modelfile import load_model, resolve_model
@@ -133,8 +133,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
             raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
     if flip_axes is None:
         flip_axes = list((loaded.spec.inference or {}).get("flip_axes", []))
-    if residual_passes is None:
-        residual_passes = int((loaded.spec.inference or {}).get("residual_passes", 0))
+    residual_passes = pass_count(loaded.spec.inference, residual_passes)
     voxel_size = voxel_sizes_from_affine(img.affine)
 
     def network(f):

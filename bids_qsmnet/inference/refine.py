@@ -164,10 +164,10 @@ def residual_passes(predict: Callable[[np.ndarray], np.ndarray], chi: np.ndarray
     if n_passes < 0:
         raise ValueError(f"residual passes must be non-negative, got {n_passes}")
     mask = np.asarray(mask).astype(bool)
+    if n_passes == 0:  # the app's default: nothing but the mask
+        return np.where(mask, chi, 0).astype(np.float32)
     f = np.where(mask, np.asarray(field, dtype=np.float64), 0.0)
     x = np.where(mask, np.asarray(chi, dtype=np.float64), 0.0)
-    if n_passes == 0:
-        return x.astype(np.float32)
     shape = tuple(n + 2 * pad for n in x.shape)
     kernel = dipole_kernel(shape, voxel_size, b0_dir)
     norm_f = float(np.linalg.norm(f)) or 1.0

@@ -326,13 +326,16 @@ def tune_passes(loaded, case, grid, dc, flip_axes=()):
     return res
 
 
-def tune_dc(loaded, case, grid, edge_mm, highpass_mm=0.0, flip_axes=()):
+def tune_dc(loaded, case, grid, edge_mm, highpass_mm=0.0, flip_axes=(), residual_passes=0):
+    """NRMSE of the model with each refinement λ in ``grid`` on ``case`` (after
+    ``residual_passes`` passes, as the app runs the model): (best λ, [(nrmse, λ), ...])."""
     from bids_qsmnet.metrics import nrmse
 
     res = []
     for lam in grid:
         chi = run_model(loaded, case, dc_lambda=lam, dc_edge_mm=edge_mm,
-                        dc_highpass_mm=highpass_mm, flip_axes=flip_axes)
+                        dc_highpass_mm=highpass_mm, flip_axes=flip_axes,
+                        residual_passes=residual_passes)
         res.append((nrmse(chi, case["chi"], case["mask"], demean=True), lam))
         LOGGER.info("tuning data consistency (edge %g mm, high-pass %g mm): λ=%g → NRMSE "
                     "%.1f %%", edge_mm, highpass_mm, lam, res[-1][0])
@@ -390,6 +393,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from bids_qsmnet.data.synthetic import make_brain_phantom
+    from bids_qsmnet.inference.predict import ensemble_axes
     from bids_qsmnet.inference.refine import dc_settings, pass_count
     from bids_qsmnet.models.modelfile import load_model, resolve_model
     from bids_qsmnet.physics.inversion import closed_form_l2, tkd, tv_admm
@@ -402,8 +406,7 @@ def main(argv=None) -> int:
                      highpass_mm=args.dc_highpass_mm)
     dc_model, dc_edge, dc_hp = dc.lam, dc.edge_mm, dc.highpass_mm
     passes = pass_count(loaded.spec.inference)  # the model rows run as the app would
-    flips = sorted(set((loaded.spec.inference or {}).get("flip_axes", [])
-                       if args.flip_axes is None else args.flip_axes))
+    flips = ensemble_axes(loaded.spec.inference, args.flip_axes)
     fl = f", flips {''.join('xyz'[a] for a in flips)}" if flips else ""
 
     tp = make_brain_phantom(tuple(args.shape), rng=np.random.default_rng(TUNE_SEED))
@@ -424,10 +427,11 @@ def main(argv=None) -> int:
     dc_table = None
     if args.tune_dc or args.tune_dc_only:
         dc_model, dc_table = tune_dc(loaded, tcase, tuple(args.dc_grid), dc_edge, dc_hp,
-                                     flips)
+                                     flips, passes)
         if args.tune_dc_only:
             print(json.dumps({"dc_lambda": dc_model, "dc_edge_mm": dc_edge,
-                              "dc_highpass_mm": dc_hp, "table": dc_table}))
+                              "dc_highpass_mm": dc_hp, "residual_passes": passes,
+                              "table": dc_table}))
             return 0
     reuse = previous_baselines(args.reuse_baselines, args,
                                toy.sha256 if toy is not None else None)

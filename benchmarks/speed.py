@@ -46,6 +46,18 @@ def _network(arch: str):
     return net, None
 
 
+def _model_note(loaded) -> dict:
+    """``{"model": ...}`` naming the shipped file a ``default`` row measured (its sha256), so
+    a row stays attributable after the default model changes; ``{}`` for a bare network."""
+    return {"model": f"sha256 {loaded.sha256[:12]}…"} if loaded is not None else {}
+
+
+def _label(row: dict) -> str:
+    """A row's network as the tables print it: the architecture and, for the shipped model,
+    which file it was."""
+    return f"{row['arch']} ({row['model']})" if row.get("model") else row["arch"]
+
+
 def _gflops(flops: float, seconds: float) -> float:
     return round(flops / seconds / 1e9, 1)
 
@@ -115,7 +127,7 @@ def bench_inference(args) -> dict:
     from bids_qsmnet.models.flops import count_flops
 
     torch.set_num_threads(args.threads)
-    net, _ = _network(args.arch)
+    net, loaded = _network(args.arch)
     net.eval()
     x = _input(args)
     padded = pad_to_multiple(x, net.multiple)[0].shape
@@ -138,7 +150,8 @@ def bench_inference(args) -> dict:
     times = times or [first]  # --repeats 0: one call only (the slow 99 M network)
     # whole volume: tiles recompute their overlap; a flip ensemble repeats the whole pass
     flops = len(flips) * count_flops(net, padded)["flops"]
-    return {"bench": "inference", "arch": args.arch, "shape": list(args.shape),
+    return {"bench": "inference", "arch": args.arch, **_model_note(loaded),
+            "shape": list(args.shape),
             "tile": _plan_label(run_net, net.multiple, padded, args)
             if len(flips) == 1 else f"whole volume × {len(flips)} flips",
             "optimised": not args.no_optimise, "threads": args.threads,
@@ -207,11 +220,11 @@ def bench_compile(args) -> dict:
     from bids_qsmnet.inference.optimize import optimise_for_inference
 
     torch.set_num_threads(args.threads)
-    net, _ = _network(args.arch)
+    net, loaded = _network(args.arch)
     net = optimise_for_inference(net.eval())
     x = torch.from_numpy(_input(args))[None, None]
-    out = {"bench": "compile", "arch": args.arch, "shape": list(args.shape),
-           "threads": args.threads}
+    out = {"bench": "compile", "arch": args.arch, **_model_note(loaded),
+           "shape": list(args.shape), "threads": args.threads}
     with torch.inference_mode():
         net(x)
         t0 = time.perf_counter()
@@ -418,13 +431,13 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
     for r in rows:
         if r["bench"] == "inference":
             pct = f"{100 * r['gflops_per_s'] / conv_best:.0f}" if conv_best else "–"
-            lines.append(f"| {r['arch']} | {_fmt_shape(r['shape'])} | "
+            lines.append(f"| {_label(r)} | {_fmt_shape(r['shape'])} | "
                          f"{r['tile'] or 'whole volume'} | {'yes' if r['optimised'] else 'no'} "
                          f"| {r['seconds']} | {r['first_s']} | {r['gflop']} | "
                          f"{r['gflops_per_s']} | {pct} | {r['peak_rss_mb']} |")
     for r in rows:
         if r["bench"] == "compile":
-            lines += ["", f"`torch.compile` ({r['arch']}, {_fmt_shape(r['shape'])}): eager "
+            lines += ["", f"`torch.compile` ({_label(r)}, {_fmt_shape(r['shape'])}): eager "
                           f"{r['eager_s'] if r['eager_s'] is not None else '–'} s, "
                       + (f"compiled {r['compiled_s']} s after a first call of "
                          f"{r['compile_first_s']} s." if "compiled_s" in r else

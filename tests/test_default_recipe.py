@@ -171,8 +171,10 @@ def test_stage3_plan_and_hashes():
     # the shipped weights were trained with --preset gpu on these stores
     g = set_fields(Recipe(), PRESETS["gpu"])
     assert (g.data_hash(), g.finetune_hash(), g.chain_hash()) == (
-        "e72c38b25f4bcf18", "4a570fdcdf59354f", "cdff6bea3f65773d")
-    assert g.architecture == "qsmnet-mid"
+        "e72c38b25f4bcf18", "4a570fdcdf59354f", "8fb1e432a88d2c25")
+    assert (g.architecture, g.chain_patch_size, g.chain_epochs) == ("qsmnet-mid", 96, 3)
+    # session 6's stage 3 (48³ patches) trained on this store
+    assert dataclasses.replace(g, chain_patch_size=48).chain_hash() == "cdff6bea3f65773d"
 
 
 def test_chain_volume_is_the_local_field_through_the_apps_phase_chain():
@@ -195,3 +197,29 @@ def test_chain_volume_is_the_local_field_through_the_apps_phase_chain():
     a, b = vol.field[inner], exact[inner]
     assert np.corrcoef(a, b)[0, 1] > 0.8  # same field, same units (a ppm/Hz slip fails)
     assert 0.7 < np.std(a) / np.std(b) < 1.4
+
+
+def test_stage3_patch_size_names_its_own_store_and_cuts_patches_of_that_size(tmp_path):
+    """``chain_patch_size`` (stage 3's patch edge): the stage-3 store of the default edge keeps
+    the hash it had before the field existed; another edge is another store, cut at that edge
+    (stages 1-2 unchanged)."""
+    from bids_qsmnet.training.default_recipe import _patch_store
+    from bids_qsmnet.training.patches import TrainingVolume
+
+    r = Recipe()
+    assert r.chain_patch_size == r.patch_size == 48
+    big = dataclasses.replace(r, chain_patch_size=96)
+    assert big.chain_hash() != r.chain_hash()
+    assert dataclasses.replace(r, chain_patch_size=64).chain_hash() != big.chain_hash()
+    assert (big.data_hash(), big.finetune_hash()) == (r.data_hash(), r.finetune_hash())
+
+    mask = _ball((40, 44, 36), 15.0)
+    chi = np.where(mask, 0.05, 0.0).astype(np.float32)
+    vol = TrainingVolume(field=simulate_local_field(chi, mask), chi=chi, mask=mask,
+                         voxel_size=(1.0, 1.0, 1.0), b0_dir=(0.0, 0.0, 1.0), subject="ball")
+    small = dataclasses.replace(r, patch_size=16, chain_patch_size=24, max_stride=8)
+    info = _patch_store(str(tmp_path / "chain.h5"), [vol], small, "test",
+                        patch_size=small.chain_patch_size)
+    assert info.patch_size == 24 and info.n_patches > 0
+    info1 = _patch_store(str(tmp_path / "one.h5"), [vol], small, "test")  # stages 1-2
+    assert info1.patch_size == 16 and info1.n_patches > info.n_patches

@@ -327,6 +327,15 @@ def test_flip_sets():
         flip_sets([3])
 
 
+def test_ensemble_axes_option_before_model_default():
+    from bids_qsmnet.inference.predict import ensemble_axes
+
+    assert ensemble_axes(None) == [] and ensemble_axes({}) == []
+    assert ensemble_axes({"flip_axes": [1, 0, 1]}) == [0, 1]  # the model file's default
+    assert ensemble_axes({"flip_axes": [0, 1]}, []) == []     # [] turns it off
+    assert ensemble_axes({"flip_axes": [0]}, (2, 2, 1)) == [1, 2]
+
+
 def test_flip_ensemble_is_the_mean_of_flipped_maps_and_flip_equivariant(lite_model):
     """Flip ensemble over axes A: the mean of g⁻¹ f(g x) over the flips g of A.  So it is
     exactly equivariant under those flips (a random network alone is not)."""

@@ -82,24 +82,25 @@ def _non_negative_int(value, *, parser, what):
     return _int_at_least(value, parser=parser, what=what, low=0)
 
 
-def _positive_float(value, *, parser, what):
+def _float_where(value, *, parser, what, ok, must: str):
+    """``value`` as a float, or a parser error naming ``what`` unless ``ok(value)``."""
     try:
         v = float(value)
     except ValueError:
         raise parser.error(f"{what}: expected a number, got {value!r}") from None
-    if not v > 0:
-        raise parser.error(f"{what}: must be positive, got {v}")
+    if not ok(v):
+        raise parser.error(f"{what}: {must}, got {v}")
     return v
+
+
+def _positive_float(value, *, parser, what):
+    return _float_where(value, parser=parser, what=what, ok=lambda v: v > 0,
+                        must="must be positive")
 
 
 def _ema_decay(value, *, parser):
-    try:
-        v = float(value)
-    except ValueError:
-        raise parser.error(f"--ema-decay: expected a number, got {value!r}") from None
-    if not 0 <= v < 1:
-        raise parser.error(f"--ema-decay: must be within [0, 1), got {v}")
-    return v
+    return _float_where(value, parser=parser, what="--ema-decay", ok=lambda v: 0 <= v < 1,
+                        must="must be within [0, 1)")
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 
@@ -348,6 +348,13 @@ def _run_tiles(network, xp: np.ndarray, plan: TilePlan, device) -> np.ndarray:
                 out[sl] += _run(network, xp[sl], device) * window
                 weight[sl] += window
     return out / weight
+
+
+def ensemble_axes(defaults: Mapping | None, axes: Sequence[int] | None = None) -> list[int]:
+    """The flip-ensemble axes to run, sorted and unique: ``axes`` where given (``[]``: no
+    ensemble), else the model file's ``flip_axes`` (none when it has none)."""
+    return sorted(set(int(a) for a in ((defaults or {}).get("flip_axes", ())
+                                       if axes is None else axes)))
 
 
 def flip_sets(flip_axes: Sequence[int]) -> list[tuple[int, ...]]:

@@ -100,7 +100,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     info : model name, sha256 and path, refinement settings
     """
     from ..device import select_device
-    from ..inference.predict import predict_chi
+    from ..inference.predict import ensemble_axes, predict_chi
     from ..inference.refine import dc_settings, pass_count, refine
     from ..inference.refine import residual_passes as run_residual_passes
     from ..io.nifti import available_memory, load_volume, save_volume
@@ -131,8 +131,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                                      available=available_memory())
         except MemoryError as exc:
             raise MemoryError(f"{os.path.basename(field_file)}: {exc}") from None
-    if flip_axes is None:
-        flip_axes = list((loaded.spec.inference or {}).get("flip_axes", []))
+    flip_axes = ensemble_axes(loaded.spec.inference, flip_axes)
     residual_passes = pass_count(loaded.spec.inference, residual_passes)
     voxel_size = voxel_sizes_from_affine(img.affine)
 
@@ -163,7 +162,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     save_volume(chi, img, out)
     info = {"name": loaded.spec.name, "sha256": loaded.sha256, "path": str(loaded.path),
             "format_version": loaded.spec.format_version, "device": str(dev),
-            "data_consistency": dc.to_dict(), "flip_axes": sorted(set(flip_axes)),
+            "data_consistency": dc.to_dict(), "flip_axes": flip_axes,
             "residual_passes": int(residual_passes)}
     return out, info
 

@@ -110,7 +110,8 @@ class Recipe:
     learning_rate: float = 1e-3
     lr_decay: float = 0.9
     lr_decay_steps: int = 300
-    epochs: int = 12
+    #: 6 + 2 + 2 epochs: the whole recipe fits a 3-hour working session on a 2-core CPU
+    epochs: int = 6
     w_model: float = 5.0
     w_grad: float = 0.1
     dc_lambda: float = 0.0
@@ -134,7 +135,7 @@ class Recipe:
     p_texture: float = 0.5
     texture_ppm: tuple = (0.004, 0.015)
     texture_mm: tuple = (2.0, 10.0)
-    ft_epochs: int = 4
+    ft_epochs: int = 2
     ft_learning_rate: float = 3e-4
     ft_ema_decay: float = 0.998
     # ---- stage 3: fine-tuning on fields made by the app's own phase chain (see the docstring)
@@ -146,8 +147,12 @@ class Recipe:
     chain_sources: int = 8
     #: first-echo SNR range of the simulated GRE (log-uniform)
     chain_snr: tuple = (20.0, 100.0)
-    #: 2: a third epoch (trained once) was worse on all three validation volumes
+    #: 2: on 48³ patches a third epoch (trained once) was worse on all three validation
+    #: volumes; on 96³ patches (``--preset gpu``) the third was the best on all three
     chain_epochs: int = 2
+    #: edge (voxels) of stage 3's patches: more context around large sources (a haemorrhage's
+    #: dipole field reaches well beyond a 48³ patch)
+    chain_patch_size: int = 48
     chain_learning_rate: float = 2e-4
     chain_ema_decay: float = 0.995
     extra: dict = field(default_factory=dict)
@@ -173,8 +178,10 @@ class Recipe:
 
     def chain_hash(self) -> str:
         """Hash of everything that determines the stage-3 patch store."""
-        return self._hash(("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources",
-                           "chain_snr"), {"stage2": self.finetune_hash()})
+        keys = ("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources", "chain_snr")
+        if self.chain_patch_size != self.patch_size:  # (stores made before the field existed)
+            keys += ("chain_patch_size",)
+        return self._hash(keys, {"stage2": self.finetune_hash()})
 
 
 def _smooth_background(shape, rng, std_ppm: float) -> np.ndarray:
@@ -381,7 +388,7 @@ def validation_volumes(recipe: Recipe, *, stage: int = 1):
     return out
 
 
-def _patch_store(path: str, volumes, recipe: Recipe, what: str):
+def _patch_store(path: str, volumes, recipe: Recipe, what: str, *, patch_size: int = 0):
     from .patches import extract_patches, read_store_info
 
     try:
@@ -389,7 +396,7 @@ def _patch_store(path: str, volumes, recipe: Recipe, what: str):
         LOGGER.info("reusing the patch store %s (%d patches)", path, info.n_patches)
     except (ValueError, FileNotFoundError, OSError):
         LOGGER.info("generating %s → %s", what, path)
-        info = extract_patches(volumes, path, patch_size=recipe.patch_size,
+        info = extract_patches(volumes, path, patch_size=patch_size or recipe.patch_size,
                                max_stride=recipe.max_stride,
                                min_mask_fraction=recipe.min_mask_fraction, progress=True)
     return info
@@ -463,7 +470,8 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
         _patch_store(store, training_volumes(recipe, stage=3, workers=workers), recipe,
                      f"{recipe.chain_brains} brains through the phase chain, "
                      f"{recipe.chain_plain_brains} brain and {recipe.chain_sources} source "
-                     "phantoms with exact fields")
+                     f"phantoms with exact fields, patches of {recipe.chain_patch_size}³",
+                     patch_size=recipe.chain_patch_size)
         cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "chain"),
                              learning_rate=recipe.chain_learning_rate,
                              epochs=recipe.chain_epochs, ema_decay=recipe.chain_ema_decay,
@@ -481,10 +489,12 @@ PRESETS = {
     "cpu": (),
     # the shipped weights (all three stages on an NVIDIA H200, see MODEL_CARD.md): 6.4x the
     # brains and sources of 'cpu' in stage 1, 3.2x in stage 2, 2x the chain brains of stage 3,
-    # batch 8, and the 2.25x wider qsmnet-mid, which a 2-core CPU cannot train in a session
+    # batch 8, the 2.25x wider qsmnet-mid, which a 2-core CPU cannot train in a session, and
+    # stage 3 on 96³ patches for 3 epochs (session 8: 8x the voxels of a 48³ patch, 3.5x the
+    # stage's compute; 48³ patches, 2 epochs until then)
     "gpu": ("n_brains=128", "n_sources=256", "ft_brains=96", "ft_sources=96", "epochs=6",
             "ft_epochs=2", "batch_size=8", "lr_decay_steps=480", "chain_brains=32",
-            "architecture=qsmnet-mid"),
+            "architecture=qsmnet-mid", "chain_patch_size=96", "chain_epochs=3"),
 }
 
 

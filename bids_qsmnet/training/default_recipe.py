@@ -17,9 +17,10 @@ in a real field do not throw the network (see below).  ``--stage N`` runs one of
 is unchanged, and training resumes from the stage's ``checkpoint.pt``).
 
 ``--preset cpu`` (the default) fits a working session on a 2-core CPU (the ``qsmnet-slim``
-network); ``--preset gpu`` is the recipe of the shipped weights: 6.4 (stage 1), 3.2 (stage 2)
-and 2 (stage 3, chain brains) times the data of ``cpu``, batch 8 and the 2.25x wider
-``qsmnet-mid`` network.  Its three stages took 12 minutes on an NVIDIA H200 with 15 processes
+network, 6 + 2 + 2 epochs); ``--preset gpu`` is the recipe of the shipped weights: 6.4 (stage
+1), 3.2 (stage 2) and 2 (stage 3, chain brains) times the data of ``cpu``, batch 8, the 2.25x
+wider ``qsmnet-mid`` network and stage 3 on 96³ patches for 3 epochs.  Its stages took about
+17 minutes of GPU time (stages 1-2 on an NVIDIA H200, stage 3 on an H100) with 15 processes
 simulating the data, sharing the GPU with a second run (``MODEL_CARD.md``)::
 
     python -m bids_qsmnet.training.default_recipe --out-dir runs/gpu --preset gpu \
@@ -543,7 +544,7 @@ def main(argv=None) -> int:
                    help="run only this stage (default: all three in turn)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="recipe size: cpu (fits a session on 2 cores) or gpu (the shipped "
-                        "weights' stages 1-2: 2.4-4.8x the data, batch 8; minutes on a GPU)")
+                        "weights: 2-6.4x the data, batch 8, qsmnet-mid; minutes on a GPU)")
     p.add_argument("--chain-epochs", type=int, default=None,
                    help="override the recipe's stage-3 epochs")
     p.add_argument("--threads", type=int, default=None)

@@ -577,10 +577,11 @@ def write_markdown(result: dict, path: str) -> None:
         lines += [
             f"`model + passes + DC`: the same model with {n} residual-field passes before the "
             f"refinement (`--residual-passes {n}`: the network also maps the field its map "
-            "leaves unexplained, and the result is added), the app's setting for accurate "
-            "local fields, chosen on the tuning brain's exact local field "
-            "(`--tune-passes-only`). It is off by default because it amplifies the error "
-            "background-field removal leaves (the `raw GRE → V-SHARP` rows).",
+            "leaves unexplained, and the result is added; the number is this command's "
+            "`--passes-row`: choose it on the tuning brain's exact local field with "
+            "`--tune-passes-only`, see MODEL_CARD.md). The passes are off by default "
+            "because they amplify the error background-field removal leaves (the "
+            "`raw GRE → V-SHARP` rows).",
             "",
         ]
     lines += [

@@ -6,9 +6,10 @@ Usage::
 
 The held-out test brain of ``benchmarks/accuracy.py`` (seed never used in training) with its χ
 blurred by a Gaussian of σ = 0, 1 and 2 mm (a normalised convolution inside the mask, as
-partial volume and smooth tissue boundaries do), the field simulated from the blurred map,
-white noise at SNR 20; plus the MNI152 anatomy case (smooth template maps).  Each model runs
-without the data-consistency refinement, so the figures show the network alone.  Prints a
+partial volume and smooth tissue boundaries do), the exact field simulated from the blurred
+map plus 1 ppb noise; plus the MNI152 anatomy's exact field
+(:mod:`bids_qsmnet.data.anatomy`).  Each model runs without the data-consistency refinement,
+so the figures show the network alone.  Prints a
 Markdown table of NRMSE % / HFEN % and the regression slope of the prediction on the truth
 (1: no shrinkage), all inside the mask after removing the in-mask mean.
 """
@@ -27,6 +28,8 @@ import accuracy as A  # noqa: E402  (the accuracy benchmark's cases and model ru
 
 
 def blurred_cases(sigmas=(0.0, 1.0, 2.0), shape=(152, 184, 152)):
+    from bids_qsmnet.data.anatomy import AnatomyPhantom
+    from bids_qsmnet.data.evaluation import make_case
     from bids_qsmnet.data.synthetic import make_brain_phantom
     from bids_qsmnet.training.default_recipe import Recipe, smooth_variety
 
@@ -37,16 +40,10 @@ def blurred_cases(sigmas=(0.0, 1.0, 2.0), shape=(152, 184, 152)):
         if s:
             recipe = Recipe(p_blur=1.0, blur_sigma_mm=(s, s), p_texture=0.0)
             chi, _ = smooth_variety(chi, ph.mask, np.random.default_rng(0), recipe)
-        cases.append(A._case(f"brain0 blurred σ={s:g} mm, SNR20", chi, ph.mask, ph.labels,
-                             ph.label_names, (1.0, 1.0, 1.0), (0, 0, 1), 20,
-                             [A.TEST_SEED, 0, 20, int(10 * s)]))
+        phantom = AnatomyPhantom(f"generator brain blurred σ={s:g} mm", chi, ph.mask,
+                                 ph.labels, ph.label_names, ph.voxel_size)
+        cases.append(make_case(phantom, "exact", seed=A.TEST_SEED))
     return cases
-
-
-def slope(pred, truth, mask) -> float:
-    p = pred[mask] - pred[mask].mean()
-    t = truth[mask] - truth[mask].mean()
-    return float((p * t).sum() / (t * t).sum())
 
 
 def main(argv=None) -> int:
@@ -56,22 +53,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from bids_qsmnet.metrics import hfen, nrmse
+    from bids_qsmnet.data.anatomy import anatomy_phantom
+    from bids_qsmnet.data.evaluation import make_case
+    from bids_qsmnet.inference.refine import DCSettings
+    from bids_qsmnet.metrics import hfen, nrmse, slope
     from bids_qsmnet.models.modelfile import load_model, resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = blurred_cases()
-    mni = A.mni_case()
-    if mni is not None:
-        cases.append(mni)
+    cases.append(make_case(anatomy_phantom(A.TUNING_ANATOMY), "exact", seed=A.TEST_SEED))
     print("| model | " + " | ".join(c["name"] for c in cases) + " |")
     print("| --- |" + " ---: |" * len(cases))
     for name in args.models:
         loaded = load_model(resolve_model(None if name == "default" else name))
         cells = []
         for c in cases:
-            pred = A.run_model(loaded, c, dc_lambda=0.0)
+            pred = A.model_maps(loaded, c, DCSettings())["network only"][0]
             m = c["mask"]
             cells.append(f"{nrmse(pred, c['chi'], m, demean=True):.1f} / "
                          f"{hfen(pred, c['chi'], m, demean=True):.1f} / "

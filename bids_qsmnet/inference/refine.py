@@ -20,8 +20,28 @@ that operator, so the refinement restores the detail the field holds without fit
 background removal left behind.
 
 A model file's ``inference`` section holds the defaults (``dc_lambda``, ``dc_iterations``,
-``dc_edge_mm``, ``dc_highpass_mm``, ``residual_passes``), chosen on a held-out tuning brain
-(``benchmarks/accuracy.py --tune-dc``).
+``dc_edge_mm``, ``dc_highpass_mm``, ``residual_passes`` and ``dc_auto``).
+
+**λ chosen per input** (``dc_auto``, :class:`AutoLambda`).  How much the field should be
+trusted depends on the field: an accurate local field (a simulation, a clean acquisition)
+carries information the network missed and wants a small λ; a measured field also holds
+parts no susceptibility inside the brain explains (residual background, white-matter
+anisotropy and microstructure, noise), and fitting them puts streaks and offsets into χ.
+The criterion measures, before any refinement, how much of the field the network's own map
+leaves unexplained,
+
+.. math:: \\rho_0 = \\|M (D \\ast \\chi_{net} - f)\\| / \\|M f\\|,
+
+and subtracts the part of it that the network leaves even on an accurate field of a brain
+(``floor``, a property of the network measured on a tuning anatomy): the excess
+``e = max(ρ₀² − floor², ρ_min²)`` estimates the field's non-dipolar and noise content
+relative to the field, and the prior weight follows a power law of it,
+``λ = lambda_ref · (e / e_ref)^power`` (the Bayesian weight ``σ_data² / σ_prior²`` grows with
+the data's error variance).  λ above ``lambda_max`` means "trust the network": no refinement.
+The constants are fitted on simulated fields of the MNI152 anatomy (exact fields with 0.5–2
+ppb noise, fields with a non-dipolar part, fields from the raw-GRE chain) by
+``benchmarks/calibrate_dc.py`` and stored in the model file; the chosen λ, ρ₀ and the data
+residual after the refinement go into the χ map's sidecar.
 
 Before the refinement, the app may also run **residual-field passes**
 (:func:`residual_passes`): the network maps what its map leaves unexplained of the field,
@@ -48,39 +68,94 @@ import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
-           "residual_passes"]
+__all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
+           "refine_adaptive", "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
+class AutoLambda:
+    """The per-input choice of λ from the network's unexplained field fraction ρ₀ (see the
+    module docstring): ``λ = lambda_ref · (e / e_ref)^power`` with
+    ``e = max(ρ₀² − floor², rho_min²)``, clipped below at ``lambda_min``; ``None`` (no
+    refinement) above ``lambda_max``.  All dimensionless."""
+
+    floor: float
+    e_ref: float
+    lambda_ref: float
+    power: float
+    rho_min: float = 0.02
+    lambda_min: float = 1e-4
+    lambda_max: float = 10.0
+
+    def choose(self, rho0: float) -> float | None:
+        e = max(float(rho0) ** 2 - self.floor**2, self.rho_min**2)
+        lam = self.lambda_ref * (e / self.e_ref) ** self.power
+        if lam > self.lambda_max:
+            return None
+        return max(lam, self.lambda_min)
+
+    def to_dict(self) -> dict:
+        return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AutoLambda:
+        try:
+            out = cls(**{k: float(v) for k, v in dict(d).items()})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"dc_auto must map {', '.join(cls.__dataclass_fields__)} to "
+                             f"numbers: {exc}") from None
+        if not (out.e_ref > 0 and out.lambda_ref > 0 and out.floor >= 0 and out.power >= 0
+                and 0 < out.lambda_min <= out.lambda_max):
+            raise ValueError(f"dc_auto holds impossible values: {out.to_dict()}")
+        return out
+
+
+@dataclass(frozen=True)
 class DCSettings:
     """The refinement's settings: prior weight λ (0: no refinement), CG iterations, the
-    width (mm) of the mask-edge ramp of the data weight (0: binary mask), and the radius (mm)
-    of the data term's spherical-mean-value high-pass (0: none)."""
+    width (mm) of the mask-edge ramp of the data weight (0: binary mask), the radius (mm)
+    of the data term's spherical-mean-value high-pass (0: none), and, when ``auto`` is set,
+    the rule that chooses λ per input instead (``lam`` is then ignored)."""
 
     lam: float = 0.0
     n_iter: int = 30
     edge_mm: float = 0.0
     highpass_mm: float = 0.0
+    auto: AutoLambda | None = None
 
     @property
     def active(self) -> bool:
-        return self.lam > 0 and self.n_iter > 0
+        return (self.lam > 0 or self.auto is not None) and self.n_iter > 0
 
     def to_dict(self) -> dict:
-        return {"lambda": float(self.lam), "iterations": int(self.n_iter) if self.active else 0,
-                "edge_mm": float(self.edge_mm) if self.active else 0.0,
-                "highpass_mm": float(self.highpass_mm) if self.active else 0.0}
+        out = {"lambda": float(self.lam), "iterations": int(self.n_iter) if self.active else 0,
+               "edge_mm": float(self.edge_mm) if self.active else 0.0,
+               "highpass_mm": float(self.highpass_mm) if self.active else 0.0}
+        if self.auto is not None and self.active:
+            out["lambda"] = "auto"
+            out["auto"] = self.auto.to_dict()
+        return out
 
 
-def dc_settings(defaults: Mapping | None, *, lam: float | None = None,
+def dc_settings(defaults: Mapping | None, *, lam: float | str | None = None,
                 n_iter: int | None = None, edge_mm: float | None = None,
                 highpass_mm: float | None = None) -> DCSettings:
-    """The settings to use: explicit values where given, else the model file's defaults."""
+    """The settings to use: explicit values where given, else the model file's defaults.
+
+    ``lam``: a number (a fixed λ; 0 turns the refinement off), ``"auto"`` (λ chosen per input
+    by the model file's ``dc_auto`` rule) or None (the model file's choice: ``dc_auto`` when it
+    has one, else its ``dc_lambda``)."""
     d = dict(defaults or {})
+    auto = None
+    if lam == "auto" or (lam is None and d.get("dc_auto")):
+        if not d.get("dc_auto"):
+            raise ValueError("λ 'auto' needs a model file with a dc_auto calibration "
+                             "(benchmarks/calibrate_dc.py); this one has none: give a number")
+        auto = AutoLambda.from_dict(d["dc_auto"])
+        lam = 0.0
     lam = float(d.get("dc_lambda", 0.0) if lam is None else lam)
     n_iter = int(d.get("dc_iterations", 30) if n_iter is None else n_iter)
     edge_mm = float(d.get("dc_edge_mm", 0.0) if edge_mm is None else edge_mm)
@@ -88,7 +163,7 @@ def dc_settings(defaults: Mapping | None, *, lam: float | None = None,
     if lam < 0 or n_iter < 0 or edge_mm < 0 or highpass_mm < 0:
         raise ValueError(f"data-consistency settings must be non-negative (λ {lam}, "
                          f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm)")
-    return DCSettings(lam, n_iter, edge_mm, highpass_mm)
+    return DCSettings(lam, n_iter, edge_mm, highpass_mm, auto)
 
 
 def pass_count(defaults: Mapping | None, n: int | None = None) -> int:
@@ -114,19 +189,60 @@ def edge_weights(mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
 
 def refine(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, settings: DCSettings, *,
            voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-           b0_dir: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
+           b0_dir: Sequence[float] = (0.0, 0.0, 1.0), device=None) -> np.ndarray:
     """``chi`` refined towards ``field`` (ppm) inside ``mask`` (float32; ``chi`` masked when
-    the settings are inactive)."""
-    mask = np.asarray(mask).astype(bool)
-    if not settings.active:
-        return np.where(mask, chi, 0.0).astype(np.float32)
-    from ..physics.inversion import data_consistency
+    the settings are inactive); :func:`refine_adaptive` without its report."""
+    return refine_adaptive(chi, field, mask, settings, voxel_size=voxel_size, b0_dir=b0_dir,
+                           device=device)[0]
 
+
+def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
+                    settings: DCSettings, *, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+                    device=None) -> tuple[np.ndarray, dict]:
+    """Refine ``chi`` towards ``field`` with the settings' fixed λ or, with ``settings.auto``,
+    the λ that rule chooses for this field (see the module docstring).
+
+    Parameters
+    ----------
+    chi : (X, Y, Z) ndarray — the network's map, ppm
+    field : (X, Y, Z) ndarray — local field, ppm
+    mask : (X, Y, Z) bool ndarray — brain mask
+    settings : DCSettings
+    voxel_size : (3,) float — mm
+    b0_dir : (3,) float — main-field direction in voxel space
+    device : torch device of the FFTs (default CPU)
+
+    Returns
+    -------
+    chi : (X, Y, Z) float32 ndarray — ppm, zero outside the mask
+    report : dict — ``settings.to_dict()`` with the λ used (``lambda``; 0 when no refinement
+        ran), the rule's input ``rho0`` and the relative data residual ``residual`` after it
+    """
+    from ..physics.dc_path import data_residual, refine_path
+
+    mask = np.asarray(mask).astype(bool)
+    report = settings.to_dict()
+    chi = np.where(mask, chi, 0.0).astype(np.float32)
+    if not settings.active:
+        return chi, report
+    field = np.where(mask, field, 0.0).astype(np.float32)
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
-    out = data_consistency(chi, np.where(mask, field, 0.0), w, lam=settings.lam,
-                           n_iter=settings.n_iter, voxel_size=voxel_size, b0_dir=b0_dir, pad=8,
-                           highpass_mm=settings.highpass_mm)
-    return out.astype(np.float32)
+    geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
+                device=device)
+    lam = settings.lam
+    if settings.auto is not None:
+        rho0 = data_residual(chi, field, w, **geom)
+        lam = settings.auto.choose(rho0)
+        report.update(rho0=round(rho0, 4), lambda_rule="auto")
+        LOGGER.info("data consistency: the network leaves %.1f %% of the field unexplained → "
+                    "λ %s", 100 * rho0, "none (network kept)" if lam is None else f"{lam:.4g}")
+        if lam is None:
+            report.update({"lambda": 0.0, "residual": round(rho0, 4)})
+            return chi, report
+    path = refine_path(chi, field, w, [lam], n_iter=settings.n_iter, **geom)
+    report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4)})
+    return path.chis[0].astype(np.float32), report
 
 
 def residual_passes(predict: Callable[[np.ndarray], np.ndarray], chi: np.ndarray,

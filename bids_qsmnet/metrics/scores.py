@@ -9,6 +9,8 @@ grid) inside a boolean ``mask``; ``mask=None`` means the whole volume.
 * :func:`ssim`  — structural similarity (Wang et al. 2004) averaged in the mask.
 * :func:`psnr`  — peak signal-to-noise ratio in dB, the peak being the reference's range.
 * :func:`region_means` — mean χ per label (e.g. deep grey nuclei), ppm.
+* :func:`slope` — least-squares slope of ``pred`` against ``ref`` (1: contrast kept; below 1:
+  the reconstruction shrinks contrast).
 
 Mean removal (``demean=True``)
 ------------------------------
@@ -48,6 +50,7 @@ __all__ = [
     "psnr",
     "region_means",
     "score_all",
+    "slope",
     "log_kernel",
 ]
 
@@ -273,6 +276,20 @@ def psnr(
     dr = _default_range(ref, mask, data_range)
     rmse = float(np.sqrt(np.mean((pred[mask] - ref[mask]) ** 2)))
     return math.inf if rmse == 0 else 20.0 * math.log10(dr / rmse)
+
+
+def slope(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Least-squares slope ``cov(pred, ref) / var(ref)`` over the mask (dimensionless; both
+    maps demeaned in the mask, so the slope does not depend on their offsets).
+
+    >>> r = np.arange(10.0)
+    >>> round(slope(0.5 * r + 3, r), 6)
+    0.5
+    """
+    pred, ref, mask = _prepare(pred, ref, mask, True)
+    p, r = pred[mask], ref[mask]
+    den = float(np.dot(r, r))
+    return float(np.dot(p, r) / den) if den > 0 else float("nan")
 
 
 def region_means(

@@ -12,7 +12,11 @@ on the smallest λ yields the iterates of every larger λ as well (the residuals
 systems stay collinear with the base residual; Jegerlehner 1996, Frommer 2003): each extra λ
 costs two vector updates per iteration, not two more FFT pairs.
 
-The transforms are real FFTs in float32 on the given torch device (CPU threads or GPU).
+The transforms are real FFTs in float32 on the given torch device (CPU threads or GPU).  The
+app refines in the network frame (B0 along the third axis), where the half spectrum holds the
+dipole kernel exactly; for B0 oblique to the grid the kernel's Nyquist planes are ambiguous
+(``D(k_z = −½) ≠ D(+½)`` off the axes) and the half spectrum takes ``+½``, so results there
+differ from a complex-FFT solver's in the components those planes carry.
 
 References
 ----------

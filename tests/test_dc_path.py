@@ -1,0 +1,90 @@
+"""The shifted-CG refinement path and the per-input choice of its weight."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bids_qsmnet.inference.refine import AutoLambda, DCSettings, dc_settings, refine_adaptive
+from bids_qsmnet.physics.dc_path import data_residual, refine_path
+from bids_qsmnet.physics.dipole import forward_field
+from bids_qsmnet.physics.inversion import data_consistency
+
+
+def _problem(shape=(36, 40, 32), seed=0):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
+    mask = (g[0] / 14) ** 2 + (g[1] / 16) ** 2 + (g[2] / 12) ** 2 < 1
+    chi = ndi.gaussian_filter(rng.normal(0, 0.05, shape), 1.5) * mask
+    field = forward_field(chi, pad=8) * mask + rng.normal(0, 0.002, shape) * mask
+    return chi, field, mask
+
+
+@pytest.mark.parametrize("highpass_mm", [0.0, 4.0])
+def test_every_lambda_of_the_path_is_the_single_lambda_solution(highpass_mm):
+    """With B0 along an axis (the network frame, where the app refines) the path equals the
+    float64 complex-FFT solver to float32 rounding."""
+    chi, field, mask = _problem()
+    prior = 0.6 * chi
+    lams = [0.003, 0.03, 0.3]
+    path = refine_path(prior, field, mask.astype(float), lams, n_iter=25, pad=8,
+                       highpass_mm=highpass_mm, voxel_size=(1.0, 1.0, 1.2))
+    for lam, got in zip(lams, path.chis):
+        want = data_consistency(prior, field, mask, lam=lam, n_iter=25, pad=8,
+                                highpass_mm=highpass_mm, voxel_size=(1.0, 1.0, 1.2))
+        assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    # smaller λ trusts the field more: lower residual, larger step from the prior
+    assert np.all(np.diff(path.residuals) > 0) and np.all(np.diff(path.steps) < 0)
+    assert path.residuals[-1] < path.residual_prior
+
+
+def test_data_residual_is_zero_for_the_field_of_the_map_and_one_for_nothing():
+    chi, _, mask = _problem()
+    exact = forward_field(chi, pad=8) * mask
+    assert data_residual(chi, exact, mask.astype(float), pad=8) < 1e-5
+    assert data_residual(np.zeros_like(chi), exact, mask.astype(float)) == pytest.approx(1.0)
+
+
+def test_the_rule_trusts_fields_the_map_explains_and_keeps_the_map_otherwise():
+    rule = AutoLambda(floor=0.3, e_ref=0.05, lambda_ref=0.01, power=3.0)
+    lams = [rule.choose(r) for r in (0.2, 0.35, 0.45, 0.6)]
+    assert lams[0] == lams[1] or lams[0] < lams[1]  # below the floor: the smallest weight
+    assert lams[1] < lams[2] < lams[3]
+    assert rule.choose(0.99) is None  # nothing explained: the network's map is kept
+    assert AutoLambda.from_dict(rule.to_dict()) == rule
+    with pytest.raises(ValueError, match="impossible"):
+        AutoLambda.from_dict({**rule.to_dict(), "e_ref": 0.0})
+    with pytest.raises(ValueError, match="numbers"):
+        AutoLambda.from_dict({**rule.to_dict(), "power": "high"})
+
+
+def test_settings_choose_auto_from_the_model_file_and_numbers_override_it():
+    auto = AutoLambda(floor=0.3, e_ref=0.05, lambda_ref=0.01, power=2.0).to_dict()
+    d = {"dc_lambda": 0.1, "dc_auto": auto}
+    assert dc_settings(d).auto is not None
+    assert dc_settings(d, lam=0.05) == DCSettings(0.05, 30)
+    assert dc_settings(d, lam="auto").auto == AutoLambda.from_dict(auto)
+    with pytest.raises(ValueError, match="dc_auto"):
+        dc_settings({"dc_lambda": 0.1}, lam="auto")
+    assert dc_settings(d).to_dict()["lambda"] == "auto"
+
+
+def test_adaptive_refinement_reports_what_it_chose():
+    chi, field, mask = _problem()
+    rule = AutoLambda(floor=0.0, e_ref=0.05, lambda_ref=0.01, power=1.0)
+    settings = DCSettings(0.0, 20, auto=rule)
+    prior = 0.5 * chi
+    out, report = refine_adaptive(prior, field, mask, settings)
+    rho0 = data_residual(prior * mask, field * mask, mask.astype(float))
+    assert report["rho0"] == pytest.approx(rho0, abs=1e-4)
+    assert report["lambda"] == pytest.approx(rule.choose(rho0))
+    assert report["residual"] < report["rho0"]
+    assert np.abs(out - refine_path(prior, field * mask, mask.astype(float),
+                                    [report["lambda"]], n_iter=20).chis[0]).max() < 1e-7
+    # a map that explains none of the field: λ above the rule's maximum, the map is kept
+    keep = DCSettings(0.0, 20, auto=AutoLambda(floor=0.0, e_ref=0.01, lambda_ref=1.0,
+                                                power=3.0))
+    out, report = refine_adaptive(np.zeros_like(chi), field, mask, keep)
+    assert report["lambda"] == 0.0 and np.all(out == 0)

@@ -38,10 +38,9 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from ..phase.echo_fit import check_echo_times
 from ..phase.scaling import wrap_phase
 from ..physics.dipole import dipole_kernel, forward_field, normalise_b0_dir
-from ..physics.units import ppm_to_hz
+from ..physics.units import check_echo_times, ppm_to_hz
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from functools import partial
 
 import numpy as np
 
+from ..physics.units import check_echo_times
 from .scaling import wrap_phase
 from .unwrap import laplacian_unwrap, path_unwrap
 
@@ -54,41 +55,6 @@ class FieldFit:
     residual_rad: np.ndarray
     weights: np.ndarray
     mask: np.ndarray
-
-
-def check_echo_times(echo_times: Sequence[float], n_echo: int | None = None) -> np.ndarray:
-    """Validate echo times (seconds): finite, positive, strictly increasing, below 1 s.
-
-    Parameters
-    ----------
-    echo_times : (E,) float — seconds, BIDS ``EchoTime``
-    n_echo : int, optional — the number of echoes the times must match
-
-    Returns
-    -------
-    te : (E,) float64 ndarray — seconds
-
-    Raises
-    ------
-    ValueError
-        naming the problem (e.g. milliseconds given instead of seconds).
-    """
-    te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
-    if te.size == 0:
-        raise ValueError("no echo times given")
-    if n_echo is not None and te.size != n_echo:
-        raise ValueError(f"{te.size} echo times given for {n_echo} echoes")
-    if not np.all(np.isfinite(te)):
-        raise ValueError(f"echo times must be finite numbers of seconds, got {te.tolist()}")
-    if np.any(te <= 0):
-        raise ValueError(f"echo times must be positive (seconds), got {te.tolist()}")
-    if np.any(te >= 1.0):
-        raise ValueError(
-            f"echo times {te.tolist()} are not below 1 s: BIDS EchoTime is in seconds, not ms"
-        )
-    if np.any(np.diff(te) <= 0):
-        raise ValueError(f"echo times must be strictly increasing, got {te.tolist()}")
-    return te
 
 
 def _weighted_line(echoes, te, valid):
@@ -137,7 +103,8 @@ def fit_total_field(
     phase : (E, X, Y, Z) ndarray — wrapped phase, radians (see :func:`phase_to_radians`);
         a 3-D array is one echo
     magnitude : (E, X, Y, Z) ndarray — magnitude, any unit (only relative values matter)
-    echo_times : (E,) float — seconds, BIDS ``EchoTime``: positive, strictly increasing, < 1 s
+    echo_times : (E,) float — seconds, BIDS ``EchoTime``: positive, strictly increasing, at
+        most 1 s (:func:`~bids_qsmnet.physics.units.check_echo_times`)
     mask : (X, Y, Z) bool ndarray, optional — support of the spatial unwrapping and of the
         outputs; the whole grid when None
     unwrap : {"laplacian", "path"} — spatial unwrapper: ``"laplacian"`` gives the field up to

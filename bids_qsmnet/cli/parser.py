@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from ..__about__ import __version__
+from ..training.config import TRAINING_DEFAULTS as _D
 
 __all__ = ["get_parser", "parse_args"]
 
@@ -186,24 +187,26 @@ def get_parser() -> argparse.ArgumentParser:
                    help="fraction of subjects held out when --validation-participant is absent")
     g.add_argument("--model-name", default=None, help="name of the trained model")
     g.add_argument("--epochs", type=partial(_positive_int, parser=parser, what="--epochs"),
-                   default=25)
+                   default=_D.epochs)
     g.add_argument("--batch-size", type=partial(_positive_int, parser=parser,
-                                                what="--batch-size"), default=12)
+                                                what="--batch-size"), default=_D.batch_size)
     g.add_argument("--patch-size", type=partial(_positive_int, parser=parser,
                                                 what="--patch-size"), default=None,
                    help="patch edge in voxels (default: 32 for toy, 64 otherwise)")
     g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
-                                                   what="--learning-rate"), default=1e-3)
+                                                   what="--learning-rate"),
+                   default=_D.learning_rate)
     g.add_argument("--save-step", type=partial(_positive_int, parser=parser,
-                                               what="--save-step"), default=5)
-    g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=0.0,
+                                               what="--save-step"), default=_D.save_step)
+    g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=_D.ema_decay,
                    help="validate and save an exponential moving average of the weights with "
                         "this decay per step (e.g. 0.999; 0: the last weights)")
     g.add_argument("--linearity-factor", type=float, default=None,
                    help="QSMnet+ augmentation factor (e.g. 4)")
     g.add_argument("--sign-flip", action="store_true", help="add sign-flipped patches")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=_D.max_steps,
+                   help="stop after this many steps")
+    g.add_argument("--seed", type=int, default=_D.seed)
 
     g = parser.add_argument_group("Execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,

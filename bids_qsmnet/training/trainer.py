@@ -40,118 +40,24 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ..__about__ import __version__
-from ..io.atomic import atomic_output, remove_stale_temporaries, write_json_atomic
+from ..io.atomic import atomic_output, write_json_atomic
+from ..io.locks import TRAINING_LOCK as LOCK_NAME
+from ..io.locks import TrainingLockedError, training_lock
+from .config import TrainingConfig
+from .volumes import ValidationVolume
 
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["TrainingConfig", "ValidationVolume", "TrainingResult", "TrainingLockedError",
-           "train"]
+           "LOCK_NAME", "train"]
 
 LOG_FIELDS = ["kind", "epoch", "step", "lr", "loss", "l1", "model", "gradient", "nrmse",
               "hfen", "ssim", "name", "seconds"]
-
-
-@dataclass
-class ValidationVolume:
-    """A whole volume for validation, in the network frame (B0 along the third axis).
-
-    field, chi : (X, Y, Z) ndarray — ppm; mask : bool ndarray; voxel_size (mm); b0_dir.
-    """
-
-    name: str
-    field: np.ndarray
-    chi: np.ndarray
-    mask: np.ndarray
-    voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
-    b0_dir: Sequence[float] = (0.0, 0.0, 1.0)
-
-
-@dataclass
-class TrainingConfig:
-    """Every knob of training (the tutorial's ``training_params`` and more).
-
-    Attributes
-    ----------
-    patches : path of the HDF5 patch store
-    out_dir : folder for checkpoints, model files, logs and figures
-    architecture : registry name (``toy``, ``qsmnet``, ``qsmnet+``, ``qsmnet-slim``, …) or a
-        UNet3d config dict
-    name : model name written into the model file
-    batch_size, learning_rate, lr_decay, lr_decay_steps, epochs, save_step : paper defaults
-    w_model, w_grad : weights of the model (dipole) loss and the gradient loss (0 disables)
-    seed : seeds weights initialisation and the patch order
-    device : "auto", "cpu" or "cuda[:N]"
-    amp : use bf16 autocast (CUDA only; ignored on CPU with a warning)
-    channels_last : channels-last-3d memory format (faster on CPU and CUDA; model files
-        are written contiguous)
-    num_workers : DataLoader worker processes
-    val_every : validate every this many epochs (0: never)
-    display_slices : axial slices shown in validation figures
-    log_every : write a training row every this many steps
-    checkpoint_every_steps : also checkpoint mid-epoch every this many steps (0: only at the
-        ``save_step`` epochs and at the end)
-    resume : continue from ``out_dir/checkpoint.pt`` when it exists
-    max_steps : stop after this many optimiser steps in total (0: no limit; for time-boxed runs)
-    threads : torch CPU threads (None: torch's default)
-    training_info : free-form provenance copied into the model file (data recipe, command)
-    inference_defaults : copied into the model file's ``inference`` section
-    init_model : a model file to start from (fine-tuning): its weights replace the seeded
-        initialisation and its normalisation constants replace the patch store's (the network
-        learned its units with them); its architecture must be ``architecture``'s.  Ignored
-        when a checkpoint is resumed (the checkpoint already holds the fine-tuned weights).
-    ema_decay : keep an exponential moving average of the weights (and batch-norm statistics)
-        with this decay per step (0: off).  Validation and every model file then use the
-        average, which removes the step-to-step fluctuation of the last weights (the average
-        covers about ``1 / (1 - ema_decay)`` steps); the checkpoint holds both.
-    """
-
-    patches: str
-    out_dir: str
-    architecture: str | dict = "qsmnet"
-    name: str = "qsmnet"
-    batch_size: int = 12
-    learning_rate: float = 1e-3
-    lr_decay: float = 0.95
-    lr_decay_steps: int = 600
-    epochs: int = 25
-    save_step: int = 5
-    w_model: float = 5.0
-    w_grad: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
-    num_workers: int = 0
-    val_every: int = 2
-    display_slices: Sequence[int] = (52, 72, 92, 112)
-    log_every: int = 10
-    checkpoint_every_steps: int = 0
-    resume: bool = False
-    max_steps: int = 0
-    threads: int | None = None
-    training_info: dict = field(default_factory=dict)
-    inference_defaults: dict = field(default_factory=dict)
-    init_model: str | None = None
-    ema_decay: float = 0.0
-
-    def validate(self) -> None:
-        for name in ("batch_size", "epochs", "save_step", "lr_decay_steps", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be within (0, 1], got {self.lr_decay}")
-        if self.w_model < 0 or self.w_grad < 0:
-            raise ValueError("loss weights must not be negative")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be within [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -183,81 +89,6 @@ def _init_distributed(world: int, device):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist
-
-
-# --------------------------------------------------------------------------- output lock
-
-#: advisory lock file of a training folder (hidden; removed when the run ends, left behind
-#: only by a killed run, and then taken over by the next run)
-LOCK_NAME = ".bids_qsmnet_training.lock"
-
-
-_HELD_LOCKS: list = []
-
-
-def _close_locks_in_child() -> None:
-    # a forked child (a DataLoader worker) closes its copies of the lock files, so that the
-    # lock ends with the trainer even when the trainer is killed before its workers
-    for fh in _HELD_LOCKS:
-        try:
-            fh.close()
-        except OSError:
-            pass
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_locks_in_child)
-
-
-class TrainingLockedError(RuntimeError):
-    """Another training run is writing into the same output folder."""
-
-
-@contextmanager
-def _training_lock(out_dir: str):
-    """Hold ``out_dir``'s training lock; with it held, remove the temporaries that killed
-    runs left behind."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks
-        yield
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, LOCK_NAME)
-    locked = False
-    while True:
-        fh = open(path, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise TrainingLockedError(
-                f"another training run is writing into {out_dir}; wait for it to finish or "
-                "choose another output folder") from None
-        except OSError as exc:  # a file system without flock
-            LOGGER.warning("cannot lock %s (%s): concurrent runs are not detected", out_dir, exc)
-            break
-        try:  # the run that held the lock removes the file before it lets go: then retry
-            locked = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            locked = False
-        if locked:
-            break
-        fh.close()
-    try:
-        _HELD_LOCKS.append(fh)
-        remove_stale_temporaries(out_dir)  # none is live: this run holds the folder
-        yield
-    finally:
-        if fh in _HELD_LOCKS:
-            _HELD_LOCKS.remove(fh)
-        if locked:  # removed while still held, so that no other run can lock this file
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        fh.close()  # releases the lock
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -455,7 +286,7 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
     cfg.validate()
     if _dist_env()[0] != 0:  # only rank 0 writes into the folder
         return _train(cfg, validation)
-    with _training_lock(os.path.abspath(cfg.out_dir)):
+    with training_lock(os.path.abspath(cfg.out_dir)):
         return _train(cfg, validation)
 
 

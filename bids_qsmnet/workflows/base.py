@@ -5,116 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..__about__ import __version__
 from ..bids.derivatives import bids_uri
 from ..bids.discovery import FieldRun
+from ..bids.settings import SettingsError, run_settings
 from ..interfaces.derivatives import DerivativesSink, ReportMosaics
 from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
-__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings", "run_outputs"]
-
-
-class SettingsError(ValueError):
-    """A run cannot be processed with the metadata it has (names the file)."""
-
-
-def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
-    """Units, field strength, echo time and B0 direction of a run, from its sidecar.
-
-    ``b0_strength`` (``--b0-strength``) replaces a missing ``MagneticFieldStrength``.  A sidecar
-    ``B0_dir`` (as qsm-forward writes it) wins over the affine.
-    """
-    if run.is_raw:
-        return _raw_settings(run, b0_strength=b0_strength)
-    meta = run.metadata
-    units = run.units
-    if not units:
-        raise SettingsError(f"{run.field}: the sidecar has no 'Units' (ppm, Hz or rad)")
-    from ..physics.units import check_echo_time, check_field_strength, normalise_units
-
-    try:
-        units = normalise_units(units)
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: {exc}") from None
-    b0 = meta.get("MagneticFieldStrength", b0_strength)
-    te = meta.get("EchoTime")
-    if units in ("Hz", "rad") and b0 is None:
-        raise SettingsError(f"{run.field}: Units '{units}' needs MagneticFieldStrength (tesla) "
-                            "in the sidecar; give it with --b0-strength")
-    if units == "rad" and te is None:
-        raise SettingsError(f"{run.field}: Units 'rad' needs EchoTime (seconds) in the sidecar")
-    if units == "rad" and isinstance(te, list):
-        raise SettingsError(f"{run.field}: EchoTime is a list; a local field in rad needs the "
-                            "single effective echo time")
-    # a sidecar value is whatever JSON holds: check it here, where the file can be named
-    # (MagneticFieldStrength is copied into the output sidecar, so it is checked whenever
-    # present; EchoTime matters to 'rad' alone)
-    try:
-        b0 = check_field_strength(b0) if b0 is not None else None
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
-    try:
-        te = check_echo_time(te) if units == "rad" else None
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: EchoTime {te!r}: {exc}") from None
-    b0_dir = _sidecar_b0_dir(run.field, meta)
-    return {"units": units, "b0_strength": b0, "echo_time": te, "b0_dir": b0_dir,
-            "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine"}
-
-
-def _sidecar_b0_dir(path: str, meta: dict):
-    b0_dir = meta.get("B0_dir")
-    if b0_dir is None:
-        return None
-    try:
-        b0_dir = np.asarray(b0_dir, dtype=float).ravel()
-    except (TypeError, ValueError):
-        b0_dir = np.zeros(0)
-    if b0_dir.shape != (3,) or not np.all(np.isfinite(b0_dir)) or not np.any(b0_dir):
-        raise SettingsError(f"{path}: sidecar B0_dir must be three numbers, not zero")
-    return [float(v) for v in b0_dir / np.linalg.norm(b0_dir)]
-
-
-def _raw_settings(run: FieldRun, *, b0_strength: float | None) -> dict:
-    """Echo times, field strength and B0 direction of a raw GRE run (one sidecar per echo)."""
-    from ..physics.units import check_field_strength
-
-    tes = []
-    for echo in run.echoes:
-        te = echo.echo_time
-        if te is None:
-            raise SettingsError(f"{echo.phase}: the sidecar has no 'EchoTime' (seconds)")
-        if isinstance(te, list) or not isinstance(te, (int, float)) or isinstance(te, bool):
-            raise SettingsError(f"{echo.phase}: 'EchoTime' must be one number (seconds), "
-                                f"got {te!r}")
-        if not (0 < te < 1):
-            raise SettingsError(f"{echo.phase}: 'EchoTime' {te} is not in seconds "
-                                "(expected 0 < TE < 1 s; milliseconds?)")
-        tes.append(float(te))
-    if any(b <= a for a, b in zip(tes, tes[1:])):
-        raise SettingsError(f"{run.field}: echo times {tes} do not increase with the echo index")
-    b0 = run.metadata.get("MagneticFieldStrength", b0_strength)
-    if b0 is None:
-        raise SettingsError(f"{run.field}: raw GRE phase needs MagneticFieldStrength (tesla) in "
-                            "the sidecar; give it with --b0-strength")
-    try:  # the same check as for local fields: one real number (not true/false), in tesla
-        b0 = check_field_strength(b0)
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
-    missing = [e.phase for e in run.echoes if e.magnitude is None]
-    if missing and run.mask is None:
-        raise SettingsError(f"{missing[0]}: no magnitude image for this echo and no brain mask: "
-                            "one of them is needed to find the brain")
-    b0_dir = _sidecar_b0_dir(run.field, run.metadata)
-    return {"units": "rad", "b0_strength": b0, "echo_time": None, "echo_times": tes,
-            "b0_dir": b0_dir,
-            "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine",
-            "weighted": not missing}
+__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings", "run_outputs",
+           "run_workflow_name", "SettingsError"]
 
 
 def _sidecar_extras(model_info, b0_dir, frame_file):
@@ -289,8 +192,7 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
     without it), so a run killed in between has its χ map and misses some of these: a rerun
     skips a run only when all of them exist.  Keep in step with the sinks above.
     """
-    from ..bids.derivatives import derivative_path
-    from ..interfaces.derivatives import mosaic_paths
+    from ..bids.derivatives import derivative_path, mosaic_paths
 
     entities = {k: v for k, v in run.entities.items() if v is not None}
     named = [("Chimap", None)] + ([("fieldmap", "totalfield"), ("fieldmap", "localfield"),
@@ -303,6 +205,11 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
 
 def _safe_name(key: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in key)
+
+
+def run_workflow_name(key: str) -> str:
+    """Name of the workflow of the run ``key`` inside the participant workflow."""
+    return f"run_{_safe_name(key)}_wf"
 
 
 def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: str,
@@ -330,6 +237,6 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                            tile=tile, dc_lambda=dc_lambda, omp_nthreads=omp_nthreads,
                            overwrite=overwrite, b0_strength=b0_strength,
                            unwrapping=unwrapping, bgremoval=bgremoval, flip_axes=flip_axes,
-                           residual_passes=residual_passes, name=f"run_{_safe_name(run.key)}_wf")
+                           residual_passes=residual_passes, name=run_workflow_name(run.key))
         for run in runs])
     return workflow

@@ -46,6 +46,105 @@ def _sidecar_extras(model_info, b0_dir, frame_file):
     }
 
 
+def _run_sources(run: FieldRun, bids_root: str) -> list[str]:
+    """BIDS URIs of the run's inputs: its local field (or echoes) and its mask."""
+    if run.is_raw:
+        inputs = [e.phase for e in run.echoes] + [e.magnitude for e in run.echoes if e.magnitude]
+    else:
+        inputs = [run.field]
+    return [bids_uri(p, bids_root) for p in inputs + ([run.mask] if run.mask else [])]
+
+
+def _chimap_metadata(settings: dict, sources: list[str], chain: dict | None) -> dict:
+    """The χ map's sidecar (before what only inference knows, :func:`_sidecar_extras`)."""
+    metadata = {
+        "Units": "ppm", "SkullStripped": True, "Sources": sources,
+        "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
+        "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+        "Description": "Magnetic susceptibility (χ, ppm) by a QSMnet-family network",
+    }
+    if settings["b0_strength"] is not None:
+        metadata["MagneticFieldStrength"] = settings["b0_strength"]
+    if chain is not None:
+        metadata["InputUnits"] = "rad (raw GRE phase)"
+        metadata["PhasePreprocessing"] = chain
+    return metadata
+
+
+def _after_chimap(workflow, ds_chimap, src, field: str, ds) -> None:
+    """``src.field`` into ``ds`` once the χ map is stored: a run that fails leaves no partial
+    derivatives (a mask or field map without its χ map)."""
+    gate = pe.Node(niu.Function(function=_pass_after, input_names=["value", "ready"],
+                                output_names=["value"]),
+                   name=f"{ds.name}_after_chimap", run_without_submitting=True)
+    workflow.connect([(src, gate, [(field, "value")]),
+                      (ds_chimap, gate, [("out_file", "ready")]),
+                      (gate, ds, [("value", "in_file")])])
+
+
+def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chimap, sink, *,
+                         sources: list[str], chain: dict, unwrapping: str,
+                         bgremoval: str) -> None:
+    """The phase workflow of a raw GRE run in front of ``qsm_wf``, and the sinks of its
+    total field, local field, brain mask and eroded mask."""
+    phase_wf = init_phase_wf(echo_times=settings["echo_times"],
+                             b0_strength=settings["b0_strength"], unwrap=unwrapping,
+                             background=bgremoval)
+    phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
+    phase_wf.inputs.inputnode.magnitude_files = (
+        [e.magnitude for e in run.echoes] if settings["weighted"] else [])
+    phase_wf.inputs.inputnode.mask_file = run.mask
+    phase_wf.inputs.inputnode.b0_dir = settings["b0_dir"]
+    qsm_wf.inputs.inputnode.units = "ppm"
+    derived = {"SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+               "Sources": sources, "PhasePreprocessing": chain,
+               "MagneticFieldStrength": settings["b0_strength"]}
+    ds_total = sink("ds_totalfield", suffix="fieldmap", desc="totalfield",
+                    metadata={**derived, "Units": "Hz", "Description":
+                              "Total field: unwrapped phase fitted over echoes, zero "
+                              "outside the brain mask"})
+    ds_local = sink("ds_localfield", suffix="fieldmap", desc="localfield",
+                    metadata={**derived, "Units": "ppm", "Description":
+                              "Local (tissue) field after background-field removal, zero "
+                              "outside the eroded mask"})
+    ds_brain = sink("ds_mask", suffix="mask", desc="brain",
+                    metadata={"Type": "Brain", "Sources": sources,
+                              "Description": "given brain mask" if run.mask else
+                              "brain mask found in the magnitude"})
+    ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
+                     metadata={"Type": "Brain", "Sources": sources, "Description":
+                               "brain mask after background-field removal: where the "
+                               "local field and χ are defined"})
+    workflow.connect([
+        (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
+                            ("outputnode.mask_file", "inputnode.mask_file")]),
+    ])
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.total_field", ds_total)
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.local_field", ds_local)
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.brain_mask", ds_brain)
+    _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_eroded)
+
+
+def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict) -> None:
+    """The χ map's sidecar entries known after inference, and the report's figures (only of
+    a stored χ map)."""
+    extras = pe.Node(niu.Function(function=_sidecar_extras,
+                                  input_names=["model_info", "b0_dir", "frame_file"],
+                                  output_names=["extras"]), name="sidecar_extras")
+    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
+                        name="ds_report_chimap")
+    workflow.connect([
+        (qsm_wf, extras, [("outputnode.model_info", "model_info"),
+                          ("outputnode.b0_dir", "b0_dir"),
+                          ("outputnode.frame_file", "frame_file")]),
+        (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
+        (extras, ds_chimap, [("extras", "extra_metadata")]),
+        (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
+                             ("outputnode.mask_file", "mask_file")]),
+        (ds_chimap, ds_report, [("out_file", "chi_file")]),
+    ])
+
+
 def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: str | None,
                        device: str, tile: int | None, dc_lambda: float | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
@@ -67,100 +166,25 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     for key in ("units", "b0_strength", "echo_time", "b0_dir"):
         setattr(qsm_wf.inputs.inputnode, key, settings[key])
     entities = {k: v for k, v in run.entities.items() if v is not None}
-
-    if run.is_raw:
-        inputs = [e.phase for e in run.echoes] + [e.magnitude for e in run.echoes if e.magnitude]
-    else:
-        inputs = [run.field]
-    sources = [bids_uri(p, bids_root) for p in inputs + ([run.mask] if run.mask else [])]
-    metadata = {
-        "Units": "ppm", "SkullStripped": True, "Sources": sources,
-        "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
-        "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
-        "Description": "Magnetic susceptibility (χ, ppm) by a QSMnet-family network",
-    }
-    if settings["b0_strength"] is not None:
-        metadata["MagneticFieldStrength"] = settings["b0_strength"]
+    sources = _run_sources(run, bids_root)
+    chain = _phase_description(settings, unwrapping, bgremoval) if run.is_raw else None
 
     def sink(node_name, **kwargs):
         return pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, overwrite=overwrite,
                                        **kwargs), name=node_name, run_without_submitting=True)
 
-    if run.is_raw:  # before the χ sink copies the metadata
-        chain = _phase_description(settings, unwrapping, bgremoval)
-        metadata["InputUnits"] = "rad (raw GRE phase)"
-        metadata["PhasePreprocessing"] = chain
-    ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
-
-    def after_chimap(src, field, ds):
-        """``src.field`` into ``ds`` once the χ map is stored: a run that fails leaves no
-        partial derivatives (a mask or field map without its χ map)."""
-        gate = pe.Node(niu.Function(function=_pass_after, input_names=["value", "ready"],
-                                    output_names=["value"]),
-                       name=f"{ds.name}_after_chimap", run_without_submitting=True)
-        workflow.connect([(src, gate, [(field, "value")]),
-                          (ds_chimap, gate, [("out_file", "ready")]),
-                          (gate, ds, [("value", "in_file")])])
-
+    ds_chimap = sink("ds_chimap", suffix="Chimap",
+                     metadata=_chimap_metadata(settings, sources, chain))
     if run.is_raw:
-        phase_wf = init_phase_wf(echo_times=settings["echo_times"],
-                                 b0_strength=settings["b0_strength"], unwrap=unwrapping,
-                                 background=bgremoval)
-        phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
-        phase_wf.inputs.inputnode.magnitude_files = (
-            [e.magnitude for e in run.echoes] if settings["weighted"] else [])
-        phase_wf.inputs.inputnode.mask_file = run.mask
-        phase_wf.inputs.inputnode.b0_dir = settings["b0_dir"]
-        qsm_wf.inputs.inputnode.units = "ppm"
-        derived = {"SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
-                   "Sources": sources, "PhasePreprocessing": chain,
-                   "MagneticFieldStrength": settings["b0_strength"]}
-        ds_total = sink("ds_totalfield", suffix="fieldmap", desc="totalfield",
-                        metadata={**derived, "Units": "Hz", "Description":
-                                  "Total field: unwrapped phase fitted over echoes, zero "
-                                  "outside the brain mask"})
-        ds_local = sink("ds_localfield", suffix="fieldmap", desc="localfield",
-                        metadata={**derived, "Units": "ppm", "Description":
-                                  "Local (tissue) field after background-field removal, zero "
-                                  "outside the eroded mask"})
-        ds_brain = sink("ds_mask", suffix="mask", desc="brain",
-                        metadata={"Type": "Brain", "Sources": sources,
-                                  "Description": "given brain mask" if run.mask else
-                                  "brain mask found in the magnitude"})
-        ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
-                         metadata={"Type": "Brain", "Sources": sources, "Description":
-                                   "brain mask after background-field removal: where the "
-                                   "local field and χ are defined"})
-        workflow.connect([
-            (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
-                                ("outputnode.mask_file", "inputnode.mask_file")]),
-        ])
-        after_chimap(phase_wf, "outputnode.total_field", ds_total)
-        after_chimap(phase_wf, "outputnode.local_field", ds_local)
-        after_chimap(phase_wf, "outputnode.brain_mask", ds_brain)
-        after_chimap(qsm_wf, "outputnode.mask_file", ds_eroded)
+        _connect_phase_chain(workflow, run, settings, qsm_wf, ds_chimap, sink, sources=sources,
+                             chain=chain, unwrapping=unwrapping, bgremoval=bgremoval)
     else:
         qsm_wf.inputs.inputnode.in_file = run.field
         qsm_wf.inputs.inputnode.mask_file = run.mask
         ds_mask = sink("ds_mask", suffix="mask", desc="brain",
                        metadata={"Type": "Brain", "Sources": sources})
-        after_chimap(qsm_wf, "outputnode.mask_file", ds_mask)
-
-    extras = pe.Node(niu.Function(function=_sidecar_extras,
-                                  input_names=["model_info", "b0_dir", "frame_file"],
-                                  output_names=["extras"]), name="sidecar_extras")
-    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
-                        name="ds_report_chimap")
-    workflow.connect([
-        (qsm_wf, extras, [("outputnode.model_info", "model_info"),
-                          ("outputnode.b0_dir", "b0_dir"),
-                          ("outputnode.frame_file", "frame_file")]),
-        (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
-        (extras, ds_chimap, [("extras", "extra_metadata")]),
-        (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
-                             ("outputnode.mask_file", "mask_file")]),
-        (ds_chimap, ds_report, [("out_file", "chi_file")]),  # figures only of a stored χ map
-    ])
+        _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_mask)
+    _connect_report(workflow, qsm_wf, ds_chimap, out_dir=out_dir, entities=entities)
     return workflow
 
 

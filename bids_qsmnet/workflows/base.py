@@ -11,13 +11,12 @@ from nipype.pipeline import engine as pe
 from ..__about__ import __version__
 from ..bids.derivatives import bids_uri
 from ..bids.discovery import FieldRun
-from ..bids.settings import SettingsError, run_settings
+from ..bids.settings import run_settings
 from ..interfaces.derivatives import DerivativesSink, ReportMosaics
 from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
-__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings", "run_outputs",
-           "run_workflow_name", "SettingsError"]
+__all__ = ["init_participant_wf", "init_single_run_wf", "run_outputs", "run_workflow_name"]
 
 
 def _sidecar_extras(model_info, b0_dir, frame_file):

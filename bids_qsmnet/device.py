@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from .errors import UserError
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["select_device", "DeviceError"]
 
 
-class DeviceError(RuntimeError):
+class DeviceError(UserError, RuntimeError):
     """The requested device is not available."""
 
 

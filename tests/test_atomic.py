@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from bids_qsmnet.cli.run import _remove_stale_temporaries
 from bids_qsmnet.io.atomic import (
     TMP_PATTERN,
     atomic_output,
@@ -17,6 +16,7 @@ from bids_qsmnet.io.atomic import (
     write_json_atomic,
     write_text_atomic,
 )
+from bids_qsmnet.io.locks import remove_held_temporaries as _remove_stale_temporaries
 
 
 def test_tmp_sibling_is_hidden_in_the_same_folder_and_keeps_extensions(tmp_path):

@@ -16,10 +16,11 @@ from bids_qsmnet.bids.derivatives import (
     bids_uri,
     copy_atomic,
     derivative_path,
+    sink_derivative,
     write_dataset_description,
-    write_json_atomic,
 )
-from bids_qsmnet.interfaces.derivatives import DerivativesSink, sink_derivative
+from bids_qsmnet.bids.derivatives import write_sidecar as write_json_atomic
+from bids_qsmnet.interfaces.derivatives import DerivativesSink
 
 OUT = "/out"
 FIELD = {

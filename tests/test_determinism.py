@@ -48,7 +48,7 @@ def inputs(tmp_path_factory):
 
 
 def _run(inputs, out_dir, case: str) -> str:
-    from bids_qsmnet.interfaces.inference import run_qsmnet
+    from bids_qsmnet.inference.run import run_qsmnet
 
     os.makedirs(out_dir, exist_ok=True)
     out, _ = run_qsmnet(
@@ -85,7 +85,7 @@ def test_same_bytes_in_a_fresh_interpreter(inputs, tmp_path):
     here = {case: _sha(_run(inputs, tmp_path / f"here_{case}", case)) for case in CASES}
     script = (
         "import json, sys, hashlib\n"
-        "from bids_qsmnet.interfaces.inference import run_qsmnet\n"
+        "from bids_qsmnet.inference.run import run_qsmnet\n"
         "args = json.loads(sys.argv[1])\n"
         "out = {}\n"
         "for case, kw in args['cases'].items():\n"

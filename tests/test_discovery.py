@@ -18,7 +18,7 @@ from bids_qsmnet.bids.discovery import (
     collect_runs,
     load_filter_file,
 )
-from bids_qsmnet.workflows.base import SettingsError, run_settings
+from bids_qsmnet.bids.settings import SettingsError, run_settings
 
 PPM = {"Units": "ppm"}
 
@@ -353,7 +353,7 @@ def test_sidecar_b0_dir_wins_and_is_recorded():
 
 def test_sidecar_b0_dir_overrides_an_oblique_affine(tmp_path):
     """The sidecar direction, not the affine's, decides the network frame."""
-    from bids_qsmnet.interfaces.qsm import resample_to_frame
+    from bids_qsmnet.inference.resample import resample_to_frame
     from bids_qsmnet.physics.orientation import b0_dir_from_affine
 
     t = np.deg2rad(20)

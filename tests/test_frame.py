@@ -16,7 +16,7 @@ from _bidsapp_fixtures import write_nifti
 from scipy.ndimage import affine_transform, binary_erosion
 
 from bids_qsmnet.inference.frame import from_frame, network_frame, to_frame
-from bids_qsmnet.interfaces.qsm import frame_affine, resample_from_frame, resample_to_frame
+from bids_qsmnet.inference.resample import frame_affine, resample_from_frame, resample_to_frame
 from bids_qsmnet.physics.orientation import b0_dir_from_affine, voxel_sizes_from_affine
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -489,7 +489,7 @@ def _check_settings(meta: dict, b0_strength, s: dict) -> None:
 @example(meta={"Units": "ppm", "EchoTime": [0.01, 0.02]}, b0_strength=None)
 def test_run_settings_from_any_sidecar(meta, b0_strength):
     from bids_qsmnet.bids.discovery import FieldRun
-    from bids_qsmnet.workflows.base import SettingsError, run_settings
+    from bids_qsmnet.bids.settings import SettingsError, run_settings
 
     run = FieldRun(
         field="/data/sub-01/anat/sub-01_localfield.nii.gz",

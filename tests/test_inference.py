@@ -293,7 +293,7 @@ def test_predict_chi_checks_shapes(identity_model):
 
 def test_cpu_inference_is_deterministic(tmp_path, lite_model):
     """Two runs of the same model on the same field write the same bytes."""
-    from bids_qsmnet.interfaces.inference import run_qsmnet
+    from bids_qsmnet.inference.run import run_qsmnet
 
     field, mask, _ = sphere_field((32, 32, 32))
     f = write_nifti(tmp_path / "field.nii.gz", field)
@@ -354,7 +354,7 @@ def test_flip_ensemble_is_the_mean_of_flipped_maps_and_flip_equivariant(lite_mod
 
 
 def test_run_qsmnet_takes_the_flip_axes_from_the_model_file(tmp_path):
-    from bids_qsmnet.interfaces.inference import run_qsmnet
+    from bids_qsmnet.inference.run import run_qsmnet
 
     path = make_model_file(tmp_path / "m.safetensors", seed=2)
     loaded = load_model(path)
@@ -377,7 +377,7 @@ def test_run_qsmnet_residual_passes(tmp_path):
     the network's map plus the network's map of the field it leaves unexplained."""
     import nibabel as nib
 
-    from bids_qsmnet.interfaces.inference import run_qsmnet
+    from bids_qsmnet.inference.run import run_qsmnet
     from bids_qsmnet.physics.dipole import forward_field
 
     path = make_model_file(tmp_path / "m.safetensors", seed=2)

@@ -24,7 +24,7 @@ import pytest
 from _bidsapp_fixtures import GAMMA_BAR_MHZ_PER_T, make_model_file, write_nifti
 
 from bids_qsmnet.bids.discovery import build_layout, collect_runs
-from bids_qsmnet.interfaces.qsm import convert_to_ppm, prepare_mask
+from bids_qsmnet.io.fields import convert_to_ppm, prepare_mask
 from bids_qsmnet.io.nifti import InputError
 from bids_qsmnet.workflows.base import init_participant_wf
 from bids_qsmnet.workflows.qsmnet import init_qsmnet_wf

@@ -12,7 +12,7 @@ import pytest
 from _bidsapp_fixtures import add_volume, make_dataset, write_json
 
 from bids_qsmnet.bids.discovery import DiscoveryError, build_layout, collect_runs
-from bids_qsmnet.workflows.base import SettingsError, run_settings
+from bids_qsmnet.bids.settings import SettingsError, run_settings
 
 TES = (0.004, 0.012, 0.020)
 

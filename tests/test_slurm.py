@@ -189,7 +189,8 @@ def test_slurmgraph_plugin_waits_for_its_jobs(slurm_env, inputs, multiproc_out, 
 def test_job_array_tasks_share_an_output_folder(tmp_path):
     """Runs for different participants may write one output folder at the same time (one
     SLURM array task each); the same participant twice, or an all-subjects run, may not."""
-    from bids_qsmnet.cli.run import CLIError, _output_lock
+    from bids_qsmnet.errors import UserError as CLIError
+    from bids_qsmnet.io.locks import output_lock as _output_lock
 
     out = tmp_path / "out"
     with _output_lock(out, ["01"]):

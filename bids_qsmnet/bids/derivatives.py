@@ -8,6 +8,7 @@ that looks complete; an existing output is replaced only with ``overwrite=True``
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 
 from ..__about__ import __version__
 from ..io import atomic
+from ..io.atomic import OutputExistsError, check_overwrite, write_json_atomic
 
 __all__ = [
     "PIPELINE_NAME",
@@ -22,8 +24,11 @@ __all__ = [
     "OutputExistsError",
     "derivative_path",
     "bids_uri",
-    "write_json_atomic",
+    "write_sidecar",
     "copy_atomic",
+    "sink_derivative",
+    "MOSAIC_KINDS",
+    "mosaic_paths",
     "write_dataset_description",
 ]
 
@@ -46,10 +51,6 @@ ENTITY_KEYS = ("subject", "session", "acquisition", "reconstruction", "run", "ec
 # Unicode letter); an extension is one or more dot-separated such parts
 _LABEL = re.compile(r"[A-Za-z0-9]+")
 _EXTENSION = re.compile(r"(\.[A-Za-z0-9]+)+")
-
-
-class OutputExistsError(FileExistsError):
-    """An output exists and ``--overwrite`` was not given."""
 
 
 def derivative_path(out_dir: str, source_entities: Mapping, *, suffix: str,
@@ -89,21 +90,15 @@ def bids_uri(path: str, root: str, dataset: str = "raw") -> str:
     return f"bids:{dataset}:{os.path.relpath(path, root)}"
 
 
-def _check_overwrite(dest: str, overwrite: bool) -> None:
-    if os.path.exists(dest) and not overwrite:
-        raise OutputExistsError(f"{dest} exists; use --overwrite to replace it")
-
-
-def write_json_atomic(data: Mapping, dest: str, *, overwrite: bool = True) -> str:
-    """Write JSON (sorted, indented) through a hidden temporary sibling and a rename."""
-    _check_overwrite(dest, overwrite)
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    return atomic.write_json_atomic(dest, data)
+def write_sidecar(metadata: Mapping, dest: str, *, overwrite: bool = True) -> str:
+    """Write a sidecar: ``metadata`` as sorted, indented JSON at ``dest``
+    (:func:`~bids_qsmnet.io.atomic.write_json_atomic`)."""
+    return write_json_atomic(dest, metadata, overwrite=overwrite)
 
 
 def copy_atomic(src: str, dest: str, *, overwrite: bool = False) -> str:
     """Copy ``src`` to ``dest`` through a temporary sibling file and a rename."""
-    _check_overwrite(dest, overwrite)
+    check_overwrite(dest, overwrite)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with atomic.atomic_output(dest) as tmp:
         shutil.copyfile(src, tmp)
@@ -127,4 +122,44 @@ def write_dataset_description(out_dir: str, *, bids_dir: str, container: str | N
                            + list(extra_sources or [])),
         "DatasetLinks": {"raw": "file://" + os.path.abspath(bids_dir)},
     }
-    return write_json_atomic(desc, os.path.join(out_dir, "dataset_description.json"))
+    return write_json_atomic(os.path.join(out_dir, "dataset_description.json"), desc)
+
+
+def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,
+                    desc: str | None = None, metadata: dict | None = None,
+                    overwrite: bool = False) -> tuple[str, str | None]:
+    """Copy ``in_file`` into the derivatives tree (name from ``entities``) with a sidecar.
+
+    An existing output with identical content is left as it is (a rerun after a crash is
+    idempotent); a different one is replaced only with ``overwrite``.
+    Returns ``(out_file, sidecar or None)``.
+    """
+    ext = ".nii.gz" if in_file.endswith(".nii.gz") else os.path.splitext(in_file)[1]
+    dest = derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)
+    if os.path.exists(dest) and not overwrite and not filecmp.cmp(in_file, dest, shallow=False):
+        raise OutputExistsError(f"{dest} exists with other content; use --overwrite")
+    copy_atomic(in_file, dest, overwrite=True)
+    sidecar = None
+    if metadata:
+        sidecar = derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=".json")
+        write_sidecar(metadata, sidecar)
+    return dest, sidecar
+
+
+#: the mosaics of a run, in the order :func:`bids_qsmnet.reports.figures.make_mosaics` writes
+#: them
+MOSAIC_KINDS = ("field", "chimap")
+
+
+def mosaic_paths(out_dir: str, entities: dict) -> list[str]:
+    """Paths of the run's mosaics, ``sub-<label>[/ses-<label>]/figures/<name>_mosaic.png``.
+
+    >>> mosaic_paths("/out", {"subject": "01", "suffix": "localfield"})[1]
+    '/out/sub-01/figures/sub-01_desc-chimap_mosaic.png'
+    """
+    paths = []
+    for kind in MOSAIC_KINDS:
+        png = derivative_path(out_dir, entities, suffix="mosaic", desc=kind, extension=".png")
+        paths.append(os.path.join(os.path.dirname(os.path.dirname(png)), "figures",
+                                  os.path.basename(png)))
+    return paths

@@ -34,6 +34,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
@@ -62,7 +64,7 @@ DEFAULT_FILTERS: dict[str, list[dict]] = {
 RAW_SUFFIXES = ("MEGRE", "T2starw")
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(UserError, ValueError):
     """Nothing usable was found; the message says what was searched."""
 
 

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from ..__about__ import __version__
+from ..training.config import TRAINING_DEFAULTS as _D
 
 __all__ = ["get_parser", "parse_args"]
 
@@ -103,26 +104,8 @@ def _ema_decay(value, *, parser):
                         must="must be within [0, 1)")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bids_qsmnet",
-        description="Quantitative susceptibility maps (χ, ppm) from local field maps with the "
-                    "deep networks QSMnet / QSMnet+ (BIDS-App). participant: inference for "
-                    "every subject/session/run; group: train a model on every subject that "
-                    "has a Chimap label.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    PathExists = partial(_path_exists, parser=parser)
-
-    parser.add_argument("bids_dir", type=PathExists,
-                        help="BIDS dataset (raw or derivative) holding the local field maps")
-    parser.add_argument("output_dir", type=Path,
-                        help="output folder (BIDS-Derivatives)")
-    parser.add_argument("analysis_level", choices=["participant", "group"],
-                        help="participant: inference; group: training")
-    parser.add_argument("--version", action="version", version=f"bids_qsmnet {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv: debug)")
-
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    """Which subjects, sessions and files are processed."""
     g = parser.add_argument_group("Selecting inputs")
     g.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
                    type=partial(_label, parser=parser, prefix="sub-"),
@@ -140,6 +123,9 @@ def get_parser() -> argparse.ArgumentParser:
                    type=partial(_positive_float, parser=parser, what="--b0-strength"),
                    help="field strength for inputs whose sidecar lacks MagneticFieldStrength")
 
+
+def _add_phase_options(parser: argparse.ArgumentParser) -> None:
+    """The phase chain of raw GRE runs."""
     g = parser.add_argument_group(
         "Phase preprocessing (runs with raw GRE phase and no local field)")
     g.add_argument("--unwrapping", default="laplacian", choices=["laplacian", "path"],
@@ -147,6 +133,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--bgremoval", default="vsharp", choices=["vsharp", "pdf"],
                    help="background-field removal: V-SHARP (default) or PDF")
 
+
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """The model, the device and the inference settings."""
     g = parser.add_argument_group("Model and inference")
     g.add_argument("--model", default=None,
                    help="participant: model file/folder or shipped name (default: the shipped "
@@ -178,6 +167,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "removal error (MODEL_CARD.md). Default: the model's (0 for the "
                         "shipped model)")
 
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Training at the group level (defaults: TrainingConfig's)."""
     g = parser.add_argument_group("Training (group level)")
     g.add_argument("--validation-participant", nargs="+", default=None,
                    type=partial(_label, parser=parser, prefix="sub-"),
@@ -186,25 +178,30 @@ def get_parser() -> argparse.ArgumentParser:
                    help="fraction of subjects held out when --validation-participant is absent")
     g.add_argument("--model-name", default=None, help="name of the trained model")
     g.add_argument("--epochs", type=partial(_positive_int, parser=parser, what="--epochs"),
-                   default=25)
+                   default=_D.epochs)
     g.add_argument("--batch-size", type=partial(_positive_int, parser=parser,
-                                                what="--batch-size"), default=12)
+                                                what="--batch-size"), default=_D.batch_size)
     g.add_argument("--patch-size", type=partial(_positive_int, parser=parser,
                                                 what="--patch-size"), default=None,
                    help="patch edge in voxels (default: 32 for toy, 64 otherwise)")
     g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
-                                                   what="--learning-rate"), default=1e-3)
+                                                   what="--learning-rate"),
+                   default=_D.learning_rate)
     g.add_argument("--save-step", type=partial(_positive_int, parser=parser,
-                                               what="--save-step"), default=5)
-    g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=0.0,
+                                               what="--save-step"), default=_D.save_step)
+    g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=_D.ema_decay,
                    help="validate and save an exponential moving average of the weights with "
                         "this decay per step (e.g. 0.999; 0: the last weights)")
     g.add_argument("--linearity-factor", type=float, default=None,
                    help="QSMnet+ augmentation factor (e.g. 4)")
     g.add_argument("--sign-flip", action="store_true", help="add sign-flipped patches")
-    g.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=_D.max_steps,
+                   help="stop after this many steps")
+    g.add_argument("--seed", type=int, default=_D.seed)
 
+
+def _add_execution_options(parser: argparse.ArgumentParser) -> None:
+    """Nipype's work folder and plugin, overwriting."""
     g = parser.add_argument_group("Execution")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
                    help="Nipype working folder (reused by reruns); default: a folder named after "
@@ -223,6 +220,33 @@ def get_parser() -> argparse.ArgumentParser:
                    help="replace existing outputs that differ")
     g.add_argument("--container", default=os.environ.get("BIDS_QSMNET_CONTAINER"),
                    help=argparse.SUPPRESS)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The ``bids_qsmnet`` parser: positional arguments, then one group per concern."""
+    parser = argparse.ArgumentParser(
+        prog="bids_qsmnet",
+        description="Quantitative susceptibility maps (χ, ppm) from local field maps with the "
+                    "deep networks QSMnet / QSMnet+ (BIDS-App). participant: inference for "
+                    "every subject/session/run; group: train a model on every subject that "
+                    "has a Chimap label.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    PathExists = partial(_path_exists, parser=parser)
+
+    parser.add_argument("bids_dir", type=PathExists,
+                        help="BIDS dataset (raw or derivative) holding the local field maps")
+    parser.add_argument("output_dir", type=Path,
+                        help="output folder (BIDS-Derivatives)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="participant: inference; group: training")
+    parser.add_argument("--version", action="version", version=f"bids_qsmnet {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv: debug)")
+    _add_input_options(parser)
+    _add_phase_options(parser)
+    _add_inference_options(parser)
+    _add_training_options(parser)
+    _add_execution_options(parser)
     return parser
 
 

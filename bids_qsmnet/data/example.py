@@ -169,68 +169,79 @@ def make_example_dataset(
     children = np.random.SeedSequence(seed).spawn(len(_SUBJECTS) + 1)
 
     for (label, units), child in zip(_SUBJECTS, children[: len(_SUBJECTS)], strict=True):
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(child)
-        ph = make_brain_phantom(shape, (1.0, 1.0, 1.0), rng=rng)
-        field = simulate_local_field(ph.chi, ph.mask, voxel_size=ph.voxel_size)
-        noise_std = snr_to_noise_std(field, ph.mask, snr)
-        field[ph.mask] += rng.normal(0.0, noise_std, int(ph.mask.sum())).astype(np.float32)
-
-        anat = out / f"sub-{label}" / "anat"
-        anat.mkdir(parents=True, exist_ok=True)
-        stem = anat / f"sub-{label}"
-        if units == "Hz":
-            stored, step = ppm_to_hz(field, EXAMPLE_B0_TESLA), FIELD_STEP_HZ
-        else:
-            stored, step = field, FIELD_STEP_PPM
-        _write_nifti(
-            Path(f"{stem}_localfield.nii.gz"),
-            _quantise(stored, step, "local field"),
-            affine,
-            slope=step,
-        )
-        _write_json(
-            Path(f"{stem}_localfield.json"),
-            {
-                "Units": units,
-                "MagneticFieldStrength": EXAMPLE_B0_TESLA,
-                "SkullStripped": True,
-                "Description": (
-                    "Synthetic local field: dipole convolution of the phantom's susceptibility "
-                    "(Chimap) with B0 along the third voxel axis, inside the brain mask, plus "
-                    f"Gaussian noise at SNR {snr:g} (field std / noise std)."
-                ),
-                "Sources": [f"bids::sub-{label}/anat/sub-{label}_Chimap.nii.gz"],
-            },
-        )
-        _write_nifti(Path(f"{stem}_desc-brain_mask.nii.gz"), ph.mask.astype(np.uint8), affine)
-        _write_json(
-            Path(f"{stem}_desc-brain_mask.json"),
-            {"Type": "Brain", "Description": "Brain mask of the synthetic phantom."},
-        )
-        _write_nifti(
-            Path(f"{stem}_Chimap.nii.gz"),
-            _quantise(ph.chi, CHI_STEP_PPM, "susceptibility"),
-            affine,
-            slope=CHI_STEP_PPM,
-        )
-        _write_json(
-            Path(f"{stem}_Chimap.json"),
-            {
-                "Units": "ppm",
-                "SkullStripped": True,
-                "Description": "Ground-truth susceptibility of the synthetic phantom, "
-                "zero outside the brain mask.",
-            },
-        )
-        _write_nifti(Path(f"{stem}_dseg.nii.gz"), ph.labels.astype(np.uint8), affine)
-        _write_json(
-            Path(f"{stem}_dseg.json"),
-            {"Description": "Tissue labels of the synthetic phantom; names in dseg.tsv."},
-        )
-        log.info("sub-%s (%s) written in %.1f s", label, units, time.perf_counter() - t0)
+        _write_field_subject(out, label, units, shape, affine, snr, np.random.default_rng(child))
     _write_raw_subject(out, shape, np.random.default_rng(children[-1]))
+    _write_dataset_files(out, seed=seed, shape=shape, snr=snr)
+    return out
 
+
+def _write_field_subject(out: Path, label: str, units: str, shape, affine, snr: float,
+                         rng) -> None:
+    """One subject of the example: its phantom's χ map, tissue labels and brain mask, and the
+    noisy local field in ``units`` (ppm or Hz), with their sidecars."""
+    t0 = time.perf_counter()
+    ph = make_brain_phantom(shape, (1.0, 1.0, 1.0), rng=rng)
+    field = simulate_local_field(ph.chi, ph.mask, voxel_size=ph.voxel_size)
+    noise_std = snr_to_noise_std(field, ph.mask, snr)
+    field[ph.mask] += rng.normal(0.0, noise_std, int(ph.mask.sum())).astype(np.float32)
+
+    anat = out / f"sub-{label}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    stem = anat / f"sub-{label}"
+    if units == "Hz":
+        stored, step = ppm_to_hz(field, EXAMPLE_B0_TESLA), FIELD_STEP_HZ
+    else:
+        stored, step = field, FIELD_STEP_PPM
+    _write_nifti(
+        Path(f"{stem}_localfield.nii.gz"),
+        _quantise(stored, step, "local field"),
+        affine,
+        slope=step,
+    )
+    _write_json(
+        Path(f"{stem}_localfield.json"),
+        {
+            "Units": units,
+            "MagneticFieldStrength": EXAMPLE_B0_TESLA,
+            "SkullStripped": True,
+            "Description": (
+                "Synthetic local field: dipole convolution of the phantom's susceptibility "
+                "(Chimap) with B0 along the third voxel axis, inside the brain mask, plus "
+                f"Gaussian noise at SNR {snr:g} (field std / noise std)."
+            ),
+            "Sources": [f"bids::sub-{label}/anat/sub-{label}_Chimap.nii.gz"],
+        },
+    )
+    _write_nifti(Path(f"{stem}_desc-brain_mask.nii.gz"), ph.mask.astype(np.uint8), affine)
+    _write_json(
+        Path(f"{stem}_desc-brain_mask.json"),
+        {"Type": "Brain", "Description": "Brain mask of the synthetic phantom."},
+    )
+    _write_nifti(
+        Path(f"{stem}_Chimap.nii.gz"),
+        _quantise(ph.chi, CHI_STEP_PPM, "susceptibility"),
+        affine,
+        slope=CHI_STEP_PPM,
+    )
+    _write_json(
+        Path(f"{stem}_Chimap.json"),
+        {
+            "Units": "ppm",
+            "SkullStripped": True,
+            "Description": "Ground-truth susceptibility of the synthetic phantom, "
+            "zero outside the brain mask.",
+        },
+    )
+    _write_nifti(Path(f"{stem}_dseg.nii.gz"), ph.labels.astype(np.uint8), affine)
+    _write_json(
+        Path(f"{stem}_dseg.json"),
+        {"Description": "Tissue labels of the synthetic phantom; names in dseg.tsv."},
+    )
+    log.info("sub-%s (%s) written in %.1f s", label, units, time.perf_counter() - t0)
+
+
+def _write_dataset_files(out: Path, *, seed: int, shape, snr: float) -> None:
+    """The dataset's description, label and participant tables and README."""
     _write_json(
         out / "dataset_description.json",
         {
@@ -271,7 +282,8 @@ def make_example_dataset(
         },
     )
     (out / "README").write_text(_README.format(seed=seed, shape=tuple(shape), snr=snr))
-    return out
+
+
 
 
 def _write_raw_subject(out: Path, shape, rng) -> None:

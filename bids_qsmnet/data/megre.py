@@ -38,10 +38,9 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from ..phase.echo_fit import check_echo_times
 from ..phase.scaling import wrap_phase
 from ..physics.dipole import dipole_kernel, forward_field, normalise_b0_dir
-from ..physics.units import ppm_to_hz
+from ..physics.units import check_echo_times, ppm_to_hz
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +239,86 @@ def _head_model(brain: np.ndarray, vs: np.ndarray, margin: np.ndarray, cavity: b
     return head, bone, d
 
 
+def _simulated_fields(chi_brain, brain, vs, b0_dir, *, background, shim: bool):
+    """``(local field, background field, head fraction, tissue fractions)`` on the brain's
+    grid: the fields in ppm from one enlarged grid (air margin, fast FFT lengths) and one
+    dipole kernel; the fractions of CSF, bone and scalp (none without a head)."""
+    shape = chi_brain.shape
+    margin = _margins(shape, vs)
+    big = tuple(int(n + 2 * m) for n, m in zip(shape, margin))
+    fov = tuple(slice(int(m), int(m + n)) for m, n in zip(margin, shape))
+    kernel = dipole_kernel(tuple(n + 2 * _FFT_PAD for n in big), vs, b0_dir)
+    chi_big = np.zeros(big, dtype=np.float32)
+    chi_big[fov] = chi_brain
+    local = forward_field(chi_big, vs, b0_dir, pad=_FFT_PAD, kernel=kernel)[fov]
+    del chi_big
+    if background is None:
+        return local, np.zeros(shape, dtype=np.float64), brain.astype(np.float32), {}
+    head, bone, d = _head_model(brain, vs, margin, background == "head")
+    # air is the zero: tissue −9.41 ppm, bone a further −2 ppm; the brain is uniform
+    # tissue here (its own chi is the local field's source)
+    chi_bg = head * np.float32(-AIR_CHI_PPM) + bone * np.float32(BONE_CHI_PPM)
+    background_ppm = forward_field(chi_bg, vs, b0_dir, pad=_FFT_PAD, kernel=kernel)[fov]
+    del chi_bg, kernel
+    if shim:
+        background_ppm = _shim(background_ppm, brain, vs)
+    d_fov, head_fov, bone_fov = d[fov], head[fov], bone[fov]
+    del head, bone, d
+    csf = np.where(brain, 0.0, _ramp(_GAP_MM - d_fov, float(vs.min()))) * head_fov
+    scalp = np.clip(head_fov - brain - csf - bone_fov, 0.0, 1.0)
+    return local, background_ppm, head_fov, {"csf": csf, "bone": bone_fov, "scalp": scalp}
+
+
+def _signal_model(brain, chi_brain, fractions: dict):
+    """The magnitude at echo time ``t`` (seconds): ``Σ_c v_c ρ_c exp(−R2*_c t)`` over brain,
+    CSF, bone and scalp."""
+    r2s_brain = np.clip(_BRAIN_R2S + _R2S_PER_PPM * np.abs(chi_brain), 0.0, 200.0)
+    compartments = [(brain.astype(np.float32) * _BRAIN_PD, r2s_brain)]
+    if fractions:
+        compartments += [
+            (fractions["csf"] * _CSF_PD, _CSF_R2S),
+            (fractions["bone"] * _BONE_PD, _BONE_R2S),
+            (fractions["scalp"] * _SCALP_PD, _SCALP_R2S),
+        ]
+
+    def signal(t):
+        return sum(pd * np.exp(np.float32(-t) * r2s) for pd, r2s in compartments)
+
+    return signal
+
+
+def _echo_images(signal, total_hz, offset, te, noise_std: float, rng, *,
+                 integer_phase: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(magnitude, wrapped phase)`` of each echo, with complex Gaussian noise of
+    ``noise_std``; the phase as Siemens integers with ``integer_phase``."""
+    shape = total_hz.shape
+    magnitude = np.empty((len(te), *shape), dtype=np.float32)
+    phase = np.empty((len(te), *shape), dtype=np.int16 if integer_phase else np.float32)
+    for n, t in enumerate(te):
+        # the model phase in float64 (up to ~100 rad), wrapped, then float32 arithmetic
+        model = wrap_phase(2.0 * np.pi * t * total_hz + offset).astype(np.float32)
+        amp = signal(t).astype(np.float32)
+        if noise_std > 0:
+            re = amp * np.cos(model) + np.float32(noise_std) * rng.standard_normal(
+                shape, dtype=np.float32
+            )
+            im = amp * np.sin(model) + np.float32(noise_std) * rng.standard_normal(
+                shape, dtype=np.float32
+            )
+            magnitude[n] = np.hypot(re, im)
+            ph = wrap_phase(np.arctan2(im, re))
+        else:
+            magnitude[n] = amp
+            ph = model  # noise-free: the model phase everywhere, air included
+        if integer_phase:
+            # [−π, π) → −4096…4095, the inverse of phase_to_radians on the Siemens range
+            v = np.round(ph.astype(np.float64) * (4096.0 / np.pi)).astype(np.int32)
+            phase[n] = np.where(v >= 4096, v - 8192, v)
+        else:
+            phase[n] = ph
+    return magnitude, phase
+
+
 def simulate_megre(
     chi: np.ndarray,
     brain_mask: np.ndarray,
@@ -315,81 +394,16 @@ def simulate_megre(
         raise ValueError(f"snr must be positive (or None for no noise), got {snr}")
     rng = np.random.default_rng(rng)
     shape = chi.shape
-    w = float(vs.min())
-
-    # one enlarged grid (air margin, fast FFT lengths) and one kernel for both fields
-    margin = _margins(shape, vs)
-    big = tuple(int(n + 2 * m) for n, m in zip(shape, margin))
-    fov = tuple(slice(int(m), int(m + n)) for m, n in zip(margin, shape))
-    kernel = dipole_kernel(tuple(n + 2 * _FFT_PAD for n in big), vs, b0_dir)
-
     chi_brain = np.where(brain, chi, 0.0).astype(np.float32)
-    chi_big = np.zeros(big, dtype=np.float32)
-    chi_big[fov] = chi_brain
-    local = forward_field(chi_big, vs, b0_dir, pad=_FFT_PAD, kernel=kernel)[fov]
-    del chi_big
-
-    if background is None:
-        background_ppm = np.zeros(shape, dtype=np.float64)
-        head_fov = brain.astype(np.float32)
-        fractions = {}
-    else:
-        head, bone, d = _head_model(brain, vs, margin, background == "head")
-        # air is the zero: tissue −9.41 ppm, bone a further −2 ppm; the brain is uniform
-        # tissue here (its own chi is the local field's source)
-        chi_bg = head * np.float32(-AIR_CHI_PPM) + bone * np.float32(BONE_CHI_PPM)
-        background_ppm = forward_field(chi_bg, vs, b0_dir, pad=_FFT_PAD, kernel=kernel)[fov]
-        del chi_bg
-        if shim:
-            background_ppm = _shim(background_ppm, brain, vs)
-        d_fov, head_fov, bone_fov = d[fov], head[fov], bone[fov]
-        del head, bone, d
-        csf = np.where(brain, 0.0, _ramp(_GAP_MM - d_fov, w)) * head_fov
-        scalp = np.clip(head_fov - brain - csf - bone_fov, 0.0, 1.0)
-        fractions = {"csf": csf, "bone": bone_fov, "scalp": scalp}
-    del kernel
-
+    local, background_ppm, head_fov, fractions = _simulated_fields(
+        chi_brain, brain, vs, b0_dir, background=background, shim=shim)
     total_hz = ppm_to_hz(local + background_ppm, b0_tesla)
     offset = _smooth_offset(shape, rng) if phase_offset else np.zeros(shape, dtype=np.float32)
-
-    r2s_brain = np.clip(_BRAIN_R2S + _R2S_PER_PPM * np.abs(chi_brain), 0.0, 200.0)
-    compartments = [(brain.astype(np.float32) * _BRAIN_PD, r2s_brain)]
-    if fractions:
-        compartments += [
-            (fractions["csf"] * _CSF_PD, _CSF_R2S),
-            (fractions["bone"] * _BONE_PD, _BONE_R2S),
-            (fractions["scalp"] * _SCALP_PD, _SCALP_R2S),
-        ]
-
-    def signal(t):
-        return sum(pd * np.exp(np.float32(-t) * r2s) for pd, r2s in compartments)
-
+    signal = _signal_model(brain, chi_brain, fractions)
     noiseless = snr is None or not np.isfinite(snr)
     noise_std = 0.0 if noiseless else float(np.mean(signal(te[0])[brain]) / snr)
-    magnitude = np.empty((len(te), *shape), dtype=np.float32)
-    phase = np.empty((len(te), *shape), dtype=np.int16 if integer_phase else np.float32)
-    for n, t in enumerate(te):
-        # the model phase in float64 (up to ~100 rad), wrapped, then float32 arithmetic
-        model = wrap_phase(2.0 * np.pi * t * total_hz + offset).astype(np.float32)
-        amp = signal(t).astype(np.float32)
-        if noise_std > 0:
-            re = amp * np.cos(model) + np.float32(noise_std) * rng.standard_normal(
-                shape, dtype=np.float32
-            )
-            im = amp * np.sin(model) + np.float32(noise_std) * rng.standard_normal(
-                shape, dtype=np.float32
-            )
-            magnitude[n] = np.hypot(re, im)
-            ph = wrap_phase(np.arctan2(im, re))
-        else:
-            magnitude[n] = amp
-            ph = model  # noise-free: the model phase everywhere, air included
-        if integer_phase:
-            # [−π, π) → −4096…4095, the inverse of phase_to_radians on the Siemens range
-            v = np.round(ph.astype(np.float64) * (4096.0 / np.pi)).astype(np.int32)
-            phase[n] = np.where(v >= 4096, v - 8192, v)
-        else:
-            phase[n] = ph
+    magnitude, phase = _echo_images(signal, total_hz, offset, te, noise_std, rng,
+                                    integer_phase=integer_phase)
 
     return MegreSimulation(
         magnitude=magnitude,

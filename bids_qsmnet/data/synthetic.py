@@ -472,6 +472,340 @@ def _yaw(deg):
 # -------------------------------------------------------------------------- brain phantom
 
 
+@dataclass(eq=False)
+class _Brain:
+    """The brain phantom while it is drawn: grid, template frame, mask and depth, and the
+    tissue labels and base susceptibility (ppm) that the drawing stages paint into."""
+
+    shape: tuple
+    vs: np.ndarray
+    frame: _Frame
+    aspect: np.ndarray
+    mask: np.ndarray
+    depth: np.ndarray  # ≈ mm below the brain surface
+    labels: np.ndarray | None = None
+    base: np.ndarray | None = None
+    value: dict | None = None  # label → this subject's susceptibility, ppm
+    shift: np.ndarray | None = None  # template mm: where the deep structures sit
+
+    def paint(self, sl_occ, lab, val, where=None) -> None:
+        """Label ``lab`` and susceptibility ``val`` where a shape's occupancy is ≥ ½ (in the
+        mask, and where ``where(labels)`` holds)."""
+        if sl_occ is None:
+            return
+        sl, occ = sl_occ
+        sel = (occ >= 0.5) & self.mask[sl]
+        if where is not None:
+            sel &= where(self.labels[sl])
+        self.labels[sl][sel] = lab
+        self.base[sl][sel] = val
+
+    def template_blob(self, centre_q, semi_q, rot_q):
+        """The soft ellipsoid of template centre, semi-axes (mm) and rotation."""
+        s = self.frame.scale
+        return _soft_ellipsoid(self.shape, self.vs, self.frame.to_vox(centre_q)[0],
+                               s * np.asarray(semi_q), self.frame.rot @ rot_q)
+
+
+def _brain_shape(shape, vs, q, aspect, rng):
+    """Union of three deformed ellipsoids (F < 0 inside): ``(mask, depth, region, (f_cer,
+    f_cb, f_bs), a, a_inf)`` with region 0 cerebrum, 1 cerebellum, 2 brain stem."""
+    q0, q1, q2 = q
+    n_shape = _noise_field(shape, vs, rng, 25.0)
+    delta = np.float32(rng.uniform(0.025, 0.05)) * n_shape
+    a = _CEREBRUM * aspect
+    a_inf = a[2] * rng.uniform(0.8, 0.9)  # flatter base of the brain
+    zs = np.where(q2 < 0, np.float32(a_inf), np.float32(a[2]))
+    f_cer = np.sqrt((q0 / np.float32(a[0])) ** 2 + (q1 / np.float32(a[1])) ** 2 + (q2 / zs) ** 2)
+    f_cer -= 1.0 + delta
+    del zs
+    a_cb = _CEREBELLUM[1] * aspect * rng.uniform(0.92, 1.08, 3)
+    f_cb = _rho((q0, q1, q2), _CEREBELLUM[0] * aspect, a_cb) - (1.0 + 0.6 * delta)
+    tilt_bs = _rotation(0.0, -np.deg2rad(_BRAINSTEM[2]), 0.0)  # top tilted forwards
+    f_bs = _rho((q0, q1, q2), _BRAINSTEM[0] * aspect, _BRAINSTEM[1] * aspect, tilt_bs)
+    f_bs -= 1.0 + 0.3 * delta
+    del delta
+    region = np.where(f_cb < f_cer, np.int8(1), np.int8(0))
+    F = np.minimum(f_cer, f_cb)
+    region[f_bs < F] = 2
+    np.minimum(F, f_bs, out=F)
+    mask = F < 0
+    depth = -F / np.maximum(_grad_norm(F, vs), 1e-6)
+    return mask, depth, region, (f_cer, f_cb, f_bs), a, a_inf
+
+
+def _csf_sheet(noise, half_width, max_depth, depth, vs):
+    """``(csf, distance in mm)`` of the zero level set of ``noise``, ``half_width`` mm on each
+    side, down to ``max_depth`` mm below the surface."""
+    d = np.abs(noise) / np.maximum(_grad_norm(noise, vs), 1e-6)
+    inside = np.maximum(d - np.float32(half_width), 0)
+    shallow = depth < max_depth
+    csf = shallow & (d < half_width)
+    dist = np.where(shallow, inside, np.hypot(inside, depth - max_depth))
+    return csf, dist
+
+
+def _sulci(brain: _Brain, q, n_depth, depth_scale, rng):
+    """Sulci: the zero level set of a band-pass field (wavelength 14-22 mm) that is constant
+    along rays from the brain centre, so the sheets run inwards like real sulci; 3-25 mm
+    deep.  Returns ``(csf, distance)``."""
+    shape, vs, depth = brain.shape, brain.vs, brain.depth
+    q0, q1, q2 = q
+    n_sulci = _noise_field(shape, vs, rng, rng.uniform(14.0, 22.0), bandpass=True)
+    d_max = rng.uniform(8.0, 18.0) * depth_scale * np.clip(1.0 + 0.4 * n_depth, 0.3, None)
+    shell = (depth > -3.0) & (depth < float(d_max.max()) + 8.0)
+    idx = np.nonzero(shell)
+    qs = np.stack([q0[idx], q1[idx], q2[idx]], axis=1).astype(np.float64)
+    qs *= _SULCAL_SPHERE / np.maximum(np.linalg.norm(qs, axis=1, keepdims=True), 1e-3)
+    radial = np.full(shape, 10.0, np.float32)  # far from any sheet outside the shell
+    radial[idx] = ndi.map_coordinates(n_sulci, brain.frame.to_vox(qs).T, order=1,
+                                      mode="grid-wrap")
+    del n_sulci, qs, idx, shell
+    return _csf_sheet(radial, rng.uniform(0.35, 0.8), d_max, depth, vs)
+
+
+def _fissure(brain: _Brain, q, n_depth, rng):
+    """The interhemispheric fissure: a wavy midline sheet, down to the corpus callosum
+    centrally and through the whole depth in front of the genu and behind the splenium.
+    Returns ``(csf, distance)``."""
+    q0, q1, q2 = q
+    s, aspect = brain.frame.scale, brain.aspect
+    disp = n_depth * np.float32(rng.uniform(1.0, 3.0))
+    d_if = np.abs(q0 * np.float32(s) - disp)
+    w_if = rng.uniform(0.6, 1.5)
+    central = (q1 < 50.0 * aspect[1]) & (q1 > -28.0 * aspect[1])
+    overshoot = np.where(central, np.maximum(np.float32(18.0 * aspect[2]) - q2, 0) * s, 0)
+    csf_if = (d_if < w_if) & (overshoot == 0)
+    e_if = np.hypot(np.maximum(d_if - np.float32(w_if), 0), overshoot)
+    return csf_if, e_if
+
+
+def _tentorium(brain: _Brain, parts, rng):
+    """The tentorium, the seam between cerebrum and cerebellum: ``(csf, distance)``."""
+    f_cer, f_cb, f_bs = parts
+    g = f_cer - f_cb
+    d_t = np.abs(g) / np.maximum(_grad_norm(g, brain.vs), 1e-6)
+    near = (f_cer < 0.05) & (f_cb < 0.05) & (f_bs > 0)
+    w_t = rng.uniform(0.5, 1.2)
+    csf_t = near & (d_t < w_t)
+    e_t = np.where(near, np.maximum(d_t - np.float32(w_t), 0), np.float32(np.inf))
+    return csf_t, e_t
+
+
+def _csf_and_cortex(brain: _Brain, q, region, parts, rng) -> np.ndarray:
+    """Tissue labels (CSF, grey and white matter) of the CSF sheets and the cortical ribbon
+    wrapped around them (distances are first-order, in mm)."""
+    shape, vs, depth = brain.shape, brain.vs, brain.depth
+    t_csf = rng.uniform(0.5, 1.8)  # subarachnoid CSF layer
+    depth_scale = float(np.clip(brain.frame.scale, 0.6, 1.0))  # shallower in small brains
+    n_depth = _noise_field(shape, vs, rng, 30.0)
+    csf_s, e_s = _sulci(brain, q, n_depth, depth_scale, rng)
+    # cerebellar folia: finer and shallower
+    n_folia = _noise_field(shape, vs, rng, rng.uniform(4.5, 7.0), bandpass=True)
+    csf_f, e_f = _csf_sheet(n_folia, rng.uniform(0.3, 0.5),
+                            rng.uniform(5.0, 10.0) * depth_scale, depth, vs)
+    del n_folia
+    csf_if, e_if = _fissure(brain, q, n_depth, rng)
+    csf_t, e_t = _tentorium(brain, parts, rng)
+
+    cerebrum, cerebellum = region == 0, region == 1
+    e_outer = depth - np.float32(t_csf)
+    gm_dist = np.where(
+        cerebrum,
+        np.minimum(np.minimum(e_outer, e_s), np.minimum(e_if, e_t)),
+        np.where(cerebellum, np.minimum(np.minimum(e_outer, e_f), e_t), np.float32(np.inf)),
+    )
+    t_gm = rng.uniform(2.0, 3.2)
+    t_gm_cb = rng.uniform(1.2, 2.0)
+    gm = gm_dist < np.where(cerebellum, np.float32(t_gm_cb), np.float32(t_gm))
+    csf = (depth < t_csf) | (cerebrum & (csf_s | csf_if)) | (cerebellum & csf_f) | csf_t
+    del e_s, e_f, e_if, e_t, e_outer, gm_dist, csf_s, csf_f, csf_if, csf_t
+
+    labels = np.zeros(shape, np.int16)
+    labels[brain.mask] = _WM
+    labels[brain.mask & gm] = _GM
+    labels[brain.mask & csf] = _CSF
+    return labels
+
+
+def _tissue_values(brain: _Brain, region, rng) -> None:
+    """This subject's susceptibility of every label (one "iron load" shared by the nuclei,
+    plus individual variation) and the base map of CSF, grey and white matter."""
+    iron = rng.uniform()
+    value = {}
+    for lab, (lo, hi) in _CHI_RANGE.items():
+        t = np.clip(0.6 * iron + 0.4 * rng.uniform(), 0, 1) if lab >= 4 else rng.uniform()
+        value[lab] = lo + t * (hi - lo)
+    labels = brain.labels
+    base = np.zeros(brain.shape, np.float32)
+    for lab in (_CSF, _GM, _WM):
+        base[labels == lab] = value[lab]
+    base[brain.mask & (region == 2) & (labels == _WM)] = value[_WM] * rng.uniform(0.4, 1.0)
+    base[(region == 1) & (labels == _GM)] = value[_GM] * rng.uniform(0.3, 1.0)
+    brain.base, brain.value = base, value
+
+
+def _paint_nuclei(brain: _Brain, rng) -> None:
+    """Deep grey nuclei: jittered, resized, slightly rotated, left and right drawn apart."""
+    shape, vs, frame, aspect = brain.shape, brain.vs, brain.frame, brain.aspect
+    s = frame.scale
+    brain.shift = shift = rng.normal(0.0, 2.0, 3)
+    for lab, centre, semi, yaw in _NUCLEI:
+        for side in (1.0, -1.0):
+            c = _mirror(centre, side) * aspect + shift + rng.normal(0.0, 1.0, 3)
+            e = np.asarray(semi) * aspect * rng.uniform(0.85, 1.2)
+            rot = _yaw(side * (yaw + rng.normal(0, 5))) @ _rotation(0, rng.normal(0, 0.08), 0)
+            brain.paint(brain.template_blob(c, e, rot), lab,
+                        brain.value[lab] * (1 + rng.normal(0, 0.05)))
+            if lab == 4:  # caudate body and tail along the ventricle
+                pts, r = _sample_curve(
+                    _mirror(_CAUDATE_BODY, side) * aspect + shift,
+                    np.asarray(_CAUDATE_BODY_R) * rng.uniform(0.8, 1.2),
+                    0.5 / s,
+                )
+                brain.paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), lab,
+                            brain.value[lab])
+
+
+def _paint_ventricles(brain: _Brain, rng) -> None:
+    """Lateral ventricles with their temporal horns, third and fourth ventricles (their size
+    varies strongly between people and with age)."""
+    shape, vs, frame, aspect = brain.shape, brain.vs, brain.frame, brain.aspect
+    s = frame.scale
+    csf = brain.value[_CSF]
+    atrophy = rng.uniform(0.6, 1.7)
+    for ctrl, radii in ((_LAT_VENTRICLE, _LAT_VENTRICLE_R), (_TEMPORAL_HORN, _TEMPORAL_HORN_R)):
+        for side in (1.0, -1.0):
+            ctrl_q = _mirror(ctrl, side) * aspect + brain.shift + rng.normal(0, 1.0,
+                                                                            (len(ctrl), 3))
+            pts, r = _sample_curve(ctrl_q, np.asarray(radii) * atrophy, 0.5 / s)
+            brain.paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), _CSF, csf)
+    for centre, semi in (_THIRD_VENTRICLE, _FOURTH_VENTRICLE):
+        e = np.asarray(semi) * aspect * np.array([np.sqrt(atrophy), 1.0, 1.0])
+        brain.paint(brain.template_blob(np.asarray(centre) * aspect + brain.shift, e,
+                                        np.eye(3)), _CSF, csf)
+
+
+def _paint_lesions(brain: _Brain, rng) -> None:
+    """White-matter lesions: 2-10 periventricular ovoids, mildly paramagnetic."""
+    s = brain.frame.scale
+    for _ in range(int(rng.integers(2, 11))):
+        p = _mirror(_LAT_VENTRICLE[rng.integers(1, 6)], rng.choice([-1.0, 1.0]))
+        p = p * brain.aspect + brain.shift + rng.normal(0, 6.0, 3) + np.array([0, 0, 5.0])
+        d = rng.uniform(3.0, 12.0)
+        e = np.array([d / 2, d / 2 * rng.uniform(1.0, 2.0), d / 2]) / s
+        brain.paint(
+            brain.template_blob(p, e, _random_rotation(rng)),
+            _LESION,
+            brain.value[_WM] + rng.uniform(0.01, 0.05),
+            where=lambda lab: lab == _WM,
+        )
+
+
+def _tract_map(brain: _Brain, a, rng):
+    """White-matter tracts, a few named ones and random ones, more diamagnetic than their
+    surroundings: ``(occupancy, susceptibility offset in ppm)`` maps."""
+    shape, vs, frame, s = brain.shape, brain.vs, brain.frame, brain.frame.scale
+    tract_occ = np.zeros(shape, np.float32)
+    tract_val = np.zeros(shape, np.float32)
+    tracts = []
+    for pts_q, r in _TRACTS:
+        for side in (1.0, -1.0) if pts_q[0][0] != 0 else (1.0,):
+            tracts.append((_mirror(pts_q, side) * brain.aspect + brain.shift, r))
+    for _ in range(int(rng.integers(3, 11))):
+        ctrl = rng.uniform(-0.65, 0.65, (4, 3)) * a
+        tracts.append((ctrl, rng.uniform(2.0, 5.0)))
+    for ctrl, r in tracts:
+        ctrl = ctrl + rng.normal(0, 1.5, ctrl.shape)
+        pts, rr = _sample_curve(ctrl, r * rng.uniform(0.7, 1.3), 0.5 / s)
+        _paint_tube(tract_occ, tract_val, frame.to_vox(pts), rr * s,
+                    rng.uniform(-0.02, -0.005), vs, edge_mm=2.0)
+    return tract_occ, tract_val
+
+
+def _textured_chi(brain: _Brain, tracts, rng):
+    """χ of the base map with texture, the tracts, a low-frequency variation and partial
+    volume (a blur of 0.3-0.7 voxels).  Returns ``(chi, texture)``."""
+    shape, vs, labels, base = brain.shape, brain.vs, brain.labels, brain.base
+    texture = _noise_field(shape, vs, rng, 1.5) + _noise_field(shape, vs, rng, 6.0)
+    texture *= np.float32(1 / np.sqrt(2))
+    amp_lut = np.zeros(max(BRAIN_LABELS) + 1, np.float32)
+    amp_lut[[_CSF, _GM, _WM, _LESION]] = [0.002, 0.004, 0.005, 0.005]
+    amp = amp_lut[labels] * np.float32(rng.uniform(0.6, 1.4))
+    nuclei = (labels >= 4) & (labels <= 10)
+    amp[nuclei] = 0.12 * np.abs(base[nuclei])  # iron is patchy inside the nuclei
+    chi = base + amp * texture
+    del amp, nuclei
+    tract_occ, tract_val = tracts
+    chi += tract_occ * tract_val * (labels == _WM)
+    chi += np.float32(rng.uniform(0.0, 0.006)) * _noise_field(shape, vs, rng, 35.0)
+    chi[~brain.mask] = 0
+    chi = ndi.gaussian_filter(chi, rng.uniform(0.3, 0.7))  # voxels: partial volume
+    return chi, texture
+
+
+def _paint_veins(brain: _Brain, chi, a, a_inf, rng):
+    """Veins as partial-volume tubes (after the blur: they carry their own partial volume);
+    returns the new χ."""
+    v_occ = np.zeros(brain.shape, np.float32)
+    v_val = np.zeros(brain.shape, np.float32)
+    frame = brain.frame
+    for pts_q, radius in _vein_curves(frame, a, a_inf, brain.aspect, brain.shift, brain.depth,
+                                      rng):
+        _paint_tube(v_occ, v_val, frame.to_vox(pts_q), radius, rng.uniform(0.3, 0.6), brain.vs)
+    chi = chi * (1 - v_occ) + v_val * v_occ
+    brain.labels[brain.mask & (v_occ >= 0.5)] = _VEIN
+    return chi
+
+
+def _paint_pathology(brain: _Brain, chi, texture, rng, *, p_calcification, p_hemorrhage,
+                     p_microbleeds) -> None:
+    """Calcifications, haemorrhages and microbleeds, each with its probability, painted into
+    ``chi`` (in place) and the labels."""
+    shape, vs, mask, labels = brain.shape, brain.vs, brain.mask, brain.labels
+
+    def blob(centre_vox, diameter, val, lab, wobble=0.0):
+        if centre_vox is None:
+            return
+        semi = diameter / 2 * rng.uniform(0.75, 1.0, 3)
+        out = _soft_ellipsoid(
+            shape, vs, centre_vox, semi, _random_rotation(rng), wobble=wobble, rng=rng
+        )
+        if out is None:
+            return
+        sl, occ = out
+        occ = occ * mask[sl]
+        v = val * (1 + 0.15 * texture[sl]) if wobble else val
+        chi[sl] = chi[sl] * (1 - occ) + v * occ
+        labels[sl][occ >= 0.5] = lab
+
+    parenchyma = np.flatnonzero(mask & (labels >= _GM) & (labels <= 10) & (brain.depth > 6.0))
+
+    def random_site():
+        if not parenchyma.size:
+            return None
+        return np.array(np.unravel_index(rng.choice(parenchyma), shape), dtype=np.float64)
+
+    if rng.uniform() < p_calcification:
+        for _ in range(int(rng.integers(1, 5))):
+            site = rng.choice(4, p=[0.35, 0.25, 0.15, 0.25])
+            side = rng.choice([-1.0, 1.0])
+            q = [_mirror(_NUCLEI[2][1], side), _mirror(_ATRIUM, side), _PINEAL, None][site]
+            c = (
+                brain.frame.to_vox(np.asarray(q) * brain.aspect + brain.shift
+                                   + rng.normal(0, 1.5, 3))[0]
+                if q is not None
+                else random_site()
+            )
+            blob(c, rng.uniform(2.0, 6.0), rng.uniform(-0.3, -0.1), _CALC)
+    if rng.uniform() < p_hemorrhage and parenchyma.size:
+        for _ in range(int(rng.integers(1, 3))):
+            blob(random_site(), rng.uniform(8.0, 30.0), rng.uniform(0.4, 1.2), _HEM, wobble=0.2)
+    if rng.uniform() < p_microbleeds and parenchyma.size:
+        for _ in range(int(rng.integers(1, 9))):
+            blob(random_site(), rng.uniform(2.0, 5.0), rng.uniform(0.4, 1.0), _HEM)
+
+
 def make_brain_phantom(
     shape: Sequence[int] = (160, 160, 160),
     voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
@@ -524,269 +858,30 @@ def make_brain_phantom(
     shape, vs = _check_grid(shape, voxel_size)
     aspect = 1.0 + rng.uniform(-0.06, 0.06, 3)
     frame = _fit_frame(shape, vs, aspect, rng, max_tilt_deg)
-    s = frame.scale
-    log.debug("brain phantom: scale %.3f, origin %s mm", s, np.round(frame.origin_mm, 1))
-    q0, q1, q2 = frame.template_coords()
-
-    # --- brain shape: union of three deformed ellipsoids, F < 0 inside ----------------------
-    n_shape = _noise_field(shape, vs, rng, 25.0)
-    delta = np.float32(rng.uniform(0.025, 0.05)) * n_shape
-    a = _CEREBRUM * aspect
-    a_inf = a[2] * rng.uniform(0.8, 0.9)  # flatter base of the brain
-    zs = np.where(q2 < 0, np.float32(a_inf), np.float32(a[2]))
-    f_cer = np.sqrt((q0 / np.float32(a[0])) ** 2 + (q1 / np.float32(a[1])) ** 2 + (q2 / zs) ** 2)
-    f_cer -= 1.0 + delta
-    del zs
-    a_cb = _CEREBELLUM[1] * aspect * rng.uniform(0.92, 1.08, 3)
-    f_cb = _rho((q0, q1, q2), _CEREBELLUM[0] * aspect, a_cb) - (1.0 + 0.6 * delta)
-    tilt_bs = _rotation(0.0, -np.deg2rad(_BRAINSTEM[2]), 0.0)  # top tilted forwards
-    f_bs = _rho((q0, q1, q2), _BRAINSTEM[0] * aspect, _BRAINSTEM[1] * aspect, tilt_bs)
-    f_bs -= 1.0 + 0.3 * delta
-    del delta
-    region = np.where(f_cb < f_cer, np.int8(1), np.int8(0))
-    F = np.minimum(f_cer, f_cb)
-    region[f_bs < F] = 2
-    np.minimum(F, f_bs, out=F)
-    mask = F < 0
-    depth = -F / np.maximum(_grad_norm(F, vs), 1e-6)  # ≈ mm below the brain surface
-    del F
-
-    # --- CSF sheets and the cortical ribbon (distances are first-order, in mm) --------------
-    t_csf = rng.uniform(0.5, 1.8)  # subarachnoid CSF layer
-    depth_scale = float(np.clip(s, 0.6, 1.0))  # shallower folding in scaled-down brains
-    n_depth = _noise_field(shape, vs, rng, 30.0)
-    inf = np.float32(np.inf)
-
-    def sheet(noise, half_width, max_depth):
-        d = np.abs(noise) / np.maximum(_grad_norm(noise, vs), 1e-6)
-        inside = np.maximum(d - np.float32(half_width), 0)
-        shallow = depth < max_depth
-        csf = shallow & (d < half_width)
-        dist = np.where(shallow, inside, np.hypot(inside, depth - max_depth))
-        return csf, dist
-
-    # sulci: zero level set of a band-pass field (wavelength 14-22 mm) that is constant along
-    # rays from the brain centre, so the sheets run inwards like real sulci; 3-25 mm deep
-    n_sulci = _noise_field(shape, vs, rng, rng.uniform(14.0, 22.0), bandpass=True)
-    d_max = rng.uniform(8.0, 18.0) * depth_scale * np.clip(1.0 + 0.4 * n_depth, 0.3, None)
-    shell = (depth > -3.0) & (depth < float(d_max.max()) + 8.0)
-    idx = np.nonzero(shell)
-    qs = np.stack([q0[idx], q1[idx], q2[idx]], axis=1).astype(np.float64)
-    qs *= _SULCAL_SPHERE / np.maximum(np.linalg.norm(qs, axis=1, keepdims=True), 1e-3)
-    radial = np.full(shape, 10.0, np.float32)  # far from any sheet outside the shell
-    radial[idx] = ndi.map_coordinates(n_sulci, frame.to_vox(qs).T, order=1, mode="grid-wrap")
-    del n_sulci, qs, idx, shell
-    csf_s, e_s = sheet(radial, rng.uniform(0.35, 0.8), d_max)
-    del radial
-    # cerebellar folia: finer and shallower
-    n_folia = _noise_field(shape, vs, rng, rng.uniform(4.5, 7.0), bandpass=True)
-    csf_f, e_f = sheet(n_folia, rng.uniform(0.3, 0.5), rng.uniform(5.0, 10.0) * depth_scale)
-    del n_folia
-    # interhemispheric fissure: a wavy midline sheet, down to the corpus callosum centrally and
-    # through the whole depth in front of the genu and behind the splenium
-    disp = n_depth * np.float32(rng.uniform(1.0, 3.0))
-    d_if = np.abs(q0 * np.float32(s) - disp)
-    w_if = rng.uniform(0.6, 1.5)
-    central = (q1 < 50.0 * aspect[1]) & (q1 > -28.0 * aspect[1])
-    overshoot = np.where(central, np.maximum(np.float32(18.0 * aspect[2]) - q2, 0) * s, 0)
-    csf_if = (d_if < w_if) & (overshoot == 0)
-    e_if = np.hypot(np.maximum(d_if - np.float32(w_if), 0), overshoot)
-    del d_if, overshoot, central, disp
-    # tentorium: the seam between cerebrum and cerebellum
-    g = f_cer - f_cb
-    d_t = np.abs(g) / np.maximum(_grad_norm(g, vs), 1e-6)
-    near = (f_cer < 0.05) & (f_cb < 0.05) & (f_bs > 0)
-    w_t = rng.uniform(0.5, 1.2)
-    csf_t = near & (d_t < w_t)
-    e_t = np.where(near, np.maximum(d_t - np.float32(w_t), 0), inf)
-    del g, d_t, near, f_cer, f_cb, f_bs
-
-    cerebrum, cerebellum = region == 0, region == 1
-    e_outer = depth - np.float32(t_csf)
-    gm_dist = np.where(
-        cerebrum,
-        np.minimum(np.minimum(e_outer, e_s), np.minimum(e_if, e_t)),
-        np.where(cerebellum, np.minimum(np.minimum(e_outer, e_f), e_t), inf),
-    )
-    t_gm = rng.uniform(2.0, 3.2)
-    t_gm_cb = rng.uniform(1.2, 2.0)
-    gm = gm_dist < np.where(cerebellum, np.float32(t_gm_cb), np.float32(t_gm))
-    csf = (depth < t_csf) | (cerebrum & (csf_s | csf_if)) | (cerebellum & csf_f) | csf_t
-    del e_s, e_f, e_if, e_t, e_outer, gm_dist, csf_s, csf_f, csf_if, csf_t
-
-    labels = np.zeros(shape, np.int16)
-    labels[mask] = _WM
-    labels[mask & gm] = _GM
-    labels[mask & csf] = _CSF
-    del gm, csf
-
-    # --- per-subject susceptibilities --------------------------------------------------------
-    iron = rng.uniform()  # one "iron load" shared by the nuclei, plus individual variation
-    value = {}
-    for lab, (lo, hi) in _CHI_RANGE.items():
-        t = np.clip(0.6 * iron + 0.4 * rng.uniform(), 0, 1) if lab >= 4 else rng.uniform()
-        value[lab] = lo + t * (hi - lo)
-    base = np.zeros(shape, np.float32)
-    for lab in (_CSF, _GM, _WM):
-        base[labels == lab] = value[lab]
-    base[mask & (region == 2) & (labels == _WM)] = value[_WM] * rng.uniform(0.4, 1.0)
-    base[cerebellum & (labels == _GM)] = value[_GM] * rng.uniform(0.3, 1.0)
-    del region, cerebrum, cerebellum
-
-    def paint(sl_occ, lab, val, where=None):
-        if sl_occ is None:
-            return
-        sl, occ = sl_occ
-        sel = (occ >= 0.5) & mask[sl]
-        if where is not None:
-            sel &= where(labels[sl])
-        labels[sl][sel] = lab
-        base[sl][sel] = val
-
-    def tmpl_blob(centre_q, semi_q, rot_q):
-        return _soft_ellipsoid(
-            shape, vs, frame.to_vox(centre_q)[0], s * np.asarray(semi_q), frame.rot @ rot_q
-        )
-
-    # deep grey nuclei: jittered, resized, slightly rotated, left and right drawn apart
-    shift = rng.normal(0.0, 2.0, 3)
-    for lab, centre, semi, yaw in _NUCLEI:
-        for side in (1.0, -1.0):
-            c = _mirror(centre, side) * aspect + shift + rng.normal(0.0, 1.0, 3)
-            e = np.asarray(semi) * aspect * rng.uniform(0.85, 1.2)
-            rot = _yaw(side * (yaw + rng.normal(0, 5))) @ _rotation(0, rng.normal(0, 0.08), 0)
-            paint(tmpl_blob(c, e, rot), lab, value[lab] * (1 + rng.normal(0, 0.05)))
-            if lab == 4:  # caudate body and tail along the ventricle
-                pts, r = _sample_curve(
-                    _mirror(_CAUDATE_BODY, side) * aspect + shift,
-                    np.asarray(_CAUDATE_BODY_R) * rng.uniform(0.8, 1.2),
-                    0.5 / s,
-                )
-                paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), lab, value[lab])
-
-    # ventricles (size varies strongly between people and with age)
-    atrophy = rng.uniform(0.6, 1.7)
-    for ctrl, radii in ((_LAT_VENTRICLE, _LAT_VENTRICLE_R), (_TEMPORAL_HORN, _TEMPORAL_HORN_R)):
-        for side in (1.0, -1.0):
-            ctrl_q = _mirror(ctrl, side) * aspect + shift + rng.normal(0, 1.0, (len(ctrl), 3))
-            pts, r = _sample_curve(ctrl_q, np.asarray(radii) * atrophy, 0.5 / s)
-            paint(_tube_occ(shape, vs, frame.to_vox(pts), r * s), _CSF, value[_CSF])
-    for centre, semi in (_THIRD_VENTRICLE, _FOURTH_VENTRICLE):
-        e = np.asarray(semi) * aspect * np.array([np.sqrt(atrophy), 1.0, 1.0])
-        paint(tmpl_blob(np.asarray(centre) * aspect + shift, e, np.eye(3)), _CSF, value[_CSF])
-
-    # white-matter lesions (periventricular ovoids, mildly paramagnetic)
+    log.debug("brain phantom: scale %.3f, origin %s mm", frame.scale, np.round(frame.origin_mm, 1))
+    q = frame.template_coords()
+    # the stages draw from rng in this order: the same seed gives the same phantom
+    mask, depth, region, parts, a, a_inf = _brain_shape(shape, vs, q, aspect, rng)
+    brain = _Brain(tuple(shape), vs, frame, aspect, mask, depth)
+    brain.labels = _csf_and_cortex(brain, q, region, parts, rng)
+    del parts, q
+    _tissue_values(brain, region, rng)
+    del region
+    _paint_nuclei(brain, rng)
+    _paint_ventricles(brain, rng)
     if rng.uniform() < p_lesions:
-        for _ in range(int(rng.integers(2, 11))):
-            p = _mirror(_LAT_VENTRICLE[rng.integers(1, 6)], rng.choice([-1.0, 1.0]))
-            p = p * aspect + shift + rng.normal(0, 6.0, 3) + np.array([0, 0, 5.0])
-            d = rng.uniform(3.0, 12.0)
-            e = np.array([d / 2, d / 2 * rng.uniform(1.0, 2.0), d / 2]) / s
-            paint(
-                tmpl_blob(p, e, _random_rotation(rng)),
-                _LESION,
-                value[_WM] + rng.uniform(0.01, 0.05),
-                where=lambda lab: lab == _WM,
-            )
-
-    # white-matter tracts: a few named ones and random ones, more diamagnetic than their
-    # surroundings
-    tract_occ = np.zeros(shape, np.float32)
-    tract_val = np.zeros(shape, np.float32)
-    tracts = []
-    for pts_q, r in _TRACTS:
-        for side in (1.0, -1.0) if pts_q[0][0] != 0 else (1.0,):
-            tracts.append((_mirror(pts_q, side) * aspect + shift, r))
-    for _ in range(int(rng.integers(3, 11))):
-        ctrl = rng.uniform(-0.65, 0.65, (4, 3)) * a
-        tracts.append((ctrl, rng.uniform(2.0, 5.0)))
-    for ctrl, r in tracts:
-        ctrl = ctrl + rng.normal(0, 1.5, ctrl.shape)
-        pts, rr = _sample_curve(ctrl, r * rng.uniform(0.7, 1.3), 0.5 / s)
-        _paint_tube(
-            tract_occ,
-            tract_val,
-            frame.to_vox(pts),
-            rr * s,
-            rng.uniform(-0.02, -0.005),
-            vs,
-            edge_mm=2.0,
-        )
-
-    # --- texture, low-frequency variation and partial volume --------------------------------
-    texture = _noise_field(shape, vs, rng, 1.5) + _noise_field(shape, vs, rng, 6.0)
-    texture *= np.float32(1 / np.sqrt(2))
-    amp_lut = np.zeros(max(BRAIN_LABELS) + 1, np.float32)
-    amp_lut[[_CSF, _GM, _WM, _LESION]] = [0.002, 0.004, 0.005, 0.005]
-    amp = amp_lut[labels] * np.float32(rng.uniform(0.6, 1.4))
-    nuclei = (labels >= 4) & (labels <= 10)
-    amp[nuclei] = 0.12 * np.abs(base[nuclei])  # iron is patchy inside the nuclei
-    chi = base + amp * texture
-    del amp, nuclei
-    chi += tract_occ * tract_val * (labels == _WM)
-    del tract_occ, tract_val
-    chi += np.float32(rng.uniform(0.0, 0.006)) * _noise_field(shape, vs, rng, 35.0)
-    chi[~mask] = 0
-    chi = ndi.gaussian_filter(chi, rng.uniform(0.3, 0.7))  # voxels: partial volume
-
-    # --- veins (painted after the blur: they carry their own partial volume) -----------------
+        _paint_lesions(brain, rng)
+    chi, texture = _textured_chi(brain, _tract_map(brain, a, rng), rng)
     if veins:
-        v_occ = np.zeros(shape, np.float32)
-        v_val = np.zeros(shape, np.float32)
-        for pts_q, radius in _vein_curves(frame, a, a_inf, aspect, shift, depth, rng):
-            _paint_tube(v_occ, v_val, frame.to_vox(pts_q), radius, rng.uniform(0.3, 0.6), vs)
-        chi = chi * (1 - v_occ) + v_val * v_occ
-        labels[mask & (v_occ >= 0.5)] = _VEIN
-        del v_occ, v_val
-    del q0, q1, q2
-
-    # --- calcifications, haemorrhages, microbleeds ------------------------------------------
-    def blob(centre_vox, diameter, val, lab, wobble=0.0):
-        if centre_vox is None:
-            return
-        semi = diameter / 2 * rng.uniform(0.75, 1.0, 3)
-        out = _soft_ellipsoid(
-            shape, vs, centre_vox, semi, _random_rotation(rng), wobble=wobble, rng=rng
-        )
-        if out is None:
-            return
-        sl, occ = out
-        occ = occ * mask[sl]
-        v = val * (1 + 0.15 * texture[sl]) if wobble else val
-        chi[sl] = chi[sl] * (1 - occ) + v * occ
-        labels[sl][occ >= 0.5] = lab
-
-    parenchyma = np.flatnonzero(mask & (labels >= _GM) & (labels <= 10) & (depth > 6.0))
-
-    def random_site():
-        if not parenchyma.size:
-            return None
-        return np.array(np.unravel_index(rng.choice(parenchyma), shape), dtype=np.float64)
-
-    if rng.uniform() < p_calcification:
-        for _ in range(int(rng.integers(1, 5))):
-            site = rng.choice(4, p=[0.35, 0.25, 0.15, 0.25])
-            side = rng.choice([-1.0, 1.0])
-            q = [_mirror(_NUCLEI[2][1], side), _mirror(_ATRIUM, side), _PINEAL, None][site]
-            c = (
-                frame.to_vox(np.asarray(q) * aspect + shift + rng.normal(0, 1.5, 3))[0]
-                if q is not None
-                else random_site()
-            )
-            blob(c, rng.uniform(2.0, 6.0), rng.uniform(-0.3, -0.1), _CALC)
-    if rng.uniform() < p_hemorrhage and parenchyma.size:
-        for _ in range(int(rng.integers(1, 3))):
-            blob(random_site(), rng.uniform(8.0, 30.0), rng.uniform(0.4, 1.2), _HEM, wobble=0.2)
-    if rng.uniform() < p_microbleeds and parenchyma.size:
-        for _ in range(int(rng.integers(1, 9))):
-            blob(random_site(), rng.uniform(2.0, 5.0), rng.uniform(0.4, 1.0), _HEM)
-
+        chi = _paint_veins(brain, chi, a, a_inf, rng)
+    _paint_pathology(brain, chi, texture, rng, p_calcification=p_calcification,
+                     p_hemorrhage=p_hemorrhage, p_microbleeds=p_microbleeds)
     chi[~mask] = 0
-    labels[~mask] = 0
+    brain.labels[~mask] = 0
     return Phantom(
         chi.astype(np.float32, copy=False),
         mask,
-        labels,
+        brain.labels,
         dict(BRAIN_LABELS),
         tuple(float(v) for v in vs),
     )

@@ -1,9 +1,8 @@
-"""Writing BIDS derivatives from a workflow: ``DerivativesSink`` and ``ReportMosaics``."""
+"""Writing BIDS derivatives from a workflow: ``DerivativesSink`` and ``ReportMosaics``
+(adapters over :func:`bids_qsmnet.bids.derivatives.sink_derivative` and
+:func:`bids_qsmnet.reports.figures.make_mosaics`)."""
 
 from __future__ import annotations
-
-import filecmp
-import os
 
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -14,36 +13,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ["sink_derivative", "DerivativesSink", "ReportMosaics", "MOSAIC_KINDS",
-           "mosaic_paths", "make_mosaics"]
+from ..bids.derivatives import sink_derivative
 
-
-def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,
-                    desc: str | None = None, metadata: dict | None = None,
-                    overwrite: bool = False) -> tuple[str, str | None]:
-    """Copy ``in_file`` into the derivatives tree (name from ``entities``) with a sidecar.
-
-    An existing output with identical content is left as it is (a rerun after a crash is
-    idempotent); a different one is replaced only with ``overwrite``.
-    Returns ``(out_file, sidecar or None)``.
-    """
-    from ..bids.derivatives import (
-        OutputExistsError,
-        copy_atomic,
-        derivative_path,
-        write_json_atomic,
-    )
-
-    ext = ".nii.gz" if in_file.endswith(".nii.gz") else os.path.splitext(in_file)[1]
-    dest = derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)
-    if os.path.exists(dest) and not overwrite and not filecmp.cmp(in_file, dest, shallow=False):
-        raise OutputExistsError(f"{dest} exists with other content; use --overwrite")
-    copy_atomic(in_file, dest, overwrite=True)
-    sidecar = None
-    if metadata:
-        sidecar = derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=".json")
-        write_json_atomic(metadata, sidecar, overwrite=True)
-    return dest, sidecar
+__all__ = ["DerivativesSink", "ReportMosaics"]
 
 
 class _SinkInputSpec(BaseInterfaceInputSpec):
@@ -88,49 +60,6 @@ class DerivativesSink(SimpleInterface):
         return runtime
 
 
-#: the mosaics of a run, in the order :func:`make_mosaics` writes them
-MOSAIC_KINDS = ("field", "chimap")
-
-
-def mosaic_paths(out_dir: str, entities: dict) -> list[str]:
-    """Paths of the run's mosaics, ``sub-<label>[/ses-<label>]/figures/<name>_mosaic.png``.
-
-    >>> mosaic_paths("/out", {"subject": "01", "suffix": "localfield"})[1]
-    '/out/sub-01/figures/sub-01_desc-chimap_mosaic.png'
-    """
-    from ..bids.derivatives import derivative_path
-
-    paths = []
-    for kind in MOSAIC_KINDS:
-        png = derivative_path(out_dir, entities, suffix="mosaic", desc=kind, extension=".png")
-        paths.append(os.path.join(os.path.dirname(os.path.dirname(png)), "figures",
-                                  os.path.basename(png)))
-    return paths
-
-
-def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
-                 entities: dict) -> list[str]:
-    """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``."""
-    import numpy as np
-
-    from ..io.nifti import load_volume
-    from ..reports.figures import plot_mosaic
-
-    field, _ = load_volume(field_file, what="local field")
-    chi, _ = load_volume(chi_file, what="χ map")
-    mask, _ = load_volume(mask_file, what="brain mask")
-    volumes = {"field": (field, "local field (ppm)", (None, None)),
-               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2))}
-    outs = mosaic_paths(out_dir, entities)
-    for kind, png in zip(MOSAIC_KINDS, outs):
-        vol, title, window = volumes[kind]
-        os.makedirs(os.path.dirname(png), exist_ok=True)
-        # plot_mosaic writes through a hidden temporary file and a rename
-        plot_mosaic(np.where(mask > 0, vol, 0), png, mask=mask > 0, vmin=window[0],
-                    vmax=window[1], title=title)
-    return outs
-
-
 class _MosaicInputSpec(BaseInterfaceInputSpec):
     field_file = File(exists=True, mandatory=True, desc="local field, ppm (input grid)")
     chi_file = File(exists=True, mandatory=True, desc="χ map, ppm (input grid)")
@@ -155,6 +84,8 @@ class ReportMosaics(SimpleInterface):
     _always_run = True
 
     def _run_interface(self, runtime):
+        from ..reports.figures import make_mosaics
+
         i = self.inputs
         self._results["out_files"] = make_mosaics(i.field_file, i.chi_file, i.mask_file,
                                                   i.out_dir, dict(i.entities))

@@ -2,7 +2,8 @@
 
 Thin adapters: the work is done by :func:`bids_qsmnet.training.patches.extract_patches` and
 :func:`bids_qsmnet.training.trainer.train`, imported inside ``_run_interface`` so that building
-a workflow does not import torch.
+a workflow does not import torch.  The training traits' defaults are those of
+:class:`~bids_qsmnet.training.config.TrainingConfig`.
 """
 
 from __future__ import annotations
@@ -20,41 +21,14 @@ from nipype.interfaces.base import (
     traits,
 )
 
-__all__ = ["ExtractPatches", "TrainQSMnet", "iter_training_volumes"]
+from ..training.config import TRAINING_DEFAULTS as _D
 
+__all__ = ["ExtractPatches", "TrainQSMnet"]
 
-def iter_training_volumes(field_files, label_files, mask_files=None, subject_ids=None):
-    """Yield :class:`TrainingVolume` s from NIfTI triplets, one subject at a time.
-
-    Fields and labels must be in ppm; voxel size and B0 direction come from the field's affine.
-    """
-    import numpy as np
-
-    from ..io.nifti import InputError, load_volume
-    from ..physics.orientation import b0_dir_from_affine, voxel_sizes_from_affine
-    from ..training.patches import TrainingVolume
-
-    if len(label_files) != len(field_files):
-        raise InputError(f"{len(field_files)} field files but {len(label_files)} labels")
-    masks = list(mask_files) if mask_files else [None] * len(field_files)
-    ids = list(subject_ids) if subject_ids else [
-        os.path.basename(f).split("_")[0] for f in field_files]
-    for f, c, m, sid in zip(field_files, label_files, masks, ids):
-        field, img = load_volume(f, what="local field")
-        chi, cimg = load_volume(c, what="χ label")
-        if chi.shape != field.shape or not np.allclose(cimg.affine, img.affine, atol=1e-3):
-            raise InputError(f"{c}: label grid {chi.shape} differs from the field's ({f})")
-        if m:
-            mask, mimg = load_volume(m, what="mask")
-            if mask.shape != field.shape or not np.allclose(mimg.affine, img.affine, atol=1e-3):
-                raise InputError(f"{m}: mask grid {mask.shape} differs from the field's ({f})")
-            mask = mask > 0
-        else:
-            mask = field != 0
-        yield TrainingVolume(field, chi, mask, voxel_size=voxel_sizes_from_affine(img.affine),
-                             b0_dir=b0_dir_from_affine(img.affine), subject=sid,
-                             sources={"field": os.path.basename(f), "label": os.path.basename(c),
-                                      "mask": os.path.basename(m) if m else None})
+#: traits of TrainQSMnet passed to TrainingConfig under the same name
+_CONFIG_TRAITS = ("architecture", "batch_size", "learning_rate", "lr_decay", "lr_decay_steps",
+                  "epochs", "save_step", "w_model", "w_grad", "seed", "ema_decay", "device",
+                  "amp", "channels_last", "val_every", "max_steps")
 
 
 class _ExtractPatchesInputSpec(BaseInterfaceInputSpec):
@@ -94,6 +68,7 @@ class ExtractPatches(SimpleInterface):
 
     def _run_interface(self, runtime):
         from ..training.patches import extract_patches
+        from ..training.volumes import iter_training_volumes
 
         i = self.inputs
         vols = iter_training_volumes(
@@ -114,33 +89,38 @@ class ExtractPatches(SimpleInterface):
 
 class _TrainInputSpec(BaseInterfaceInputSpec):
     patches = File(exists=True, mandatory=True, desc="HDF5 patch store from ExtractPatches")
-    architecture = traits.Str("qsmnet", usedefault=True,
+    architecture = traits.Str(_D.architecture, usedefault=True,
                               desc="toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim, qsmnet-lite")
     model_name = traits.Str(desc="name written into the model file (default: architecture)")
-    batch_size = traits.Int(12, usedefault=True, desc="patches per step")
-    learning_rate = traits.Float(1e-3, usedefault=True, desc="initial Adam learning rate")
-    lr_decay = traits.Float(0.95, usedefault=True, desc="learning-rate factor per decay period")
-    lr_decay_steps = traits.Int(600, usedefault=True, desc="steps per decay period")
-    epochs = traits.Int(25, usedefault=True, desc="training epochs")
-    save_step = traits.Int(5, usedefault=True, desc="checkpoint every this many epochs")
-    w_model = traits.Float(5.0, usedefault=True, desc="model (dipole-consistency) loss weight")
-    w_grad = traits.Float(0.1, usedefault=True, desc="gradient loss weight")
-    seed = traits.Int(0, usedefault=True, desc="seed of initial weights and patch order")
-    ema_decay = traits.Range(0.0, 1.0, 0.0, usedefault=True, exclude_high=True,
+    batch_size = traits.Int(_D.batch_size, usedefault=True, desc="patches per step")
+    learning_rate = traits.Float(_D.learning_rate, usedefault=True,
+                                 desc="initial Adam learning rate")
+    lr_decay = traits.Float(_D.lr_decay, usedefault=True,
+                            desc="learning-rate factor per decay period")
+    lr_decay_steps = traits.Int(_D.lr_decay_steps, usedefault=True, desc="steps per decay period")
+    epochs = traits.Int(_D.epochs, usedefault=True, desc="training epochs")
+    save_step = traits.Int(_D.save_step, usedefault=True, desc="checkpoint every this many epochs")
+    w_model = traits.Float(_D.w_model, usedefault=True,
+                           desc="model (dipole-consistency) loss weight")
+    w_grad = traits.Float(_D.w_grad, usedefault=True, desc="gradient loss weight")
+    seed = traits.Int(_D.seed, usedefault=True, desc="seed of initial weights and patch order")
+    ema_decay = traits.Range(0.0, 1.0, _D.ema_decay, usedefault=True, exclude_high=True,
                              desc="decay per step of the weight average that is validated and "
                                   "saved (0: the last weights)")
-    device = traits.Str("auto", usedefault=True, desc="auto, cpu or cuda[:N]")
+    device = traits.Str(_D.device, usedefault=True, desc="auto, cpu or cuda[:N]")
     use_cuda = traits.Bool(False, usedefault=True,
                            desc="schedule as a GPU job in MultiProc (n_gpu_procs)")
-    amp = traits.Bool(False, usedefault=True, desc="bf16 autocast on CUDA")
-    channels_last = traits.Bool(True, usedefault=True,
-                                desc="channels-last 3-D layout (1.4-1.7x faster CPU steps)")
+    amp = traits.Bool(_D.amp, usedefault=True, desc="bf16 autocast on CUDA")
+    channels_last = traits.Bool(_D.channels_last, usedefault=True,
+                                desc="channels-last 3-D layout (1.4-1.7x faster CPU steps; "
+                                     "same function, other float rounding)")
     num_threads = traits.Int(desc="torch CPU threads")
     val_fields = InputMultiObject(File(exists=True), desc="whole validation fields (ppm)")
     val_labels = InputMultiObject(File(exists=True), desc="validation χ labels (ppm)")
     val_masks = InputMultiObject(File(exists=True), desc="validation masks")
-    val_every = traits.Int(2, usedefault=True, desc="validate every this many epochs")
-    max_steps = traits.Int(0, usedefault=True, desc="stop after this many steps (0: no limit)")
+    val_every = traits.Int(_D.val_every, usedefault=True, desc="validate every this many epochs")
+    max_steps = traits.Int(_D.max_steps, usedefault=True,
+                           desc="stop after this many steps (0: no limit)")
 
 
 class _TrainOutputSpec(TraitedSpec):
@@ -161,29 +141,20 @@ class TrainQSMnet(SimpleInterface):
     _can_resume = True
 
     def _run_interface(self, runtime):
-        from ..train import load_validation_volume
-        from ..training.trainer import TrainingConfig, train
+        from ..training.config import TrainingConfig
+        from ..training.trainer import train
+        from ..training.volumes import validation_volumes
 
         i = self.inputs
         out_dir = os.path.join(runtime.cwd, "training")
-        val = []
-        if isdefined(i.val_fields):
-            labels = i.val_labels if isdefined(i.val_labels) else []
-            masks = i.val_masks if isdefined(i.val_masks) else [None] * len(i.val_fields)
-            if len(labels) != len(i.val_fields):
-                raise ValueError("val_fields and val_labels must have the same length")
-            val = [load_validation_volume(",".join(p for p in t if p))
-                   for t in zip(i.val_fields, labels, masks)]
+        val = validation_volumes(i.val_fields, i.val_labels if isdefined(i.val_labels) else [],
+                                 i.val_masks if isdefined(i.val_masks) else None) \
+            if isdefined(i.val_fields) else []
         cfg = TrainingConfig(
-            patches=i.patches, out_dir=out_dir, architecture=i.architecture,
+            patches=i.patches, out_dir=out_dir, resume=True,
             name=i.model_name if isdefined(i.model_name) else i.architecture,
-            batch_size=i.batch_size, learning_rate=i.learning_rate, lr_decay=i.lr_decay,
-            lr_decay_steps=i.lr_decay_steps, epochs=i.epochs, save_step=i.save_step,
-            w_model=i.w_model, w_grad=i.w_grad, seed=i.seed, device=i.device, amp=i.amp,
-            ema_decay=i.ema_decay,
-            channels_last=i.channels_last, val_every=i.val_every, max_steps=i.max_steps,
-            resume=True,
-            threads=i.num_threads if isdefined(i.num_threads) else None)
+            threads=i.num_threads if isdefined(i.num_threads) else None,
+            **{name: getattr(i, name) for name in _CONFIG_TRAITS})
         result = train(cfg, val)
         self._results.update(
             model_file=result.model_path, log_file=result.log_path,

@@ -18,8 +18,10 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-__all__ = ["TMP_PATTERN", "tmp_sibling", "atomic_output", "write_text_atomic",
-           "write_json_atomic", "remove_stale_temporaries"]
+from ..errors import UserError
+
+__all__ = ["TMP_PATTERN", "OutputExistsError", "check_overwrite", "tmp_sibling", "atomic_output",
+           "write_text_atomic", "write_json_atomic", "remove_stale_temporaries"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +73,16 @@ def atomic_output(path: str | os.PathLike, *, keep_extension: bool = False,
             os.remove(tmp)
 
 
+class OutputExistsError(UserError, FileExistsError):
+    """An output exists and ``--overwrite`` was not given."""
+
+
+def check_overwrite(path: str | os.PathLike, overwrite: bool) -> None:
+    """An :class:`OutputExistsError` when ``path`` exists and ``overwrite`` is false."""
+    if os.path.exists(path) and not overwrite:
+        raise OutputExistsError(f"{os.fspath(path)} exists; use --overwrite to replace it")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
     path = os.fspath(path)
@@ -80,8 +92,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> str:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, data: Mapping, *, sort_keys: bool = True) -> str:
-    """Write ``data`` as indented JSON (values JSON cannot hold as their ``str``)."""
+def write_json_atomic(path: str | os.PathLike, data: Mapping, *, sort_keys: bool = True,
+                      overwrite: bool = True) -> str:
+    """Write ``data`` as indented JSON (values JSON cannot hold as their ``str``) to ``path``
+    atomically, making its folder if needed; returns ``path``.
+
+    Raises
+    ------
+    OutputExistsError
+        when ``path`` exists and ``overwrite`` is false.
+    """
+    check_overwrite(path, overwrite)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n"
     return write_text_atomic(path, text)
 

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from ..errors import UserError
 from .atomic import atomic_output, tmp_sibling
 
 LOGGER = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ __all__ = [
     "save_volume",
     "atomic_path",
     "available_memory",
+    "derived_path",
     "WORKING_COPIES",
 ]
 
@@ -37,7 +39,7 @@ WORKING_COPIES = 8
 _SHEAR_TOL = 1e-3
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input file is unusable; the message names the file and the problem."""
 
 
@@ -256,3 +258,17 @@ def save_volume(data: np.ndarray, reference, path: str | os.PathLike, *, dtype=n
     with atomic_output(path, keep_extension=True) as tmp:
         nib.save(img, tmp)
     return path
+
+
+def derived_path(in_file: str | os.PathLike, suffix: str, newpath: str | None = None, *,
+                 extension: str = ".nii.gz") -> str:
+    """Path of a file derived from ``in_file``: its name without extension, ``suffix`` and
+    ``extension``, in ``newpath`` (default: the current folder).
+
+    >>> derived_path("/data/sub-01_phase.nii.gz", "_echoes", "/work")
+    '/work/sub-01_phase_echoes.nii.gz'
+    """
+    from nipype.utils.filemanip import fname_presuffix
+
+    return fname_presuffix(os.fspath(in_file), suffix=suffix, newpath=newpath or os.getcwd(),
+                           use_ext=False) + extension

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ..__about__ import __version__
+from ..errors import UserError
 from ..io.atomic import atomic_output
 
 __all__ = [
@@ -80,7 +81,7 @@ REQUIRED_ARCHITECTURE_KEYS = ("in_channels", "out_channels", "channels", "kernel
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file (or model name) that cannot be used; the message names the file."""
 
 

@@ -21,6 +21,7 @@ from functools import partial
 
 import numpy as np
 
+from ..physics.units import check_echo_times
 from .scaling import wrap_phase
 from .unwrap import laplacian_unwrap, path_unwrap
 
@@ -56,41 +57,6 @@ class FieldFit:
     mask: np.ndarray
 
 
-def check_echo_times(echo_times: Sequence[float], n_echo: int | None = None) -> np.ndarray:
-    """Validate echo times (seconds): finite, positive, strictly increasing, below 1 s.
-
-    Parameters
-    ----------
-    echo_times : (E,) float — seconds, BIDS ``EchoTime``
-    n_echo : int, optional — the number of echoes the times must match
-
-    Returns
-    -------
-    te : (E,) float64 ndarray — seconds
-
-    Raises
-    ------
-    ValueError
-        naming the problem (e.g. milliseconds given instead of seconds).
-    """
-    te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
-    if te.size == 0:
-        raise ValueError("no echo times given")
-    if n_echo is not None and te.size != n_echo:
-        raise ValueError(f"{te.size} echo times given for {n_echo} echoes")
-    if not np.all(np.isfinite(te)):
-        raise ValueError(f"echo times must be finite numbers of seconds, got {te.tolist()}")
-    if np.any(te <= 0):
-        raise ValueError(f"echo times must be positive (seconds), got {te.tolist()}")
-    if np.any(te >= 1.0):
-        raise ValueError(
-            f"echo times {te.tolist()} are not below 1 s: BIDS EchoTime is in seconds, not ms"
-        )
-    if np.any(np.diff(te) <= 0):
-        raise ValueError(f"echo times must be strictly increasing, got {te.tolist()}")
-    return te
-
-
 def _weighted_line(echoes, te, valid):
     """Weighted least-squares line ``y = a + b t`` per voxel.
 
@@ -121,6 +87,97 @@ def _normalise_weights(info: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(mask, info / scale, 0.0).astype(np.float32)
 
 
+def _check_fit_inputs(phase, magnitude, echo_times, mask):
+    """``(phase, magnitude, echo times, mask)`` checked and as 4-D arrays (a 3-D array is one
+    echo), the mask the whole grid when None."""
+    phase = np.asarray(phase)
+    magnitude = np.asarray(magnitude)
+    if phase.ndim == 3:
+        phase = phase[None]
+    if magnitude.ndim == 3:
+        magnitude = magnitude[None]
+    if phase.ndim != 4:
+        raise ValueError(f"phase must have shape (n_echo, X, Y, Z), got {phase.shape}")
+    if magnitude.shape != phase.shape:
+        raise ValueError(
+            f"magnitude shape {magnitude.shape} does not match phase shape {phase.shape}"
+        )
+    n_echo, shape = phase.shape[0], phase.shape[1:]
+    te = check_echo_times(echo_times, n_echo)
+    if not (np.all(np.isfinite(phase)) and np.all(np.isfinite(magnitude))):
+        raise ValueError("phase and magnitude must be finite")
+    if np.any(magnitude < 0):
+        raise ValueError("magnitude must be non-negative")
+    if mask is None:
+        mask = np.ones(shape, dtype=bool)
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != shape:
+            raise ValueError(f"mask shape {mask.shape} does not match the echo shape {shape}")
+        if not mask.any():
+            raise ValueError("the mask is empty")
+    return phase, magnitude, te, mask
+
+
+def _single_echo_fit(echo, unwrapper, te0: float, mask) -> FieldFit:
+    """One echo: the offset is taken as zero, ``f = unwrap(φ_1) / (2π TE_1)``."""
+    phi, mag = echo(0)
+    field = unwrapper(phi) / (_TWO_PI * te0)
+    zeros = np.zeros(mask.shape, dtype=np.float32)
+    return FieldFit(
+        field_hz=np.where(mask, field, 0.0).astype(np.float32),
+        offset_rad=zeros,
+        residual_rad=zeros.copy(),
+        weights=_normalise_weights(mag**2 * te0 ** 2, mask),
+        mask=mask,
+    )
+
+
+def _wrapped_frequency(echo, te, shape) -> tuple[np.ndarray, float]:
+    """``(ψ, ΔTE)``: the phase ``2π f ΔTE`` (wrapped) of the magnitude-weighted sum of
+    consecutive-echo products over the pairs with the shortest spacing ``ΔTE`` (seconds)."""
+    spacing = np.diff(te)
+    dte = float(spacing.min())
+    pairs = np.flatnonzero(spacing <= dte * (1.0 + _SPACING_RTOL))
+    if len(pairs) < len(spacing):
+        log.info("unequal echo spacing: wrapped frequency from echo pairs %s", pairs.tolist())
+    product = np.zeros(shape, dtype=np.complex128)
+    for n in pairs:
+        (p0, m0), (p1, m1) = echo(n), echo(n + 1)
+        product += (m0 * m1) * np.exp(1j * (p1 - p0))
+    return np.angle(product), dte
+
+
+def _fit_echo_lines(echo, te, intercept, slope, valid, weight_sum):
+    """Each echo unwrapped in time towards the predicted line, then a weighted line fit,
+    twice.  Returns ``(slope, intercept, information, rms residual)``; the residual is zero
+    for two echoes (which a line fits exactly)."""
+    n_echo = len(te)
+
+    def unwrapped_echoes(intercept, slope):
+        for n in range(n_echo):
+            p, m = echo(n)
+            pred = intercept + slope * te[n]
+            yield p + _TWO_PI * np.round((pred - p) / _TWO_PI), m * m
+
+    for _ in range(2):
+        pred_intercept, pred_slope = intercept, slope
+        new_slope, new_intercept, info, ok = _weighted_line(
+            unwrapped_echoes(pred_intercept, pred_slope), te, valid
+        )
+        slope = np.where(ok, new_slope, slope)
+        intercept = np.where(ok, new_intercept, intercept)
+
+    if n_echo > 2:
+        sq = 0.0
+        for (y, w), t in zip(unwrapped_echoes(pred_intercept, pred_slope), te):
+            sq = sq + w * (y - intercept - slope * t) ** 2
+        residual = np.where(valid, np.sqrt(sq / np.where(valid, weight_sum, 1.0)), 0.0)
+    else:  # two points fit a line exactly; what is left is rounding
+        residual = np.zeros(valid.shape)
+    return slope, intercept, info, residual
+
+
 def fit_total_field(
     phase: np.ndarray,
     magnitude: np.ndarray,
@@ -137,7 +194,8 @@ def fit_total_field(
     phase : (E, X, Y, Z) ndarray — wrapped phase, radians (see :func:`phase_to_radians`);
         a 3-D array is one echo
     magnitude : (E, X, Y, Z) ndarray — magnitude, any unit (only relative values matter)
-    echo_times : (E,) float — seconds, BIDS ``EchoTime``: positive, strictly increasing, < 1 s
+    echo_times : (E,) float — seconds, BIDS ``EchoTime``: positive, strictly increasing, at
+        most 1 s (:func:`~bids_qsmnet.physics.units.check_echo_times`)
     mask : (X, Y, Z) bool ndarray, optional — support of the spatial unwrapping and of the
         outputs; the whole grid when None
     unwrap : {"laplacian", "path"} — spatial unwrapper: ``"laplacian"`` gives the field up to
@@ -180,33 +238,8 @@ def fit_total_field(
     """
     if unwrap not in ("laplacian", "path"):
         raise ValueError(f"unwrap must be 'laplacian' or 'path', got {unwrap!r}")
-    phase = np.asarray(phase)
-    magnitude = np.asarray(magnitude)
-    if phase.ndim == 3:
-        phase = phase[None]
-    if magnitude.ndim == 3:
-        magnitude = magnitude[None]
-    if phase.ndim != 4:
-        raise ValueError(f"phase must have shape (n_echo, X, Y, Z), got {phase.shape}")
-    if magnitude.shape != phase.shape:
-        raise ValueError(
-            f"magnitude shape {magnitude.shape} does not match phase shape {phase.shape}"
-        )
+    phase, magnitude, te, mask = _check_fit_inputs(phase, magnitude, echo_times, mask)
     n_echo, shape = phase.shape[0], phase.shape[1:]
-    te = check_echo_times(echo_times, n_echo)
-    if not (np.all(np.isfinite(phase)) and np.all(np.isfinite(magnitude))):
-        raise ValueError("phase and magnitude must be finite")
-    if np.any(magnitude < 0):
-        raise ValueError("magnitude must be non-negative")
-    if mask is None:
-        mask = np.ones(shape, dtype=bool)
-    else:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != shape:
-            raise ValueError(f"mask shape {mask.shape} does not match the echo shape {shape}")
-        if not mask.any():
-            raise ValueError("the mask is empty")
-
     if unwrap == "path":
         unwrapper = partial(path_unwrap, mask=mask)
     else:
@@ -216,28 +249,9 @@ def fit_total_field(
         return wrap_phase(phase[n].astype(np.float64)), magnitude[n].astype(np.float64)
 
     if n_echo == 1:
-        phi, mag = echo(0)
-        field = unwrapper(phi) / (_TWO_PI * te[0])
-        zeros = np.zeros(shape, dtype=np.float32)
-        return FieldFit(
-            field_hz=np.where(mask, field, 0.0).astype(np.float32),
-            offset_rad=zeros,
-            residual_rad=zeros.copy(),
-            weights=_normalise_weights(mag**2 * te[0] ** 2, mask),
-            mask=mask,
-        )
-
+        return _single_echo_fit(echo, unwrapper, te[0], mask)
     # 1. wrapped frequency from the consecutive pairs with the shortest spacing
-    spacing = np.diff(te)
-    dte = float(spacing.min())
-    pairs = np.flatnonzero(spacing <= dte * (1.0 + _SPACING_RTOL))
-    if len(pairs) < len(spacing):
-        log.info("unequal echo spacing: wrapped frequency from echo pairs %s", pairs.tolist())
-    product = np.zeros(shape, dtype=np.complex128)
-    for n in pairs:
-        (p0, m0), (p1, m1) = echo(n), echo(n + 1)
-        product += (m0 * m1) * np.exp(1j * (p1 - p0))
-    psi = np.angle(product)
+    psi, dte = _wrapped_frequency(echo, te, shape)
 
     # 2. spatial unwrapping, then the congruent number of cycles
     psi_u = unwrapper(psi)
@@ -253,27 +267,8 @@ def fit_total_field(
     valid = mask & (weight_sum > 0)
 
     # 4. temporal unwrapping towards the prediction and weighted line fit, twice
-    def unwrapped_echoes(intercept, slope):
-        for n in range(n_echo):
-            p, m = echo(n)
-            pred = intercept + slope * te[n]
-            yield p + _TWO_PI * np.round((pred - p) / _TWO_PI), m * m
-
-    for _ in range(2):
-        pred_intercept, pred_slope = intercept, slope
-        new_slope, new_intercept, info, ok = _weighted_line(
-            unwrapped_echoes(pred_intercept, pred_slope), te, valid
-        )
-        slope = np.where(ok, new_slope, slope)
-        intercept = np.where(ok, new_intercept, intercept)
-
-    if n_echo > 2:
-        sq = 0.0
-        for (y, w), t in zip(unwrapped_echoes(pred_intercept, pred_slope), te):
-            sq = sq + w * (y - intercept - slope * t) ** 2
-        residual = np.where(valid, np.sqrt(sq / np.where(valid, weight_sum, 1.0)), 0.0)
-    else:  # two points fit a line exactly; what is left is rounding
-        residual = np.zeros(shape)
+    slope, intercept, info, residual = _fit_echo_lines(echo, te, intercept, slope, valid,
+                                                       weight_sum)
     fitted_hz = slope / _TWO_PI
 
     # 5. Laplacian route: a smooth field (true + harmonic) instead of a congruent one

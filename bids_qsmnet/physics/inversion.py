@@ -530,7 +530,7 @@ def data_consistency(
     x = _pad(x0, p) * support  # a new array: updated in place below
     D = dipole_kernel(f_p.shape, voxel_size, b0_dir)
     if hp > 0:
-        from ..phase.background import smv_kernel
+        from .smv import smv_kernel
 
         S = smv_kernel(f_p.shape, voxel_size, hp)
         # voxels whose whole sphere lies in the region: the kernel's weights sum to 1 and

@@ -19,15 +19,19 @@ toolboxes use it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 __all__ = [
     "GAMMA_BAR_MHZ_PER_T",
     "MAX_B0_T",
+    "MAX_ECHO_TIME_S",
     "UNITS",
     "normalise_units",
     "check_field_strength",
     "check_echo_time",
+    "check_echo_times",
     "hz_to_ppm",
     "ppm_to_hz",
     "rad_to_hz",
@@ -64,6 +68,9 @@ def normalise_units(units: str) -> str:
     return _ALIASES[key]
 
 
+#: longest echo time accepted, seconds: a larger number is milliseconds written as seconds
+MAX_ECHO_TIME_S = 1.0
+
 #: strongest main field accepted, tesla (human scanners reach 11.7 T, animal scanners ~21 T):
 #: a larger number is a unit mistake (mT, gauss), not a field strength
 MAX_B0_T = 30.0
@@ -75,7 +82,7 @@ def _real_number(value, what: str) -> float:
         value = value.reshape(()).item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
             or isinstance(value, (complex, np.complexfloating)):
-        raise ValueError(f"{what} must be one real number, got {value!r}")
+        raise ValueError(f"{what} must be one number, got {value!r}")
     return float(value)
 
 
@@ -112,7 +119,7 @@ def check_echo_time(te: float | None) -> float:
 
     Returns
     -------
-    te : float — seconds, finite, in ``(0, 1]``
+    te : float — seconds, finite, in ``(0, MAX_ECHO_TIME_S]``
 
     >>> check_echo_time(0.02)
     0.02
@@ -120,10 +127,50 @@ def check_echo_time(te: float | None) -> float:
     if te is None:
         raise ValueError("the echo time TE (seconds, EchoTime) is required for units 'rad'")
     te = _real_number(te, "TE (seconds, EchoTime)")
-    if not np.isfinite(te) or te <= 0:
+    if not np.isfinite(te):
+        raise ValueError(f"TE must be a finite number of seconds, got {te}")
+    if te <= 0:
         raise ValueError(f"TE must be a positive echo time in seconds, got {te}")
-    if te > 1.0:
-        raise ValueError(f"TE = {te} s is implausible: BIDS EchoTime is in seconds, not ms")
+    if te > MAX_ECHO_TIME_S:
+        raise ValueError(f"TE = {te} is not in seconds (BIDS EchoTime is in seconds, not ms; "
+                         f"expected 0 < TE ≤ {MAX_ECHO_TIME_S:g} s)")
+    return te
+
+
+def check_echo_times(echo_times: Sequence[float], n_echo: int | None = None) -> np.ndarray:
+    """Validate the echo times of a series: each as :func:`check_echo_time`, strictly
+    increasing.
+
+    Parameters
+    ----------
+    echo_times : (E,) float — seconds, BIDS ``EchoTime``
+    n_echo : int, optional — the number of echoes the times must match
+
+    Returns
+    -------
+    te : (E,) float64 ndarray — seconds
+
+    Raises
+    ------
+    ValueError
+        naming the problem (e.g. milliseconds given instead of seconds).
+
+    >>> check_echo_times([0.004, 0.009]).tolist()
+    [0.004, 0.009]
+    """
+    te = np.asarray(echo_times, dtype=np.float64).reshape(-1)
+    if te.size == 0:
+        raise ValueError("no echo times given")
+    if n_echo is not None and te.size != n_echo:
+        raise ValueError(f"{te.size} echo times given for {n_echo} echoes")
+    for t in te:
+        try:
+            check_echo_time(float(t))
+        except ValueError as exc:
+            raise ValueError(f"echo times {te.tolist()}: {exc}") from None
+    if np.any(np.diff(te) <= 0):
+        raise ValueError(f"echo times {te.tolist()} do not increase with the echo index "
+                         "(they must be strictly increasing)")
     return te
 
 

@@ -158,3 +158,24 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     if title:
         fig.suptitle(title, fontsize=9)
     return _savefig_atomic(fig, out_png, dpi=72)
+
+
+def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
+                 entities: dict) -> list[str]:
+    """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``."""
+    from ..bids.derivatives import MOSAIC_KINDS, mosaic_paths
+    from ..io.nifti import load_volume
+
+    field, _ = load_volume(field_file, what="local field")
+    chi, _ = load_volume(chi_file, what="χ map")
+    mask, _ = load_volume(mask_file, what="brain mask")
+    volumes = {"field": (field, "local field (ppm)", (None, None)),
+               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2))}
+    outs = mosaic_paths(out_dir, entities)
+    for kind, png in zip(MOSAIC_KINDS, outs):
+        vol, title, window = volumes[kind]
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        # plot_mosaic writes through a hidden temporary file and a rename
+        plot_mosaic(np.where(mask > 0, vol, 0), png, mask=mask > 0, vmin=window[0],
+                    vmax=window[1], title=title)
+    return outs

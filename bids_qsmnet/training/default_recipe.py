@@ -239,13 +239,11 @@ def _chain_field(chi, brain, rng, recipe: Recipe):
     """The local field the app's phase chain makes of ``chi`` (stage 3): a multi-echo GRE of the
     brain in a head (:func:`~bids_qsmnet.data.megre.simulate_megre`: skull, scalp, air, sinus,
     shim, phase offset, complex noise) → brain mask from the magnitude → Laplacian unwrapping and
-    echo fit → V-SHARP, exactly as ``bids_qsmnet … participant`` runs them.  Returns
+    echo fit → V-SHARP (:func:`~bids_qsmnet.phase.chain.run_phase_chain`), the steps
+    ``bids_qsmnet … participant`` runs.  Returns
     ``(field, mask, info)``: the V-SHARP local field (ppm) and mask."""
     from ..data.megre import simulate_megre
-    from ..phase.background import vsharp
-    from ..phase.echo_fit import fit_total_field
-    from ..phase.mask import brain_mask_from_magnitude, combine_echoes
-    from ..physics.units import hz_to_ppm
+    from ..phase.chain import run_phase_chain
 
     vs = (1.0, 1.0, 1.0)
     n_echo = int(rng.integers(3, 6))
@@ -255,12 +253,11 @@ def _chain_field(chi, brain, rng, recipe: Recipe):
     background = "head" if rng.uniform() < 0.7 else "head-no-cavity"
     sim = simulate_megre(chi, brain, voxel_size=vs, b0_tesla=3.0, echo_times=tes, snr=snr,
                          rng=rng, background=background)
-    mask = brain_mask_from_magnitude(combine_echoes(sim.magnitude, axis=0), vs)
-    fit = fit_total_field(sim.phase, sim.magnitude, sim.echo_times, mask=mask, voxel_size=vs)
-    bfr = vsharp(hz_to_ppm(fit.field_hz.astype(np.float64), 3.0), mask, vs)
+    res = run_phase_chain(sim.phase, sim.magnitude, sim.echo_times, b0_strength=3.0,
+                          voxel_size=vs)
     info = {"chain_snr": round(snr, 1), "echoes": n_echo, "te1_ms": round(1e3 * te1, 2),
             "dte_ms": round(1e3 * dte, 2), "background": background}
-    return np.where(bfr.mask, bfr.local_field, 0).astype(np.float32), bfr.mask, info
+    return res.local_field, res.mask, info
 
 
 def _make_pair(chi, mask, rng, recipe: Recipe, name: str, *, variety: bool = False,

@@ -306,6 +306,78 @@ class _StoreWriter:
         return k
 
 
+def _volume_variants(vol: TrainingVolume, field_c, chi_c, mask_c, *, linearity_factor,
+                     b0_tilts: int, max_tilt_deg: float, sign_flip: bool, rng) -> list[tuple]:
+    """``(augmentation name, field, χ, b0_dir)`` of the cropped volume and its augmented
+    copies (linearity, tilted B0, then a sign-flipped copy of each)."""
+    variants = [("none", field_c, chi_c, vol.b0_dir)]
+    if linearity_factor:
+        f_lin, c_lin = linearity_augment(
+            chi_c, mask_c, factor=linearity_factor, voxel_size=vol.voxel_size,
+            b0_dir=vol.b0_dir)
+        variants.append(("linearity", f_lin, c_lin, vol.b0_dir))
+    for b in tilted_b0_dirs(b0_tilts, max_tilt_deg, rng) if b0_tilts else []:
+        f_t = (forward_field(chi_c, vol.voxel_size, b, pad=16) * mask_c)
+        variants.append(("b0_tilt", f_t.astype(np.float32), chi_c, tuple(b)))
+    if sign_flip:  # -χ makes -field under any B0: every variant gets a copy
+        variants += [
+            ("sign_flip" if name == "none" else f"{name}+sign_flip", -f, -c, b)
+            for name, f, c, b in variants
+        ]
+    return variants
+
+
+def _write_volume(writer, vol: TrainingVolume, s_idx: int, *, patch_size: int, counts,
+                  max_stride, min_mask_fraction: float, crop_margin: int,
+                  augment: dict, rng) -> dict:
+    """Crop, grid and write the patches of one volume and its variants; returns the
+    subject's record for the store's ``subjects`` attribute."""
+    n_vox = patch_size**3
+    crop = crop_to_mask(vol.mask, patch_size, margin=crop_margin)
+    field_c = _pad_to(vol.field[crop], patch_size)
+    chi_c = _pad_to(vol.chi[crop], patch_size)
+    mask_c = _pad_to(vol.mask[crop], patch_size)
+    corners = patch_grid(field_c.shape, patch_size, counts=counts, max_stride=max_stride)
+    fractions = np.array([
+        mask_c[i:i + patch_size, j:j + patch_size, k:k + patch_size].sum() / n_vox
+        for i, j, k in corners
+    ])
+    keep = corners[fractions >= min_mask_fraction]
+    variants = _volume_variants(vol, field_c, chi_c, mask_c, rng=rng, **augment)
+    n_before = writer.n
+    for name, f, c, b in variants:
+        writer.append(f, c, mask_c, keep, patch_size, b0_dir=b, voxel_size=vol.voxel_size,
+                      subject=s_idx, augmentation=AUGMENTATIONS.index(name))
+    LOGGER.info("%s: %d of %d grid positions kept, %d patches written (%d variants)",
+                vol.subject, len(keep), len(corners), writer.n - n_before, len(variants))
+    return {
+        "subject": vol.subject,
+        "sources": vol.sources,
+        "shape": list(vol.field.shape),
+        "crop": [[s.start, s.stop] for s in crop],
+        "grid_positions": int(len(corners)),
+        "patches_kept": int(len(keep)),
+        "patches_written": int(writer.n - n_before),
+        "voxel_size": list(vol.voxel_size),
+        "b0_dir": list(vol.b0_dir),
+    }
+
+
+def _write_store_attrs(h5, *, patch_size: int, normalization: dict, subjects: list,
+                       grid: dict, augmentation: dict) -> None:
+    """The store's attributes, ``complete`` last."""
+    h5.attrs["format"] = FORMAT
+    h5.attrs["format_version"] = FORMAT_VERSION
+    h5.attrs["patch_size"] = patch_size
+    h5.attrs["normalization"] = json.dumps(normalization)
+    h5.attrs["subjects"] = json.dumps(subjects)
+    h5.attrs["grid"] = json.dumps(grid)
+    h5.attrs["augmentation"] = json.dumps(augmentation)
+    h5.attrs["augmentations"] = json.dumps(list(AUGMENTATIONS))
+    h5.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    h5.attrs["complete"] = True
+
+
 def extract_patches(
     volumes: Iterable[TrainingVolume],
     out_file: str | os.PathLike,
@@ -365,7 +437,13 @@ def extract_patches(
     tmp = tmp_sibling(out_file)
     t0 = time.perf_counter()
     subjects: list[dict] = []
-    n_vox = patch_size**3
+    grid = {"patch_size": patch_size, "counts": list(counts) if counts else None,
+            "max_stride": max_stride or patch_size // 3,
+            "min_mask_fraction": min_mask_fraction, "crop_margin": crop_margin}
+    augmentation = {"linearity_factor": linearity_factor, "sign_flip": sign_flip,
+                    "b0_tilts": b0_tilts, "max_tilt_deg": max_tilt_deg, "seed": seed}
+    augment = {"linearity_factor": linearity_factor, "b0_tilts": b0_tilts,
+               "max_tilt_deg": max_tilt_deg, "sign_flip": sign_flip}
     try:
         with h5py.File(tmp, "w") as h5:
             writer = _StoreWriter(h5, patch_size, compression)
@@ -375,51 +453,10 @@ def extract_patches(
 
                 iterator = tqdm(volumes, desc="patch extraction", unit="subject")
             for s_idx, vol in enumerate(iterator):
-                crop = crop_to_mask(vol.mask, patch_size, margin=crop_margin)
-                field_c = _pad_to(vol.field[crop], patch_size)
-                chi_c = _pad_to(vol.chi[crop], patch_size)
-                mask_c = _pad_to(vol.mask[crop], patch_size)
-                corners = patch_grid(field_c.shape, patch_size, counts=counts,
-                                     max_stride=max_stride)
-                fractions = np.array([
-                    mask_c[i:i + patch_size, j:j + patch_size, k:k + patch_size].sum() / n_vox
-                    for i, j, k in corners
-                ])
-                keep = corners[fractions >= min_mask_fraction]
-
-                variants = [("none", field_c, chi_c, vol.b0_dir)]
-                if linearity_factor:
-                    f_lin, c_lin = linearity_augment(
-                        chi_c, mask_c, factor=linearity_factor, voxel_size=vol.voxel_size,
-                        b0_dir=vol.b0_dir)
-                    variants.append(("linearity", f_lin, c_lin, vol.b0_dir))
-                for b in tilted_b0_dirs(b0_tilts, max_tilt_deg, rng) if b0_tilts else []:
-                    f_t = (forward_field(chi_c, vol.voxel_size, b, pad=16) * mask_c)
-                    variants.append(("b0_tilt", f_t.astype(np.float32), chi_c, tuple(b)))
-                if sign_flip:  # -χ makes -field under any B0: every variant gets a copy
-                    variants += [
-                        ("sign_flip" if name == "none" else f"{name}+sign_flip", -f, -c, b)
-                        for name, f, c, b in variants
-                    ]
-                n_before = writer.n
-                for name, f, c, b in variants:
-                    writer.append(f, c, mask_c, keep, patch_size, b0_dir=b,
-                                  voxel_size=vol.voxel_size, subject=s_idx,
-                                  augmentation=AUGMENTATIONS.index(name))
-                subjects.append({
-                    "subject": vol.subject,
-                    "sources": vol.sources,
-                    "shape": list(vol.field.shape),
-                    "crop": [[s.start, s.stop] for s in crop],
-                    "grid_positions": int(len(corners)),
-                    "patches_kept": int(len(keep)),
-                    "patches_written": int(writer.n - n_before),
-                    "voxel_size": list(vol.voxel_size),
-                    "b0_dir": list(vol.b0_dir),
-                })
-                LOGGER.info("%s: %d of %d grid positions kept, %d patches written "
-                            "(%d variants)", vol.subject, len(keep), len(corners),
-                            writer.n - n_before, len(variants))
+                subjects.append(_write_volume(
+                    writer, vol, s_idx, patch_size=patch_size, counts=counts,
+                    max_stride=max_stride, min_mask_fraction=min_mask_fraction,
+                    crop_margin=crop_margin, augment=augment, rng=rng))
             if writer.n == 0:
                 raise ValueError(
                     "no patches were extracted: every grid position had less than "
@@ -430,21 +467,8 @@ def extract_patches(
                 "label_mean": writer.label_stats.mean,
                 "label_std": writer.label_stats.std,
             }
-            grid = {"patch_size": patch_size, "counts": list(counts) if counts else None,
-                    "max_stride": max_stride or patch_size // 3,
-                    "min_mask_fraction": min_mask_fraction, "crop_margin": crop_margin}
-            augmentation = {"linearity_factor": linearity_factor, "sign_flip": sign_flip,
-                            "b0_tilts": b0_tilts, "max_tilt_deg": max_tilt_deg, "seed": seed}
-            h5.attrs["format"] = FORMAT
-            h5.attrs["format_version"] = FORMAT_VERSION
-            h5.attrs["patch_size"] = patch_size
-            h5.attrs["normalization"] = json.dumps(normalization)
-            h5.attrs["subjects"] = json.dumps(subjects)
-            h5.attrs["grid"] = json.dumps(grid)
-            h5.attrs["augmentation"] = json.dumps(augmentation)
-            h5.attrs["augmentations"] = json.dumps(list(AUGMENTATIONS))
-            h5.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            h5.attrs["complete"] = True
+            _write_store_attrs(h5, patch_size=patch_size, normalization=normalization,
+                               subjects=subjects, grid=grid, augmentation=augmentation)
             n_total = writer.n
         os.replace(tmp, out_file)
     except BaseException:

@@ -40,118 +40,31 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
+from typing import Any
 
 import numpy as np
 
 from ..__about__ import __version__
-from ..io.atomic import atomic_output, remove_stale_temporaries, write_json_atomic
+from ..io.atomic import atomic_output, write_json_atomic
+from ..io.locks import TRAINING_LOCK as LOCK_NAME
+from ..io.locks import TrainingLockedError, training_lock
+from .config import TrainingConfig
+from .volumes import ValidationVolume
 
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["TrainingConfig", "ValidationVolume", "TrainingResult", "TrainingLockedError",
-           "train"]
+           "LOCK_NAME", "train"]
+
+#: files of a training folder
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "training_log.csv"
+MODEL_FILE = "model.safetensors"
 
 LOG_FIELDS = ["kind", "epoch", "step", "lr", "loss", "l1", "model", "gradient", "nrmse",
               "hfen", "ssim", "name", "seconds"]
-
-
-@dataclass
-class ValidationVolume:
-    """A whole volume for validation, in the network frame (B0 along the third axis).
-
-    field, chi : (X, Y, Z) ndarray — ppm; mask : bool ndarray; voxel_size (mm); b0_dir.
-    """
-
-    name: str
-    field: np.ndarray
-    chi: np.ndarray
-    mask: np.ndarray
-    voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
-    b0_dir: Sequence[float] = (0.0, 0.0, 1.0)
-
-
-@dataclass
-class TrainingConfig:
-    """Every knob of training (the tutorial's ``training_params`` and more).
-
-    Attributes
-    ----------
-    patches : path of the HDF5 patch store
-    out_dir : folder for checkpoints, model files, logs and figures
-    architecture : registry name (``toy``, ``qsmnet``, ``qsmnet+``, ``qsmnet-slim``, …) or a
-        UNet3d config dict
-    name : model name written into the model file
-    batch_size, learning_rate, lr_decay, lr_decay_steps, epochs, save_step : paper defaults
-    w_model, w_grad : weights of the model (dipole) loss and the gradient loss (0 disables)
-    seed : seeds weights initialisation and the patch order
-    device : "auto", "cpu" or "cuda[:N]"
-    amp : use bf16 autocast (CUDA only; ignored on CPU with a warning)
-    channels_last : channels-last-3d memory format (faster on CPU and CUDA; model files
-        are written contiguous)
-    num_workers : DataLoader worker processes
-    val_every : validate every this many epochs (0: never)
-    display_slices : axial slices shown in validation figures
-    log_every : write a training row every this many steps
-    checkpoint_every_steps : also checkpoint mid-epoch every this many steps (0: only at the
-        ``save_step`` epochs and at the end)
-    resume : continue from ``out_dir/checkpoint.pt`` when it exists
-    max_steps : stop after this many optimiser steps in total (0: no limit; for time-boxed runs)
-    threads : torch CPU threads (None: torch's default)
-    training_info : free-form provenance copied into the model file (data recipe, command)
-    inference_defaults : copied into the model file's ``inference`` section
-    init_model : a model file to start from (fine-tuning): its weights replace the seeded
-        initialisation and its normalisation constants replace the patch store's (the network
-        learned its units with them); its architecture must be ``architecture``'s.  Ignored
-        when a checkpoint is resumed (the checkpoint already holds the fine-tuned weights).
-    ema_decay : keep an exponential moving average of the weights (and batch-norm statistics)
-        with this decay per step (0: off).  Validation and every model file then use the
-        average, which removes the step-to-step fluctuation of the last weights (the average
-        covers about ``1 / (1 - ema_decay)`` steps); the checkpoint holds both.
-    """
-
-    patches: str
-    out_dir: str
-    architecture: str | dict = "qsmnet"
-    name: str = "qsmnet"
-    batch_size: int = 12
-    learning_rate: float = 1e-3
-    lr_decay: float = 0.95
-    lr_decay_steps: int = 600
-    epochs: int = 25
-    save_step: int = 5
-    w_model: float = 5.0
-    w_grad: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    channels_last: bool = False
-    num_workers: int = 0
-    val_every: int = 2
-    display_slices: Sequence[int] = (52, 72, 92, 112)
-    log_every: int = 10
-    checkpoint_every_steps: int = 0
-    resume: bool = False
-    max_steps: int = 0
-    threads: int | None = None
-    training_info: dict = field(default_factory=dict)
-    inference_defaults: dict = field(default_factory=dict)
-    init_model: str | None = None
-    ema_decay: float = 0.0
-
-    def validate(self) -> None:
-        for name in ("batch_size", "epochs", "save_step", "lr_decay_steps", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be within (0, 1], got {self.lr_decay}")
-        if self.w_model < 0 or self.w_grad < 0:
-            raise ValueError("loss weights must not be negative")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be within [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -183,81 +96,6 @@ def _init_distributed(world: int, device):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return dist
-
-
-# --------------------------------------------------------------------------- output lock
-
-#: advisory lock file of a training folder (hidden; removed when the run ends, left behind
-#: only by a killed run, and then taken over by the next run)
-LOCK_NAME = ".bids_qsmnet_training.lock"
-
-
-_HELD_LOCKS: list = []
-
-
-def _close_locks_in_child() -> None:
-    # a forked child (a DataLoader worker) closes its copies of the lock files, so that the
-    # lock ends with the trainer even when the trainer is killed before its workers
-    for fh in _HELD_LOCKS:
-        try:
-            fh.close()
-        except OSError:
-            pass
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_locks_in_child)
-
-
-class TrainingLockedError(RuntimeError):
-    """Another training run is writing into the same output folder."""
-
-
-@contextmanager
-def _training_lock(out_dir: str):
-    """Hold ``out_dir``'s training lock; with it held, remove the temporaries that killed
-    runs left behind."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no advisory locks
-        yield
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, LOCK_NAME)
-    locked = False
-    while True:
-        fh = open(path, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise TrainingLockedError(
-                f"another training run is writing into {out_dir}; wait for it to finish or "
-                "choose another output folder") from None
-        except OSError as exc:  # a file system without flock
-            LOGGER.warning("cannot lock %s (%s): concurrent runs are not detected", out_dir, exc)
-            break
-        try:  # the run that held the lock removes the file before it lets go: then retry
-            locked = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            locked = False
-        if locked:
-            break
-        fh.close()
-    try:
-        _HELD_LOCKS.append(fh)
-        remove_stale_temporaries(out_dir)  # none is live: this run holds the folder
-        yield
-    finally:
-        if fh in _HELD_LOCKS:
-            _HELD_LOCKS.remove(fh)
-        if locked:  # removed while still held, so that no other run can lock this file
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        fh.close()  # releases the lock
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -455,22 +293,105 @@ def train(cfg: TrainingConfig, validation: Sequence[ValidationVolume] = ()) -> T
     cfg.validate()
     if _dist_env()[0] != 0:  # only rank 0 writes into the folder
         return _train(cfg, validation)
-    with _training_lock(os.path.abspath(cfg.out_dir)):
+    with training_lock(os.path.abspath(cfg.out_dir)):
         return _train(cfg, validation)
 
 
-def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> TrainingResult:
+@dataclass(eq=False)
+class _TrainingRun:
+    """One training run in progress: its settings, places, network, optimiser and counters
+    (``epoch`` and ``step`` done, batches done in the current epoch)."""
+
+    cfg: TrainingConfig
+    validation: Sequence[ValidationVolume]
+    t_start: float
+    rank: int
+    world: int
+    device: Any
+    dist: Any
+    out_dir: str
+    arch_config: dict
+    dataset: Any
+    network: Any
+    optimizer: Any
+    scheduler: Any
+    ema: Any
+    loss_fn: Any
+    model: Any = None  # the network, wrapped in DistributedDataParallel with several ranks
+    sampler: Any = None
+    kernels: Any = None
+    steps_per_epoch: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    last_val: dict = dataclass_field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def use_amp(self) -> bool:
+        return bool(self.cfg.amp and self.device.type == "cuda")
+
+    @property
+    def norm(self) -> dict:
+        return self.dataset.normalization
+
+    @property
+    def shipped(self):
+        """The weights that are validated and written to model files: the average when kept."""
+        return self.network if self.ema is None else self.ema.module
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    def checkpoint(self, epoch_done: int, batch_done: int) -> None:
+        """Write the resumable state (rank 0) at ``epoch_done`` epochs and ``batch_done``
+        batches of the next."""
+        if not self.is_main:
+            return
+        state = {
+            "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch_done,
+            "batch_in_epoch": batch_done, "step": self.step, "rng": _rng_state(),
+            "architecture": json.dumps(self.arch_config, sort_keys=True),
+            "version": __version__}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        _atomic_torch_save(state, self.path(CHECKPOINT_FILE))
+
+    def save_model_file(self, path: str, epoch_done: int) -> None:
+        """Write the shipped weights as a model file (rank 0)."""
+        from ..models.modelfile import save_model
+
+        if self.is_main:
+            spec = _make_spec(self.cfg, self.arch_config, self.norm,
+                              {"epochs_done": epoch_done, "steps_done": self.step,
+                               "world_size": self.world, "device": str(self.device)})
+            save_model(path, self.shipped, spec)
+
+    def run_validation(self, epoch_label: int) -> dict:
+        """Validate the shipped weights on every validation volume, log and return the
+        metrics (name → loss, NRMSE, HFEN, SSIM)."""
+        rows = _validate(self.shipped, self.validation, self.cfg, self.kernels, self.device,
+                         epoch_label, self.out_dir, self.loss_fn, self.norm)
+        for r in rows:
+            r["step"] = self.step
+            _append_log(self.path(LOG_FILE), r)
+            LOGGER.info("validation %s, epoch %d: loss %.5f, NRMSE %.1f %%, HFEN %.1f %%, "
+                        "SSIM %.3f", r["name"], epoch_label, r["loss"], r["nrmse"], r["hfen"],
+                        r["ssim"])
+        return {r["name"]: {k: r[k] for k in ("loss", "nrmse", "hfen", "ssim")} for r in rows}
+
+
+def _select_devices(cfg: TrainingConfig):
+    """``(rank, world size, device, torch.distributed)``: this process's place in a
+    ``torchrun`` job (one process otherwise) and its device."""
     import torch
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from ..device import select_device
-    from ..models.losses import qsmnet_loss
-    from ..models.modelfile import save_model
-    from ..models.registry import build_network
-    from .dataset import KernelCache, PatchDataset
 
-    cfg.validate()
-    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     rank, world, local_rank = _dist_env()
@@ -479,25 +400,19 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     dist = _init_distributed(world, device)
-    is_main = rank == 0
-    use_amp = bool(cfg.amp and device.type == "cuda")
-    if cfg.amp and not use_amp and is_main:
+    if cfg.amp and device.type != "cuda" and rank == 0:
         LOGGER.warning("mixed precision (bf16) is used on CUDA only; training in fp32")
+    return rank, world, device, dist
 
-    out_dir = os.path.abspath(cfg.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    log_path = os.path.join(out_dir, "training_log.csv")
-    model_path = os.path.join(out_dir, "model.safetensors")
 
-    arch_config = _architecture_config(cfg.architecture)
-    init = _load_init_model(cfg.init_model, arch_config) if cfg.init_model else None
-    dataset = PatchDataset(cfg.patches, normalization=None if init is None
-                           else dataclasses.asdict(init.spec.normalization))
-    norm = dataset.normalization
-    n = len(dataset)
+def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main: bool):
+    """The network, seeded (the same initial weights on every rank and every rerun) or with
+    the weights of the initial model, on ``device`` in the configured memory format."""
+    import torch
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every rerun
+    from ..models.registry import build_network
+
+    torch.manual_seed(cfg.seed)
     network = build_network(arch_config)
     if init is not None:
         network.load_state_dict(init.network.state_dict())
@@ -507,6 +422,13 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
     network = network.to(device)
     if cfg.channels_last:
         network = network.to(memory_format=torch.channels_last_3d)
+    return network
+
+
+def _optimiser(cfg: TrainingConfig, network):
+    """``(Adam, step-decay scheduler, weight average or None)``."""
+    import torch
+
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_decay_steps,
                                                 gamma=cfg.lr_decay)
@@ -518,214 +440,271 @@ def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> Train
         # network is used as it is, with no pass over the data to re-estimate them
         ema = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                             use_buffers=True)
-    epoch, batch_in_epoch, step = 0, 0, 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        import pickle
+    return optimizer, scheduler, ema
 
-        try:  # tensors and plain containers only: a pickled object is refused, never run
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            raise ValueError(f"{ckpt_path}: not a bids_qsmnet checkpoint (it holds more than "
-                             f"tensors, or is damaged): {str(exc).splitlines()[0]}") from None
-        if not isinstance(state, dict) or \
-                state.get("architecture") != json.dumps(arch_config, sort_keys=True):
-            raise ValueError(f"{ckpt_path}: checkpoint is of another architecture; "
-                             "use a new output folder or the same --model")
-        network.load_state_dict(state["network"])
-        if ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"{ckpt_path}: checkpoint was written without a weight "
-                                 "average; resume with the run's own ema_decay (0)")
-            ema.load_state_dict(state["ema"])
-        elif "ema" in state:
-            raise ValueError(f"{ckpt_path}: checkpoint holds a weight average; resume with the "
-                             "run's own ema_decay")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, batch_in_epoch, step = (int(state["epoch"]), int(state["batch_in_epoch"]),
-                                       int(state["step"]))
-        _set_rng_state(state["rng"])
-        if is_main:
-            _truncate_log(log_path, step, epoch_done=batch_in_epoch == 0)
-            LOGGER.info("resuming from %s: epoch %d, batch %d, step %d", ckpt_path,
-                        epoch + 1, batch_in_epoch, step)
-    elif is_main and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    if is_main and not os.path.exists(log_path):
-        # the header at least: a run shorter than log_every still has a (valid) log file
+
+def _load_checkpoint(run: _TrainingRun) -> None:
+    """Continue from the checkpoint: weights, average, optimiser, scheduler, counters and
+    RNG states; the log loses the rows written after it."""
+    import pickle
+
+    import torch
+
+    ckpt_path = run.path(CHECKPOINT_FILE)
+    try:  # tensors and plain containers only: a pickled object is refused, never run
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"{ckpt_path}: not a bids_qsmnet checkpoint (it holds more than "
+                         f"tensors, or is damaged): {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict) or \
+            state.get("architecture") != json.dumps(run.arch_config, sort_keys=True):
+        raise ValueError(f"{ckpt_path}: checkpoint is of another architecture; "
+                         "use a new output folder or the same --model")
+    run.network.load_state_dict(state["network"])
+    if run.ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{ckpt_path}: checkpoint was written without a weight "
+                             "average; resume with the run's own ema_decay (0)")
+        run.ema.load_state_dict(state["ema"])
+    elif "ema" in state:
+        raise ValueError(f"{ckpt_path}: checkpoint holds a weight average; resume with the "
+                         "run's own ema_decay")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.epoch, run.batch_in_epoch, run.step = (int(state["epoch"]),
+                                               int(state["batch_in_epoch"]), int(state["step"]))
+    _set_rng_state(state["rng"])
+    if run.is_main:
+        _truncate_log(run.path(LOG_FILE), run.step, epoch_done=run.batch_in_epoch == 0)
+        LOGGER.info("resuming from %s: epoch %d, batch %d, step %d", ckpt_path,
+                    run.epoch + 1, run.batch_in_epoch, run.step)
+
+
+def _resume_or_start_log(run: _TrainingRun) -> None:
+    """Resume from the checkpoint when asked and one exists; otherwise a fresh log.  The log
+    has its header at least (a run shorter than ``log_every`` still has a valid log)."""
+    log_path = run.path(LOG_FILE)
+    if run.cfg.resume and os.path.exists(run.path(CHECKPOINT_FILE)):
+        _load_checkpoint(run)
+    elif run.is_main and os.path.exists(log_path):
+        os.remove(log_path)
+    if run.is_main and not os.path.exists(log_path):
         with open(log_path, "w", newline="") as fh:
             csv.DictWriter(fh, fieldnames=LOG_FIELDS).writeheader()
 
-    model = network
+
+def _start(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> _TrainingRun:
+    """Set-up: devices, data, network, optimiser, then the checkpoint or a fresh log, then
+    the data-parallel wrapper, the sampler and the dipole kernels."""
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    from ..models.losses import qsmnet_loss
+    from .dataset import KernelCache, PatchDataset
+
+    t_start = time.perf_counter()
+    rank, world, device, dist = _select_devices(cfg)
+    out_dir = os.path.abspath(cfg.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    arch_config = _architecture_config(cfg.architecture)
+    init = _load_init_model(cfg.init_model, arch_config) if cfg.init_model else None
+    dataset = PatchDataset(cfg.patches, normalization=None if init is None
+                           else dataclasses.asdict(init.spec.normalization))
+    network = _build_network(cfg, arch_config, init, device, rank == 0)
+    optimizer, scheduler, ema = _optimiser(cfg, network)
+    run = _TrainingRun(cfg, validation, t_start, rank, world, device, dist, out_dir,
+                       arch_config, dataset, network, optimizer, scheduler, ema, qsmnet_loss)
+    _resume_or_start_log(run)
+    run.model = network
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
+        run.model = torch.nn.parallel.DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
-    kernels = KernelCache(device=device)
-    steps_per_epoch = math.ceil(math.ceil(n / world) / cfg.batch_size)
-    if is_main:
+    run.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=False)
+    run.kernels = KernelCache(device=device)
+    run.steps_per_epoch = math.ceil(math.ceil(len(dataset) / world) / cfg.batch_size)
+    if run.is_main:
         LOGGER.info("training %s (%s parameters) on %d patches of %d³ from %s: %d epochs × "
                     "%d steps, batch %d, %d process(es) on %s", cfg.name,
-                    f"{sum(p.numel() for p in network.parameters()):,}", n,
-                    dataset.info.patch_size, cfg.patches, cfg.epochs, steps_per_epoch,
+                    f"{sum(p.numel() for p in network.parameters()):,}", len(dataset),
+                    dataset.info.patch_size, cfg.patches, cfg.epochs, run.steps_per_epoch,
                     cfg.batch_size, world, device)
+    return run
 
-    def checkpoint(epoch_done: int, batch_done: int) -> None:
-        if not is_main:
-            return
-        state = {
-            "network": network.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-            "batch_in_epoch": batch_done, "step": step, "rng": _rng_state(),
-            "architecture": json.dumps(arch_config, sort_keys=True),
-            "version": __version__}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        _atomic_torch_save(state, ckpt_path)
 
-    #: the weights that are validated and written to model files: the average when kept
-    shipped = network if ema is None else ema.module
+def _train_step(run: _TrainingRun, batch) -> list[float]:
+    """One optimiser step on ``batch``; returns the loss terms (total, L1, model, gradient)
+    of the whole batch over all ranks: what one process would log, and the same on every
+    rank, so that a divergence stops all of them together."""
+    import torch
 
-    def save_model_file(path: str, epoch_done: int) -> None:
-        if is_main:
-            spec = _make_spec(cfg, arch_config, norm,
-                              {"epochs_done": epoch_done, "steps_done": step,
-                               "world_size": world, "device": str(device)})
-            save_model(path, shipped, spec)
+    cfg, device = run.cfg, run.device
+    x = batch["input"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    m = batch["mask"].to(device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    kern = run.kernels.batch(x.shape[-3:], batch["voxel_size"], batch["b0_dir"])
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=run.use_amp):
+        pred = run.model(x)
+    terms = run.loss_fn(pred.float(), y, x, m, kern, run.norm, w_model=cfg.w_model,
+                        w_grad=cfg.w_grad)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.network)
+    run.step += 1
+    run.batch_in_epoch += 1
+    values = torch.stack([terms[k].detach().float() for k in ("total", "l1", "model", "grad")])
+    if run.world > 1:
+        run.dist.all_reduce(values)
+        values /= run.world
+    values = values.tolist()
+    if not math.isfinite(values[0]):
+        raise FloatingPointError(f"training diverged at step {run.step} (loss {values[0]}); "
+                                 "lower the learning rate")
+    return values
 
-    def run_validation(epoch_label: int) -> dict:
-        rows = _validate(shipped, validation, cfg, kernels, device, epoch_label, out_dir,
-                         qsmnet_loss, norm)
-        for r in rows:
-            r["step"] = step
-            _append_log(log_path, r)
-            LOGGER.info("validation %s, epoch %d: loss %.5f, NRMSE %.1f %%, HFEN %.1f %%, "
-                        "SSIM %.3f", r["name"], epoch_label, r["loss"], r["nrmse"], r["hfen"],
-                        r["ssim"])
-        return {r["name"]: {k: r[k] for k in ("loss", "nrmse", "hfen", "ssim")} for r in rows}
 
-    last_val: dict = {}
-    stop = False
-    network.train()
-    while epoch < cfg.epochs and not stop:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[batch_in_epoch * cfg.batch_size:]
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=order,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            persistent_workers=False)
-        t_epoch = time.perf_counter()
-        bar = None
-        if is_main:
-            from tqdm.auto import tqdm
+def _log_step(run: _TrainingRun, values: list[float], bar) -> None:
+    """The progress bar, a training-log row every ``log_every`` steps, and a log line every
+    ten rows when there is no bar."""
+    cfg = run.cfg
+    loss, l1_value, model_value, grad_value = values
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    if not run.is_main:
+        return
+    if run.step % cfg.log_every == 0:
+        _append_log(run.path(LOG_FILE), {
+            "kind": "train", "epoch": run.epoch + 1, "step": run.step,
+            "lr": run.scheduler.get_last_lr()[0], "loss": loss,
+            "l1": l1_value,
+            "model": model_value if cfg.w_model else None,
+            "gradient": grad_value if cfg.w_grad else None,
+            "seconds": round(time.perf_counter() - run.t_start, 2)})
+    if bar is not None and bar.disable and run.step % (cfg.log_every * 10) == 0:
+        LOGGER.info("epoch %d/%d, step %d/%d: loss %.5f", run.epoch + 1, cfg.epochs,
+                    run.batch_in_epoch, run.steps_per_epoch, loss)
 
-            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, unit="step",
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not (LOGGER.isEnabledFor(logging.INFO)
-                                    and sys.stderr.isatty()))
-        sums = {"loss": 0.0, "count": 0}
-        for batch in loader:
-            if cfg.max_steps and step >= cfg.max_steps:  # e.g. resumed at the step limit
-                stop = True
-                break
-            x = batch["input"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            m = batch["mask"].to(device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last_3d)
-            kern = kernels.batch(x.shape[-3:], batch["voxel_size"], batch["b0_dir"])
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                enabled=use_amp):
-                pred = model(x)
-            terms = qsmnet_loss(pred.float(), y, x, m, kern, norm, w_model=cfg.w_model,
-                                w_grad=cfg.w_grad)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(network)
-            step += 1
-            batch_in_epoch += 1
-            # the loss of the whole batch over all ranks: what one process would log, and the
-            # same on every rank, so that a divergence stops all of them together
-            values = torch.stack([terms[k].detach().float()
-                                  for k in ("total", "l1", "model", "grad")])
-            if world > 1:
-                dist.all_reduce(values)
-                values /= world
-            loss, l1_value, model_value, grad_value = values.tolist()
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"training diverged at step {step} (loss {loss}); lower the learning rate")
-            sums["loss"] += loss
-            sums["count"] += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if is_main and step % cfg.log_every == 0:
-                _append_log(log_path, {
-                    "kind": "train", "epoch": epoch + 1, "step": step,
-                    "lr": scheduler.get_last_lr()[0], "loss": loss,
-                    "l1": l1_value,
-                    "model": model_value if cfg.w_model else None,
-                    "gradient": grad_value if cfg.w_grad else None,
-                    "seconds": round(time.perf_counter() - t_start, 2)})
-            if is_main and bar is not None and bar.disable and step % (cfg.log_every * 10) == 0:
-                LOGGER.info("epoch %d/%d, step %d/%d: loss %.5f", epoch + 1, cfg.epochs,
-                            batch_in_epoch, steps_per_epoch, loss)
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                checkpoint(epoch, batch_in_epoch)
-            if cfg.max_steps and step >= cfg.max_steps:
-                stop = True
-                break
-        if bar is not None:
-            bar.close()
-        if stop and batch_in_epoch < steps_per_epoch:
-            checkpoint(epoch, batch_in_epoch)
+
+def _progress_bar(run: _TrainingRun):
+    """A tqdm bar of the epoch on rank 0 (disabled unless INFO goes to a terminal)."""
+    if not run.is_main:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.steps_per_epoch, initial=run.batch_in_epoch, unit="step",
+                desc=f"epoch {run.epoch + 1}/{run.cfg.epochs}", leave=False,
+                disable=not (LOGGER.isEnabledFor(logging.INFO) and sys.stderr.isatty()))
+
+
+def _run_epoch(run: _TrainingRun) -> tuple[bool, list[float]]:
+    """The rest of the current epoch (from ``batch_in_epoch``), with the mid-epoch
+    checkpoints; returns ``(stopped at max_steps, the batches' losses)``."""
+    from torch.utils.data import DataLoader
+
+    cfg = run.cfg
+    run.sampler.set_epoch(run.epoch)
+    order = list(run.sampler)[run.batch_in_epoch * cfg.batch_size:]
+    loader = DataLoader(run.dataset, batch_size=cfg.batch_size, sampler=order,
+                        num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
+                        persistent_workers=False)
+    bar = _progress_bar(run)
+    losses, stop = [], False
+    for batch in loader:
+        if cfg.max_steps and run.step >= cfg.max_steps:  # e.g. resumed at the step limit
+            stop = True
             break
-        epoch += 1
-        batch_in_epoch = 0
-        if is_main:
-            LOGGER.info("epoch %d/%d: mean training loss %.5f, %.1f s, lr %.2e", epoch,
-                        cfg.epochs, sums["loss"] / max(sums["count"], 1),
-                        time.perf_counter() - t_epoch, scheduler.get_last_lr()[0])
-        if is_main and validation and cfg.val_every and (
-                epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            last_val = run_validation(epoch)
-        if epoch % cfg.save_step == 0 or epoch == cfg.epochs:
-            # the model file first: a run killed between the two resumes from the previous
-            # checkpoint and writes this epoch's model file again
-            save_model_file(os.path.join(out_dir, f"model_epoch-{epoch:03d}.safetensors"), epoch)
-            checkpoint(epoch, 0)
-        if world > 1:
-            dist.barrier()
+        values = _train_step(run, batch)
+        losses.append(values[0])
+        _log_step(run, values, bar)
+        if cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0:
+            run.checkpoint(run.epoch, run.batch_in_epoch)
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            stop = True
+            break
+    if bar is not None:
+        bar.close()
+    return stop, losses
+
+
+def _end_epoch(run: _TrainingRun, seconds: float, losses: list[float]) -> None:
+    """After a whole epoch: its log line, validation every ``val_every`` epochs, the epoch's
+    model file and checkpoint every ``save_step`` epochs (and after the last)."""
+    cfg = run.cfg
+    run.epoch += 1
+    run.batch_in_epoch = 0
+    if run.is_main:
+        LOGGER.info("epoch %d/%d: mean training loss %.5f, %.1f s, lr %.2e", run.epoch,
+                    cfg.epochs, sum(losses) / max(len(losses), 1), seconds,
+                    run.scheduler.get_last_lr()[0])
+    if run.is_main and run.validation and cfg.val_every and (
+            run.epoch % cfg.val_every == 0 or run.epoch == cfg.epochs):
+        run.last_val = run.run_validation(run.epoch)
+    if run.epoch % cfg.save_step == 0 or run.epoch == cfg.epochs:
+        # the model file first: a run killed between the two resumes from the previous
+        # checkpoint and writes this epoch's model file again
+        run.save_model_file(run.path(f"model_epoch-{run.epoch:03d}.safetensors"), run.epoch)
+        run.checkpoint(run.epoch, 0)
+    if run.world > 1:
+        run.dist.barrier()
+
+
+def _write_summary(run: _TrainingRun) -> str | None:
+    """The loss curves and ``training_summary.json`` of the run; returns the curves' path."""
+    from ..reports.figures import plot_loss_curves
 
     curves = None
-    if is_main and stop and batch_in_epoch and validation and cfg.val_every:
-        last_val = run_validation(epoch + 1)  # a time-boxed run still ends with a validation
-    if is_main:
-        checkpoint(epoch, batch_in_epoch)
-        save_model_file(model_path, epoch)
-        from ..reports.figures import plot_loss_curves
+    rows = _read_log(run.path(LOG_FILE))
+    if rows:
+        curves = plot_loss_curves(rows, run.path("loss_curves.png"),
+                                  title=f"{run.cfg.name}: {run.step} steps")
+    seconds = time.perf_counter() - run.t_start
+    summary = {"config": {k: v for k, v in asdict(run.cfg).items()},
+               "architecture": run.arch_config, "normalization": run.norm,
+               "patches": len(run.dataset), "epochs_done": run.epoch, "steps_done": run.step,
+               "world_size": run.world, "device": str(run.device),
+               "seconds_this_run": round(seconds, 1), "validation": run.last_val,
+               "model": run.path(MODEL_FILE), "software_version": __version__}
+    write_json_atomic(run.path("training_summary.json"), summary, sort_keys=False)
+    LOGGER.info("finished %d epochs (%d steps) in %.0f s; model written to %s", run.epoch,
+                run.step, seconds, run.path(MODEL_FILE))
+    return curves
 
-        rows = _read_log(log_path)
-        if rows:
-            curves = plot_loss_curves(rows, os.path.join(out_dir, "loss_curves.png"),
-                                      title=f"{cfg.name}: {step} steps")
-        seconds = time.perf_counter() - t_start
-        summary = {"config": {k: v for k, v in asdict(cfg).items()},
-                   "architecture": arch_config, "normalization": norm, "patches": n,
-                   "epochs_done": epoch, "steps_done": step, "world_size": world,
-                   "device": str(device), "seconds_this_run": round(seconds, 1),
-                   "validation": last_val, "model": model_path,
-                   "software_version": __version__}
-        write_json_atomic(os.path.join(out_dir, "training_summary.json"), summary,
-                          sort_keys=False)
-        LOGGER.info("finished %d epochs (%d steps) in %.0f s; model written to %s", epoch,
-                    step, seconds, model_path)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return TrainingResult(model_path, ckpt_path, log_path, curves, epoch, step,
-                          time.perf_counter() - t_start, last_val)
+
+def _finish(run: _TrainingRun, stopped: bool) -> TrainingResult:
+    """The last validation (of a time-boxed run that stopped inside an epoch), checkpoint,
+    model file and summary; the end of the process group."""
+    cfg = run.cfg
+    curves = None
+    if run.is_main and stopped and run.batch_in_epoch and run.validation and cfg.val_every:
+        run.last_val = run.run_validation(run.epoch + 1)
+    if run.is_main:
+        run.checkpoint(run.epoch, run.batch_in_epoch)
+        run.save_model_file(run.path(MODEL_FILE), run.epoch)
+        curves = _write_summary(run)
+    if run.world > 1:
+        run.dist.barrier()
+        run.dist.destroy_process_group()
+    return TrainingResult(run.path(MODEL_FILE), run.path(CHECKPOINT_FILE), run.path(LOG_FILE),
+                          curves, run.epoch, run.step, time.perf_counter() - run.t_start,
+                          run.last_val)
+
+
+def _train(cfg: TrainingConfig, validation: Sequence[ValidationVolume]) -> TrainingResult:
+    cfg.validate()
+    run = _start(cfg, validation)
+    stopped = False
+    run.network.train()
+    while run.epoch < cfg.epochs and not stopped:
+        t_epoch = time.perf_counter()
+        stopped, losses = _run_epoch(run)
+        if stopped and run.batch_in_epoch < run.steps_per_epoch:
+            run.checkpoint(run.epoch, run.batch_in_epoch)
+            break
+        _end_epoch(run, time.perf_counter() - t_epoch, losses)
+    return _finish(run, stopped)

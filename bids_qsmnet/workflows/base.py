@@ -5,116 +5,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..__about__ import __version__
 from ..bids.derivatives import bids_uri
 from ..bids.discovery import FieldRun
+from ..bids.settings import run_settings
 from ..interfaces.derivatives import DerivativesSink, ReportMosaics
 from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
-__all__ = ["init_participant_wf", "init_single_run_wf", "run_settings", "run_outputs"]
-
-
-class SettingsError(ValueError):
-    """A run cannot be processed with the metadata it has (names the file)."""
-
-
-def run_settings(run: FieldRun, *, b0_strength: float | None = None) -> dict:
-    """Units, field strength, echo time and B0 direction of a run, from its sidecar.
-
-    ``b0_strength`` (``--b0-strength``) replaces a missing ``MagneticFieldStrength``.  A sidecar
-    ``B0_dir`` (as qsm-forward writes it) wins over the affine.
-    """
-    if run.is_raw:
-        return _raw_settings(run, b0_strength=b0_strength)
-    meta = run.metadata
-    units = run.units
-    if not units:
-        raise SettingsError(f"{run.field}: the sidecar has no 'Units' (ppm, Hz or rad)")
-    from ..physics.units import check_echo_time, check_field_strength, normalise_units
-
-    try:
-        units = normalise_units(units)
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: {exc}") from None
-    b0 = meta.get("MagneticFieldStrength", b0_strength)
-    te = meta.get("EchoTime")
-    if units in ("Hz", "rad") and b0 is None:
-        raise SettingsError(f"{run.field}: Units '{units}' needs MagneticFieldStrength (tesla) "
-                            "in the sidecar; give it with --b0-strength")
-    if units == "rad" and te is None:
-        raise SettingsError(f"{run.field}: Units 'rad' needs EchoTime (seconds) in the sidecar")
-    if units == "rad" and isinstance(te, list):
-        raise SettingsError(f"{run.field}: EchoTime is a list; a local field in rad needs the "
-                            "single effective echo time")
-    # a sidecar value is whatever JSON holds: check it here, where the file can be named
-    # (MagneticFieldStrength is copied into the output sidecar, so it is checked whenever
-    # present; EchoTime matters to 'rad' alone)
-    try:
-        b0 = check_field_strength(b0) if b0 is not None else None
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
-    try:
-        te = check_echo_time(te) if units == "rad" else None
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: EchoTime {te!r}: {exc}") from None
-    b0_dir = _sidecar_b0_dir(run.field, meta)
-    return {"units": units, "b0_strength": b0, "echo_time": te, "b0_dir": b0_dir,
-            "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine"}
-
-
-def _sidecar_b0_dir(path: str, meta: dict):
-    b0_dir = meta.get("B0_dir")
-    if b0_dir is None:
-        return None
-    try:
-        b0_dir = np.asarray(b0_dir, dtype=float).ravel()
-    except (TypeError, ValueError):
-        b0_dir = np.zeros(0)
-    if b0_dir.shape != (3,) or not np.all(np.isfinite(b0_dir)) or not np.any(b0_dir):
-        raise SettingsError(f"{path}: sidecar B0_dir must be three numbers, not zero")
-    return [float(v) for v in b0_dir / np.linalg.norm(b0_dir)]
-
-
-def _raw_settings(run: FieldRun, *, b0_strength: float | None) -> dict:
-    """Echo times, field strength and B0 direction of a raw GRE run (one sidecar per echo)."""
-    from ..physics.units import check_field_strength
-
-    tes = []
-    for echo in run.echoes:
-        te = echo.echo_time
-        if te is None:
-            raise SettingsError(f"{echo.phase}: the sidecar has no 'EchoTime' (seconds)")
-        if isinstance(te, list) or not isinstance(te, (int, float)) or isinstance(te, bool):
-            raise SettingsError(f"{echo.phase}: 'EchoTime' must be one number (seconds), "
-                                f"got {te!r}")
-        if not (0 < te < 1):
-            raise SettingsError(f"{echo.phase}: 'EchoTime' {te} is not in seconds "
-                                "(expected 0 < TE < 1 s; milliseconds?)")
-        tes.append(float(te))
-    if any(b <= a for a, b in zip(tes, tes[1:])):
-        raise SettingsError(f"{run.field}: echo times {tes} do not increase with the echo index")
-    b0 = run.metadata.get("MagneticFieldStrength", b0_strength)
-    if b0 is None:
-        raise SettingsError(f"{run.field}: raw GRE phase needs MagneticFieldStrength (tesla) in "
-                            "the sidecar; give it with --b0-strength")
-    try:  # the same check as for local fields: one real number (not true/false), in tesla
-        b0 = check_field_strength(b0)
-    except ValueError as exc:
-        raise SettingsError(f"{run.field}: MagneticFieldStrength {b0!r}: {exc}") from None
-    missing = [e.phase for e in run.echoes if e.magnitude is None]
-    if missing and run.mask is None:
-        raise SettingsError(f"{missing[0]}: no magnitude image for this echo and no brain mask: "
-                            "one of them is needed to find the brain")
-    b0_dir = _sidecar_b0_dir(run.field, run.metadata)
-    return {"units": "rad", "b0_strength": b0, "echo_time": None, "echo_times": tes,
-            "b0_dir": b0_dir,
-            "b0_dir_source": "sidecar B0_dir" if b0_dir is not None else "affine",
-            "weighted": not missing}
+__all__ = ["init_participant_wf", "init_single_run_wf", "run_outputs", "run_workflow_name"]
 
 
 def _sidecar_extras(model_info, b0_dir, frame_file):
@@ -143,6 +45,105 @@ def _sidecar_extras(model_info, b0_dir, frame_file):
     }
 
 
+def _run_sources(run: FieldRun, bids_root: str) -> list[str]:
+    """BIDS URIs of the run's inputs: its local field (or echoes) and its mask."""
+    if run.is_raw:
+        inputs = [e.phase for e in run.echoes] + [e.magnitude for e in run.echoes if e.magnitude]
+    else:
+        inputs = [run.field]
+    return [bids_uri(p, bids_root) for p in inputs + ([run.mask] if run.mask else [])]
+
+
+def _chimap_metadata(settings: dict, sources: list[str], chain: dict | None) -> dict:
+    """The χ map's sidecar (before what only inference knows, :func:`_sidecar_extras`)."""
+    metadata = {
+        "Units": "ppm", "SkullStripped": True, "Sources": sources,
+        "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
+        "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+        "Description": "Magnetic susceptibility (χ, ppm) by a QSMnet-family network",
+    }
+    if settings["b0_strength"] is not None:
+        metadata["MagneticFieldStrength"] = settings["b0_strength"]
+    if chain is not None:
+        metadata["InputUnits"] = "rad (raw GRE phase)"
+        metadata["PhasePreprocessing"] = chain
+    return metadata
+
+
+def _after_chimap(workflow, ds_chimap, src, field: str, ds) -> None:
+    """``src.field`` into ``ds`` once the χ map is stored: a run that fails leaves no partial
+    derivatives (a mask or field map without its χ map)."""
+    gate = pe.Node(niu.Function(function=_pass_after, input_names=["value", "ready"],
+                                output_names=["value"]),
+                   name=f"{ds.name}_after_chimap", run_without_submitting=True)
+    workflow.connect([(src, gate, [(field, "value")]),
+                      (ds_chimap, gate, [("out_file", "ready")]),
+                      (gate, ds, [("value", "in_file")])])
+
+
+def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chimap, sink, *,
+                         sources: list[str], chain: dict, unwrapping: str,
+                         bgremoval: str) -> None:
+    """The phase workflow of a raw GRE run in front of ``qsm_wf``, and the sinks of its
+    total field, local field, brain mask and eroded mask."""
+    phase_wf = init_phase_wf(echo_times=settings["echo_times"],
+                             b0_strength=settings["b0_strength"], unwrap=unwrapping,
+                             background=bgremoval)
+    phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
+    phase_wf.inputs.inputnode.magnitude_files = (
+        [e.magnitude for e in run.echoes] if settings["weighted"] else [])
+    phase_wf.inputs.inputnode.mask_file = run.mask
+    phase_wf.inputs.inputnode.b0_dir = settings["b0_dir"]
+    qsm_wf.inputs.inputnode.units = "ppm"
+    derived = {"SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+               "Sources": sources, "PhasePreprocessing": chain,
+               "MagneticFieldStrength": settings["b0_strength"]}
+    ds_total = sink("ds_totalfield", suffix="fieldmap", desc="totalfield",
+                    metadata={**derived, "Units": "Hz", "Description":
+                              "Total field: unwrapped phase fitted over echoes, zero "
+                              "outside the brain mask"})
+    ds_local = sink("ds_localfield", suffix="fieldmap", desc="localfield",
+                    metadata={**derived, "Units": "ppm", "Description":
+                              "Local (tissue) field after background-field removal, zero "
+                              "outside the eroded mask"})
+    ds_brain = sink("ds_mask", suffix="mask", desc="brain",
+                    metadata={"Type": "Brain", "Sources": sources,
+                              "Description": "given brain mask" if run.mask else
+                              "brain mask found in the magnitude"})
+    ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
+                     metadata={"Type": "Brain", "Sources": sources, "Description":
+                               "brain mask after background-field removal: where the "
+                               "local field and χ are defined"})
+    workflow.connect([
+        (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
+                            ("outputnode.mask_file", "inputnode.mask_file")]),
+    ])
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.total_field", ds_total)
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.local_field", ds_local)
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.brain_mask", ds_brain)
+    _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_eroded)
+
+
+def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict) -> None:
+    """The χ map's sidecar entries known after inference, and the report's figures (only of
+    a stored χ map)."""
+    extras = pe.Node(niu.Function(function=_sidecar_extras,
+                                  input_names=["model_info", "b0_dir", "frame_file"],
+                                  output_names=["extras"]), name="sidecar_extras")
+    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
+                        name="ds_report_chimap")
+    workflow.connect([
+        (qsm_wf, extras, [("outputnode.model_info", "model_info"),
+                          ("outputnode.b0_dir", "b0_dir"),
+                          ("outputnode.frame_file", "frame_file")]),
+        (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
+        (extras, ds_chimap, [("extras", "extra_metadata")]),
+        (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
+                             ("outputnode.mask_file", "mask_file")]),
+        (ds_chimap, ds_report, [("out_file", "chi_file")]),
+    ])
+
+
 def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: str | None,
                        device: str, tile: int | None, dc_lambda: float | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
@@ -164,100 +165,25 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     for key in ("units", "b0_strength", "echo_time", "b0_dir"):
         setattr(qsm_wf.inputs.inputnode, key, settings[key])
     entities = {k: v for k, v in run.entities.items() if v is not None}
-
-    if run.is_raw:
-        inputs = [e.phase for e in run.echoes] + [e.magnitude for e in run.echoes if e.magnitude]
-    else:
-        inputs = [run.field]
-    sources = [bids_uri(p, bids_root) for p in inputs + ([run.mask] if run.mask else [])]
-    metadata = {
-        "Units": "ppm", "SkullStripped": True, "Sources": sources,
-        "InputUnits": settings["units"], "B0DirectionSource": settings["b0_dir_source"],
-        "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
-        "Description": "Magnetic susceptibility (χ, ppm) by a QSMnet-family network",
-    }
-    if settings["b0_strength"] is not None:
-        metadata["MagneticFieldStrength"] = settings["b0_strength"]
+    sources = _run_sources(run, bids_root)
+    chain = _phase_description(settings, unwrapping, bgremoval) if run.is_raw else None
 
     def sink(node_name, **kwargs):
         return pe.Node(DerivativesSink(out_dir=out_dir, entities=entities, overwrite=overwrite,
                                        **kwargs), name=node_name, run_without_submitting=True)
 
-    if run.is_raw:  # before the χ sink copies the metadata
-        chain = _phase_description(settings, unwrapping, bgremoval)
-        metadata["InputUnits"] = "rad (raw GRE phase)"
-        metadata["PhasePreprocessing"] = chain
-    ds_chimap = sink("ds_chimap", suffix="Chimap", metadata=metadata)
-
-    def after_chimap(src, field, ds):
-        """``src.field`` into ``ds`` once the χ map is stored: a run that fails leaves no
-        partial derivatives (a mask or field map without its χ map)."""
-        gate = pe.Node(niu.Function(function=_pass_after, input_names=["value", "ready"],
-                                    output_names=["value"]),
-                       name=f"{ds.name}_after_chimap", run_without_submitting=True)
-        workflow.connect([(src, gate, [(field, "value")]),
-                          (ds_chimap, gate, [("out_file", "ready")]),
-                          (gate, ds, [("value", "in_file")])])
-
+    ds_chimap = sink("ds_chimap", suffix="Chimap",
+                     metadata=_chimap_metadata(settings, sources, chain))
     if run.is_raw:
-        phase_wf = init_phase_wf(echo_times=settings["echo_times"],
-                                 b0_strength=settings["b0_strength"], unwrap=unwrapping,
-                                 background=bgremoval)
-        phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
-        phase_wf.inputs.inputnode.magnitude_files = (
-            [e.magnitude for e in run.echoes] if settings["weighted"] else [])
-        phase_wf.inputs.inputnode.mask_file = run.mask
-        phase_wf.inputs.inputnode.b0_dir = settings["b0_dir"]
-        qsm_wf.inputs.inputnode.units = "ppm"
-        derived = {"SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
-                   "Sources": sources, "PhasePreprocessing": chain,
-                   "MagneticFieldStrength": settings["b0_strength"]}
-        ds_total = sink("ds_totalfield", suffix="fieldmap", desc="totalfield",
-                        metadata={**derived, "Units": "Hz", "Description":
-                                  "Total field: unwrapped phase fitted over echoes, zero "
-                                  "outside the brain mask"})
-        ds_local = sink("ds_localfield", suffix="fieldmap", desc="localfield",
-                        metadata={**derived, "Units": "ppm", "Description":
-                                  "Local (tissue) field after background-field removal, zero "
-                                  "outside the eroded mask"})
-        ds_brain = sink("ds_mask", suffix="mask", desc="brain",
-                        metadata={"Type": "Brain", "Sources": sources,
-                                  "Description": "given brain mask" if run.mask else
-                                  "brain mask found in the magnitude"})
-        ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
-                         metadata={"Type": "Brain", "Sources": sources, "Description":
-                                   "brain mask after background-field removal: where the "
-                                   "local field and χ are defined"})
-        workflow.connect([
-            (phase_wf, qsm_wf, [("outputnode.local_field", "inputnode.in_file"),
-                                ("outputnode.mask_file", "inputnode.mask_file")]),
-        ])
-        after_chimap(phase_wf, "outputnode.total_field", ds_total)
-        after_chimap(phase_wf, "outputnode.local_field", ds_local)
-        after_chimap(phase_wf, "outputnode.brain_mask", ds_brain)
-        after_chimap(qsm_wf, "outputnode.mask_file", ds_eroded)
+        _connect_phase_chain(workflow, run, settings, qsm_wf, ds_chimap, sink, sources=sources,
+                             chain=chain, unwrapping=unwrapping, bgremoval=bgremoval)
     else:
         qsm_wf.inputs.inputnode.in_file = run.field
         qsm_wf.inputs.inputnode.mask_file = run.mask
         ds_mask = sink("ds_mask", suffix="mask", desc="brain",
                        metadata={"Type": "Brain", "Sources": sources})
-        after_chimap(qsm_wf, "outputnode.mask_file", ds_mask)
-
-    extras = pe.Node(niu.Function(function=_sidecar_extras,
-                                  input_names=["model_info", "b0_dir", "frame_file"],
-                                  output_names=["extras"]), name="sidecar_extras")
-    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
-                        name="ds_report_chimap")
-    workflow.connect([
-        (qsm_wf, extras, [("outputnode.model_info", "model_info"),
-                          ("outputnode.b0_dir", "b0_dir"),
-                          ("outputnode.frame_file", "frame_file")]),
-        (qsm_wf, ds_chimap, [("outputnode.chi_file", "in_file")]),
-        (extras, ds_chimap, [("extras", "extra_metadata")]),
-        (qsm_wf, ds_report, [("outputnode.field_ppm", "field_file"),
-                             ("outputnode.mask_file", "mask_file")]),
-        (ds_chimap, ds_report, [("out_file", "chi_file")]),  # figures only of a stored χ map
-    ])
+        _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_mask)
+    _connect_report(workflow, qsm_wf, ds_chimap, out_dir=out_dir, entities=entities)
     return workflow
 
 
@@ -289,8 +215,7 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
     without it), so a run killed in between has its χ map and misses some of these: a rerun
     skips a run only when all of them exist.  Keep in step with the sinks above.
     """
-    from ..bids.derivatives import derivative_path
-    from ..interfaces.derivatives import mosaic_paths
+    from ..bids.derivatives import derivative_path, mosaic_paths
 
     entities = {k: v for k, v in run.entities.items() if v is not None}
     named = [("Chimap", None)] + ([("fieldmap", "totalfield"), ("fieldmap", "localfield"),
@@ -303,6 +228,11 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
 
 def _safe_name(key: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in key)
+
+
+def run_workflow_name(key: str) -> str:
+    """Name of the workflow of the run ``key`` inside the participant workflow."""
+    return f"run_{_safe_name(key)}_wf"
 
 
 def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: str,
@@ -330,6 +260,6 @@ def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: st
                            tile=tile, dc_lambda=dc_lambda, omp_nthreads=omp_nthreads,
                            overwrite=overwrite, b0_strength=b0_strength,
                            unwrapping=unwrapping, bgremoval=bgremoval, flip_axes=flip_axes,
-                           residual_passes=residual_passes, name=f"run_{_safe_name(run.key)}_wf")
+                           residual_passes=residual_passes, name=run_workflow_name(run.key))
         for run in runs])
     return workflow

@@ -7,18 +7,21 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.qsm import BrainMask, ConvertToPPM
 from ..interfaces.training import ExtractPatches, TrainQSMnet
+from ..training.config import TRAINING_DEFAULTS as _D
 
 __all__ = ["init_training_wf"]
 
 
-def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = None,
+def init_training_wf(*, architecture: str = _D.architecture, model_name: str | None = None,
                      patch_size: int = 64, linearity_factor: float | None = None,
-                     sign_flip: bool = False, b0_tilts: int = 0, batch_size: int = 12,
-                     epochs: int = 25, learning_rate: float = 1e-3, save_step: int = 5,
-                     val_every: int = 2, w_model: float = 5.0, w_grad: float = 0.1,
-                     ema_decay: float = 0.0, seed: int = 0, device: str = "auto", amp: bool = False,
-                     channels_last: bool = True, max_steps: int = 0, omp_nthreads: int = 1,
-                     with_validation: bool = True,
+                     sign_flip: bool = False, b0_tilts: int = 0,
+                     batch_size: int = _D.batch_size, epochs: int = _D.epochs,
+                     learning_rate: float = _D.learning_rate, save_step: int = _D.save_step,
+                     val_every: int = _D.val_every, w_model: float = _D.w_model,
+                     w_grad: float = _D.w_grad, ema_decay: float = _D.ema_decay,
+                     seed: int = _D.seed, device: str = _D.device, amp: bool = _D.amp,
+                     channels_last: bool = _D.channels_last, max_steps: int = _D.max_steps,
+                     omp_nthreads: int = 1, with_validation: bool = True,
                      name: str = "training_wf"):
     """Build the training workflow.
 
@@ -28,6 +31,7 @@ def init_training_wf(*, architecture: str = "qsmnet", model_name: str | None = N
 
     Parameters
     ----------
+    (training defaults: :class:`~bids_qsmnet.training.config.TrainingConfig`'s)
     architecture : toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim or qsmnet-lite
     model_name : name written into the model file (default: the architecture)
     patch_size : patch edge, voxels (QSMnet 64, toy 32)

@@ -1,0 +1,284 @@
+"""Building a run's workflow: the dataset checked, the subjects and runs selected, the
+participant (inference) or group (training) workflow made.
+
+Runs that cannot be processed are recorded and skipped; a :class:`~bids_qsmnet.errors.CLIError`
+when nothing is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..errors import CLIError
+
+LOGGER = logging.getLogger("bids_qsmnet")
+
+__all__ = ["validate_dataset", "select_subjects", "build_participant_workflow",
+           "build_group_workflow"]
+
+
+def validate_dataset(bids_dir: Path) -> None:
+    """Warn about files whose names are not BIDS (raw datasets only; derivatives pass)."""
+    import json
+
+    try:
+        with open(bids_dir / "dataset_description.json", encoding="utf-8") as fh:
+            info = json.load(fh)
+    except FileNotFoundError:
+        raise CLIError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CLIError(f"{bids_dir}/dataset_description.json: not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise CLIError(f"{bids_dir}/dataset_description.json: must hold a JSON object")
+    if str(info.get("DatasetType", "raw")).lower() == "derivative":
+        return
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    bad = []
+    for root, dirs, files in os.walk(bids_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in
+                   ("derivatives", "sourcedata", "code")]
+        for f in files:
+            rel = "/" + os.path.relpath(os.path.join(root, f), bids_dir)
+            if not f.startswith(".") and not validator.is_bids(rel):
+                bad.append(rel)
+    if bad:
+        LOGGER.warning("%d file(s) in %s are not named as BIDS expects (e.g. %s); they may be "
+                       "ignored (--skip-bids-validation silences this check)", len(bad),
+                       bids_dir, ", ".join(bad[:3]))
+
+
+def select_subjects(layout, requested) -> list[str]:
+    available = sorted(layout.get_subjects())
+    if not available:
+        raise CLIError(f"{layout.root}: no subjects (sub-*) found")
+    if not requested:
+        return available
+    missing = [s for s in requested if s not in available]
+    if missing:
+        raise CLIError(f"participant label(s) not found in {layout.root}: "
+                       + ", ".join(f"sub-{s}" for s in missing)
+                       + f" (available: {', '.join('sub-' + s for s in available)})")
+    return list(dict.fromkeys(requested))
+
+
+def _check_model(opts) -> str:
+    """The model file of ``--model``, loaded once, before any subject, rather than in every
+    inference node: a device that is absent, a model file that is corrupt, newer or of
+    another architecture end the run here."""
+    from ..device import DeviceError, select_device
+    from ..models.modelfile import ModelFileError, load_model, resolve_model
+
+    try:
+        model = str(resolve_model(opts.model))
+        select_device(opts.device)
+        load_model(model, device="cpu")
+    except (ModelFileError, DeviceError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    return model
+
+
+def _check_run(run, b0_strength: float | None) -> None:
+    """The sidecar settings and header-only checks of a run (no voxel data read: shape,
+    affine, size, mask grid); a :class:`~bids_qsmnet.errors.UserError` names the problem."""
+    from ..bids.settings import run_settings
+    from ..io.fields import check_inputs
+
+    run_settings(run, b0_strength=b0_strength)
+    if run.is_raw:
+        for echo in run.echoes:
+            check_inputs(echo.phase, run.mask, what="GRE phase")
+            if echo.magnitude:
+                check_inputs(echo.magnitude, None, what="GRE magnitude")
+    else:
+        check_inputs(run.field, run.mask)
+
+
+def _needs_processing(run, opts) -> bool:
+    """False when every output of ``run`` exists (and ``--overwrite`` is not given)."""
+    from ..workflows.base import run_outputs
+
+    outputs = run_outputs(run, str(opts.output_dir))
+    present = [p for p in outputs if os.path.exists(p)]
+    if len(present) == len(outputs) and not opts.overwrite:
+        LOGGER.info("%s: %s exists, skipped (--overwrite recomputes it)", run.key,
+                    os.path.relpath(outputs[0], opts.output_dir))
+        return False
+    if present and not opts.overwrite:  # a run killed after its χ map: finish it
+        LOGGER.info("%s: completing the outputs of an interrupted run (%d of %d present)",
+                    run.key, len(present), len(outputs))
+    return True
+
+
+def _participant_runs(opts, layout, errors: dict) -> list:
+    """The runs of the selected subjects still to process; the problems of the others go
+    into ``errors`` (subject → messages)."""
+    from ..bids.discovery import DiscoveryError, collect_runs
+    from ..bids.settings import SettingsError
+    from ..io.nifti import InputError
+
+    runs = []
+    for subject in select_subjects(layout, opts.participant_label):
+        try:
+            found = collect_runs(layout, subject, sessions=opts.session_label,
+                                 filters=opts.bids_filter_file)
+        except DiscoveryError as exc:
+            errors.setdefault(subject, []).append(str(exc))
+            LOGGER.error("%s", exc)
+            continue
+        for run in found:
+            try:
+                _check_run(run, opts.b0_strength)
+            except (SettingsError, InputError) as exc:
+                errors.setdefault(subject, []).append(str(exc))
+                LOGGER.error("%s: skipped: %s", run.key, exc)
+                continue
+            if _needs_processing(run, opts):
+                runs.append(run)
+    return runs
+
+
+def build_participant_workflow(opts, layout, errors: dict):
+    """Collect every run of the selected subjects and build the participant workflow.
+
+    Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
+    and skipped.  Returns ``(workflow or None, model file, runs)``: no workflow when every
+    run is done already.
+
+    Raises
+    ------
+    CLIError
+        when the model cannot be used, or no run can be processed.
+    """
+    from ..workflows.base import init_participant_wf
+
+    model = _check_model(opts)
+    runs = _participant_runs(opts, layout, errors)
+    if not runs:
+        if errors:
+            raise CLIError("nothing to process: " + "; ".join(m for v in errors.values()
+                                                               for m in v))
+        return None, model, []
+    LOGGER.info("found %d run(s) to process in %d subject(s); model %s", len(runs),
+                len({r.subject for r in runs}), model)
+    wf = init_participant_wf(runs, bids_root=str(layout.root), out_dir=str(opts.output_dir),
+                             model=model, device=opts.device, tile=opts.tile,
+                             dc_lambda=opts.dc_lambda, omp_nthreads=opts.omp_nthreads,
+                             overwrite=opts.overwrite, b0_strength=opts.b0_strength,
+                             unwrapping=opts.unwrapping, bgremoval=opts.bgremoval,
+                             flip_axes=opts.flip_axes, residual_passes=opts.residual_passes)
+    return wf, model, runs
+
+
+def _labelled_runs(opts, layout) -> list:
+    """The runs with a local field and a χ label (ppm) of the selected subjects."""
+    from ..bids.discovery import DiscoveryError, collect_runs
+
+    runs = []
+    for subject in select_subjects(layout, opts.participant_label):
+        try:
+            found = collect_runs(layout, subject, sessions=opts.session_label,
+                                 filters=opts.bids_filter_file, require_label=True)
+        except DiscoveryError as exc:
+            LOGGER.warning("%s", exc)
+            continue
+        for run in found:
+            if run.is_raw:  # training pairs a local field with its label
+                LOGGER.warning("%s: only raw GRE phase; run the participant level first and "
+                               "train on its desc-localfield maps", run.key)
+            else:
+                runs.append(run)
+    if not runs:
+        raise CLIError(f"no subject in {layout.root} has both a local field and a Chimap label")
+    for run in runs:
+        units = str(run.label_metadata.get("Units", "ppm"))
+        if units.lower() != "ppm":
+            raise CLIError(f"{run.label}: Chimap Units must be ppm, got {units!r}")
+    return runs
+
+
+def _validation_subjects(opts, subjects: list[str]) -> set[str]:
+    """The subjects held out for validation: ``--validation-participant``, or a random
+    ``--validation-fraction`` of them (seeded by ``--seed``; at least one is trained on)."""
+    import numpy as np
+
+    if opts.validation_participant:
+        val_subjects = set(opts.validation_participant)
+        unknown = val_subjects - set(subjects)
+        if unknown:
+            raise CLIError("--validation-participant without labelled data: "
+                           + ", ".join(f"sub-{s}" for s in sorted(unknown)))
+        return val_subjects
+    if opts.validation_fraction > 0 and len(subjects) > 1:
+        n_val = max(1, int(round(opts.validation_fraction * len(subjects))))
+        rng = np.random.default_rng(opts.seed)
+        return set(rng.choice(subjects, size=min(n_val, len(subjects) - 1),
+                              replace=False).tolist())
+    return set()
+
+
+def _set_training_inputs(wf, train_runs: list, val_runs: list, b0_strength) -> None:
+    """Fill the training workflow's input node with the runs' files and sidecar settings."""
+    from ..bids.settings import SettingsError, run_settings
+
+    def fill(prefix: str, runs: list) -> None:
+        try:
+            st = [run_settings(r, b0_strength=b0_strength) for r in runs]
+        except SettingsError as exc:
+            raise CLIError(str(exc)) from None
+        inp = wf.inputs.inputnode
+        setattr(inp, f"{prefix}field_files", [r.field for r in runs])
+        setattr(inp, f"{prefix}units", [s["units"] for s in st])
+        setattr(inp, f"{prefix}b0_strengths", [s["b0_strength"] for s in st])
+        setattr(inp, f"{prefix}echo_times", [s["echo_time"] for s in st])
+        setattr(inp, f"{prefix}mask_files", [r.mask for r in runs])
+        setattr(inp, f"{prefix}label_files", [r.label for r in runs])
+
+    fill("", train_runs)
+    wf.inputs.inputnode.subject_ids = [r.key for r in train_runs]
+    if val_runs:
+        fill("val_", val_runs)
+
+
+def build_group_workflow(opts, layout):
+    """Collect runs with labels, split off validation subjects, build ``init_training_wf``.
+
+    Returns ``(workflow, model name)``.
+    """
+    from ..device import DeviceError, select_device
+    from ..models.registry import list_architectures
+    from ..training.config import TRAINING_DEFAULTS
+    from ..workflows.training import init_training_wf
+
+    arch = opts.model or TRAINING_DEFAULTS.architecture
+    if arch not in list_architectures():
+        raise CLIError(f"--model {arch!r}: group level trains an architecture; choose one of "
+                       + ", ".join(list_architectures()))
+    try:  # refused before any patch is extracted, not in the training node
+        select_device(opts.device)
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
+    runs = _labelled_runs(opts, layout)
+    val_subjects = _validation_subjects(opts, sorted({r.subject for r in runs}))
+    train_runs = [r for r in runs if r.subject not in val_subjects]
+    val_runs = [r for r in runs if r.subject in val_subjects]
+    if not train_runs:
+        raise CLIError("every labelled subject is held out for validation: nothing to train on")
+    LOGGER.info("training on %d run(s) of %s; validating on %s", len(train_runs),
+                ", ".join(sorted({f"sub-{r.subject}" for r in train_runs})),
+                ", ".join(sorted(f"sub-{s}" for s in val_subjects)) or "none")
+    patch = opts.patch_size or (32 if arch == "toy" else 64)
+    name = opts.model_name or arch
+    wf = init_training_wf(architecture=arch, model_name=name, patch_size=patch,
+                          linearity_factor=opts.linearity_factor, sign_flip=opts.sign_flip,
+                          batch_size=opts.batch_size, epochs=opts.epochs,
+                          learning_rate=opts.learning_rate, save_step=opts.save_step,
+                          ema_decay=opts.ema_decay, seed=opts.seed, device=opts.device,
+                          max_steps=opts.max_steps,
+                          omp_nthreads=opts.omp_nthreads, with_validation=bool(val_runs),
+                          name=f"training_{''.join(c if c.isalnum() else '_' for c in name)}_wf")
+    _set_training_inputs(wf, train_runs, val_runs, opts.b0_strength)
+    return wf, name

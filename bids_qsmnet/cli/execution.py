@@ -1,0 +1,133 @@
+"""Running a built workflow: Nipype's configuration, the plugin's arguments, and waiting for
+the jobs that SLURMGraph queued."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..errors import CLIError
+
+LOGGER = logging.getLogger("bids_qsmnet")
+
+__all__ = ["run_workflow", "nipype_settings", "plugin_arguments", "wait_for_slurm_graph"]
+
+
+def nipype_settings(crash_dir: Path, verbose: int) -> dict:
+    """Nipype configuration of a run: text crash files in ``crash_dir``, content hashes, no
+    stop on the first crash, quiet logs unless ``-v``."""
+    return {
+        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                      "hash_method": "content", "stop_on_first_crash": False,
+                      "remove_unnecessary_outputs": False, "check_version": False},
+        "monitoring": {"enabled": False},
+        "logging": {level: "INFO" if verbose > 0 else "WARNING"
+                    for level in ("workflow_level", "interface_level", "utils_level")}}
+
+
+def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict:
+    """The arguments given to ``plugin``: the user's ``--plugin-args`` and this app's
+    defaults (MultiProc: ``nprocs`` workers from a forkserver; SLURM: a ``LOGNAME``)."""
+    args = dict(plugin_args or {})
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", nprocs)
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("maxtasksperchild", 1)
+        # Workers start from a clean forkserver, never forked from this process: torch's
+        # OpenMP thread pool (started here by the model check) does not survive a fork, and a
+        # forked worker running the network would hang.
+        args.setdefault("mp_context", "forkserver")
+        if args["mp_context"] == "forkserver":
+            import multiprocessing
+
+            # the forkserver and its workers end with this process, even when it is killed
+            multiprocessing.set_forkserver_preload(["__main__", "bids_qsmnet.cli.workers"])
+    if plugin == "SLURM":
+        os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
+    if plugin == "SLURMGraph":
+        # Nipype 1.11 sets this attribute only when plugin_args is non-empty (AttributeError
+        # otherwise); False is its documented default
+        args.setdefault("dont_resubmit_completed_jobs", False)
+    return args
+
+
+def run_workflow(workflow, opts, work_dir: Path) -> None:
+    """Run ``workflow`` in ``work_dir`` with the plugin of ``opts``; with SLURMGraph, return
+    only once its jobs have left the queue.
+
+    Raises
+    ------
+    RuntimeError
+        (Nipype's) when some nodes crashed; their crash files are in ``work_dir/crashes``.
+    """
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    settings = nipype_settings(work_dir / "crashes", opts.verbose)
+    ncfg.update_config(settings)
+    # a workflow copies Nipype's config when it is built, and that copy wins at run time:
+    # without this, crash files land as .pklz in the current directory
+    workflow.config["execution"].update(settings["execution"])
+    nlogging.update_logging(ncfg)
+    logging.getLogger("nipype").propagate = False  # Nipype has its own handler
+    workflow.base_dir = str(work_dir)
+    plugin_args = plugin_arguments(opts.plugin, opts.plugin_args, opts.nprocs)
+    LOGGER.info("running %s with the %s plugin (work dir %s)", workflow.name, opts.plugin,
+                work_dir)
+    workflow.run(plugin=opts.plugin, plugin_args=plugin_args)
+    if opts.plugin == "SLURMGraph":
+        wait_for_slurm_graph(work_dir / workflow.name / "batch")
+
+
+def _queued_job_names(batch_dir: Path) -> list[str]:
+    """Names of the jobs in the ``submit_jobs.sh`` that SLURMGraph wrote into ``batch_dir``."""
+    import re
+
+    script = batch_dir / "submit_jobs.sh"
+    if not script.exists():
+        return []
+    return sorted(set(re.findall(r" -J (\S+) ", script.read_text())))
+
+
+def wait_for_slurm_graph(batch_dir: Path, *, poll: float = 3.0) -> None:
+    """Wait until the jobs that SLURMGraph queued have left the queue.
+
+    SLURMGraph's ``run()`` returns once the whole graph is submitted (with ``afterok``
+    dependencies), before any output exists.  Jobs whose dependency failed would stay pending
+    for ever, so they are cancelled (their runs then lack outputs and are reported as failed).
+
+    Parameters
+    ----------
+    batch_dir : the ``batch`` folder of the workflow in the work folder
+    poll : seconds between two ``squeue`` calls
+    """
+    import getpass
+    import subprocess
+
+    names = _queued_job_names(batch_dir)
+    if not names:
+        return
+    LOGGER.info("waiting for the %d SLURM job(s) queued by SLURMGraph", len(names))
+    cmd = ["squeue", "-h", "-u", getpass.getuser(), "--name", ",".join(names), "-o", "%i %r"]
+    failures = 0
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:  # the controller may be briefly unreachable: retry a while
+            failures += 1
+            if failures > 20:
+                raise CLIError(f"squeue failed while waiting for SLURM jobs: "
+                               f"{res.stderr.strip()}")
+            time.sleep(poll)
+            continue
+        failures = 0
+        rows = [line.split(None, 1) for line in res.stdout.splitlines() if line.strip()]
+        if not rows:
+            return
+        doomed = [r[0] for r in rows if len(r) == 2 and "DependencyNeverSatisfied" in r[1]]
+        if doomed:  # their dependants follow on the next polls
+            LOGGER.error("cancelling SLURM job(s) %s: a job they depend on failed",
+                         ", ".join(doomed))
+            subprocess.run(["scancel", *doomed], check=False)
+        time.sleep(poll)

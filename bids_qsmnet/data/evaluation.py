@@ -43,21 +43,17 @@ def _resample(a: np.ndarray, voxel_size, order: int) -> np.ndarray:
 
 def _raw_chain(chi, brain, labels, rng):
     from ..data.megre import simulate_megre
-    from ..phase.background import vsharp
-    from ..phase.echo_fit import fit_total_field
-    from ..phase.mask import brain_mask_from_magnitude, combine_echoes
-    from ..physics.units import hz_to_ppm
+    from ..phase.chain import run_phase_chain
 
     vs = (1.0, 1.0, 1.0)
     pad = lambda a: np.pad(a, 16)  # noqa: E731 — room for the head around the brain
     chi, brain, labels = pad(chi), pad(brain), pad(labels)
     sim = simulate_megre(chi, brain, voxel_size=vs, b0_tesla=3.0,
                          echo_times=(0.004, 0.012, 0.020, 0.028), snr=40.0, rng=rng)
-    mask = brain_mask_from_magnitude(combine_echoes(sim.magnitude, axis=0), vs)
-    fit = fit_total_field(sim.phase, sim.magnitude, sim.echo_times, mask=mask, voxel_size=vs)
-    bfr = vsharp(hz_to_ppm(fit.field_hz.astype(np.float64), 3.0), mask, vs)
-    m = bfr.mask
-    return (np.where(m & brain, chi, 0), m, np.where(m, bfr.local_field, 0),
+    out = run_phase_chain(sim.phase, sim.magnitude, sim.echo_times, b0_strength=3.0,
+                          voxel_size=vs)
+    m = out.mask
+    return (np.where(m & brain, chi, 0), m, np.where(m, out.local_field, 0),
             np.where(m, labels, 0))
 
 

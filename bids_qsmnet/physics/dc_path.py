@@ -70,7 +70,7 @@ def _spectra(shape, voxel_size, b0_dir, highpass_mm, device):
     D[0, 0, 0] = 0.0
     H = None
     if highpass_mm > 0:
-        from ..phase.background import smv_kernel
+        from .smv import smv_kernel
 
         H = 1.0 - smv_kernel(shape, voxel_size, highpass_mm, real=True)
     as_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32,  # noqa: E731

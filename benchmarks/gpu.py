@@ -1,4 +1,4 @@
-"""GPU speed, memory and numerical precision of bids_qsmnet (run when a GPU is lent).
+"""GPU speed, memory and numerical precision of bids_qsmnet (run on a machine with a CUDA GPU).
 
 Usage::
 
@@ -256,7 +256,7 @@ def write_markdown(meta: dict, rows: list[dict], path: str, notes: str | None = 
         lines.append("")
     prec = next((r for r in rows if r["bench"] == "precision"), None)
     if prec:
-        lines += [f"## What the precision does to the map (shipped model, held-out synthetic "
+        lines += [f"## What the precision does to the map (default model, held-out synthetic "
                   f"brain {'×'.join(map(str, prec['shape']))}, 1 ppb noise)", "",
                   f"CPU fp32: NRMSE {prec['cpu_fp32_nrmse']} % against the truth.", "",
                   "| GPU precision | max abs diff from CPU (ppm) | 99th pct (ppm) | NRMSE (%) |",

@@ -400,17 +400,24 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         "# Benchmarks",
         "",
         f"Machine: {meta['cpus']} CPU cores ({meta['machine']}), Python {meta['python']}, "
-        f"torch {meta['torch']}; {meta.get('gpu', 'no GPU was lent for these runs')}.  "
+        f"torch {meta['torch']}; {meta.get('gpu', 'no GPU')}.  "
         f"Command: `{meta['command']}` (each line below runs in its own process, one after "
         "the other on an otherwise idle machine; peak RSS is that process's maximum resident "
         "memory).  FLOPs are counted from the architecture (`bids_qsmnet.models.flops`: "
         "convolutions, 2 per multiply-accumulate; training = 3 × forward).",
         "",
     ]
+    # the run that measured each kind of row: the last update that included it
+    latest = {}
     for u in meta.get("updates", []):
-        lines += [f"Rerun later with `{u['command']}` ({u['date']}): the {', '.join(u['benches'])} "
-                  "rows (each such run measures the machine's limit again when it includes "
-                  "`peak`, so ratios stay within one run).", ""]
+        for bench in u["benches"]:
+            latest[bench] = u
+    for u in meta.get("updates", []):
+        benches = [b for b in u["benches"] if latest[b] is u]
+        if benches:
+            lines += [f"The {', '.join(benches)} rows were measured by `{u['command']}` "
+                      f"({u['date']}, same machine; a run that includes `peak` measures the "
+                      "machine's limit again, so ratios stay within one run).", ""]
     lines += [
     ]
     if peak:

@@ -19,7 +19,7 @@ def select_device(requested: str = "auto"):
     """Return a ``torch.device`` for ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
     ``auto`` takes the first CUDA GPU when torch sees one, else the CPU.  Asking for CUDA on a
-    machine without a usable GPU raises :class:`DeviceError` instead of silently using the CPU.
+    machine without a usable GPU raises :class:`DeviceError` instead of falling back to the CPU.
     """
     import torch
 

@@ -11,7 +11,7 @@
 # controller state, the spool, the logs and the pid files; nothing is written to /etc/slurm.
 # Needs root (munged runs as the "munge" user, slurmd launches jobs) and the Debian packages
 # slurm-wlm and munge (apt-get install -y --no-install-recommends slurm-wlm munge).
-# Recipe: /work/shared/notes/slurm-on-one-machine.md.  No accounting (sacct needs slurmdbd):
+# No accounting (sacct needs slurmdbd):
 # inspect jobs with "scontrol show job ID" (kept for MinJobAge = 300 s) or "sbatch --wait".
 set -euo pipefail
 

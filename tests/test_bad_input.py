@@ -1,4 +1,4 @@
-"""Bad input through the command line (issue #7): one clear line, a non-zero exit, no partial
+"""Bad input through the command line: one clear line, a non-zero exit, no partial
 output.
 
 Each case builds a tiny derivative dataset (one subject, a 24³ local field of a sphere in ppm

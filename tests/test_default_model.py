@@ -1,4 +1,5 @@
-"""The shipped default model: loads, is used without --model, and beats TKD on the example."""
+"""The shipped default model: loads, is used without --model, beats TKD on the example dataset
+and keeps its measured accuracy there (regression pins)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ds-synthetic"
 def test_default_model_ships_and_loads():
     path = resolve_model(None)
     assert path.name == "default.safetensors"
-    assert path.stat().st_size < 25 * 2**20  # the issue's size budget for the wheel
+    assert path.stat().st_size < 25 * 2**20  # size budget of the model file in the wheel
     loaded = load_model(path)
     assert loaded.spec.name == "default"
     assert loaded.spec.units == {"input": "ppm", "output": "ppm"}
@@ -61,6 +62,7 @@ def test_participant_without_model_uses_the_default_and_beats_tkd(participant_ru
     mask = np.asarray(nib.load(bids / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").dataobj) > 0
 
     ours = nrmse(chi, label, mask, demean=True)
+    assert ours < LOCAL_FIELD_SUBJECT_MAX_NRMSE, ours
     # TKD with its best threshold for this very map (chosen on the truth: an upper bound)
     best_tkd = min(nrmse(tkd(field, mask, threshold=t), label, mask, demean=True)
                    for t in (0.06, 0.1, 0.14, 0.19, 0.25))
@@ -73,7 +75,7 @@ def test_participant_without_model_uses_the_default_and_beats_tkd(participant_ru
 def test_raw_gre_subject_through_the_phase_chain(participant_run):
     """sub-03 holds only raw 3-echo GRE (1.5 mm, Siemens integer phase): the app finds the
     brain, unwraps, fits, removes the background, resamples to 1 mm and back; χ must beat the
-    best TKD of the same local field and stay within the stated error of the truth."""
+    best TKD of the same local field and keep the shipped model's measured error."""
     bids, out = participant_run
     anat = out / "sub-03" / "anat"
     chi = np.asarray(nib.load(anat / "sub-03_Chimap.nii.gz").dataobj, np.float64)
@@ -96,6 +98,13 @@ def test_raw_gre_subject_through_the_phase_chain(participant_run):
     assert ours < RAW_SUBJECT_MAX_NRMSE, ours
 
 
-#: measured 2026-11-25 with the shipped default model (epoch 6, DC λ 0.3): see the closing
-#: note; the bound leaves room for platform rounding, not for a worse model
-RAW_SUBJECT_MAX_NRMSE = 60.0
+#: Regression pins: NRMSE % (in-mask mean removed) of the shipped default model with its
+#: default settings (network + data-consistency refinement, no residual passes) on the example
+#: dataset, as the tests above compute them (`pytest tests/test_default_model.py`; the same
+#: figures as `bids_qsmnet examples/ds-synthetic OUT participant`), measured on a 2-core x86_64
+#: CPU with torch 2.13.0: sub-01 (local field in ppm, 112×128×96 at 1 mm, SNR 20) 22.0 %;
+#: sub-03 (raw 3-echo GRE at 1.5 mm through the app's phase chain, scored on the eroded mask)
+#: 35.1 %.  Each pin is the measured figure + 2 points: room for platform rounding, not for a
+#: worse model.  A new default model file comes with new pins.
+LOCAL_FIELD_SUBJECT_MAX_NRMSE = 22.0 + 2.0
+RAW_SUBJECT_MAX_NRMSE = 35.1 + 2.0

@@ -173,7 +173,7 @@ def test_stage3_plan_and_hashes():
     assert (g.data_hash(), g.finetune_hash(), g.chain_hash()) == (
         "e72c38b25f4bcf18", "4a570fdcdf59354f", "8fb1e432a88d2c25")
     assert (g.architecture, g.chain_patch_size, g.chain_epochs) == ("qsmnet-mid", 96, 3)
-    # session 6's stage 3 (48³ patches) trained on this store
+    # the store of a stage 3 on 48³ patches (chain_patch_size=48) has its own hash
     assert dataclasses.replace(g, chain_patch_size=48).chain_hash() == "cdff6bea3f65773d"
 
 

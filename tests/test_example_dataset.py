@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bids_qsmnet
+import bids_qsmnet.data.example as example
 from bids_qsmnet.data import BRAIN_LABELS, example_dataset_path, make_example_dataset
 from bids_qsmnet.data.example import (
     CHI_STEP_PPM,
@@ -45,10 +46,43 @@ def test_shipped_dataset_exists_and_is_small():
     assert size < 7 * 1024**2, f"{size / 1e6:.2f} MB"
 
 
-def test_example_dataset_path_finds_the_checkout():
-    if Path(bids_qsmnet.__file__).resolve().parents[1] != REPO:
-        pytest.skip("bids_qsmnet is installed outside this checkout (no examples/ beside it)")
+def test_example_dataset_path_prefers_the_checkout(monkeypatch):
+    monkeypatch.setattr(example, "CHECKOUT_EXAMPLE", DS)
     assert example_dataset_path() == DS
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """What ``example_dataset_path()`` returns from an installed wheel (no checkout copy):
+    the dataset written into the cache folder on first use."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(example, "CHECKOUT_EXAMPLE", cache / "no-checkout")
+        path = example_dataset_path(cache_dir=cache)
+        assert path == cache / f"ds-synthetic-{bids_qsmnet.__version__}"
+        assert sorted(p.name for p in cache.iterdir()) == [path.name]  # no temporary left
+        # a second call returns the same folder without writing it again
+        mp.setattr(example, "make_example_dataset", None)
+        assert example_dataset_path(cache_dir=cache) == path
+    return path
+
+
+def test_example_dataset_path_without_a_checkout_writes_the_dataset(built):
+    from bids import BIDSLayout
+
+    assert BIDSLayout(str(built), validate=False).get_subjects() == ["01", "02", "03"]
+
+
+def test_package_data_matches_the_wheel():
+    """pyproject's package-data patterns each match files in the package."""
+    import re
+
+    line = re.search(r'^"bids_qsmnet" = \[(.*)\]$', (REPO / "pyproject.toml").read_text(), re.M)
+    patterns = re.findall(r'"([^"]+)"', line[1])
+    assert patterns
+    pkg = REPO / "bids_qsmnet"
+    for pattern in patterns:
+        assert any(p.is_file() for p in pkg.glob(pattern)), pattern
 
 
 def test_top_level_files():
@@ -147,8 +181,13 @@ def test_images_geometry_types_and_physics():
         assert abs(residual.mean()) < 1e-4
 
 
-def test_regenerating_with_the_seed_reproduces_the_arrays(tmp_path):
-    out = make_example_dataset(tmp_path / "ds", seed=EXAMPLE_SEED)
+def test_regenerating_with_the_seed_reproduces_the_arrays(built):
+    """The copy written from the seed (by ``example_dataset_path`` without a checkout, i.e.
+    make_example_dataset(seed=EXAMPLE_SEED)) holds the checkout's files and arrays."""
+    import inspect
+
+    assert inspect.signature(make_example_dataset).parameters["seed"].default == EXAMPLE_SEED
+    out = built
     shipped = sorted(p.relative_to(DS) for p in DS.rglob("*") if p.is_file())
     fresh = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert fresh == shipped

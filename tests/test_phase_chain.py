@@ -5,7 +5,7 @@ field of tens of Hz inside the brain), scanned with a 3-echo GRE at 3 T with com
 the phase is stored as Siemens integers and wraps several times.  ``init_phase_wf`` runs as a
 real Nipype workflow; its outputs are compared with the simulation's truth.
 
-Bounds (measured values in the comments, on this seed):
+Bounds (the values measured on this seed are in the comments):
 
 * the brain mask found in the magnitude overlaps the true brain (Dice); it includes the CSF
   between brain and skull, as BET does;
@@ -135,5 +135,10 @@ def test_chi_from_the_chain_close_to_chi_from_the_true_field(chain):
     chi_true = predict_chi(loaded, np.where(m, chain["sim"].local_field_ppm, 0), m)
     e_chain = nrmse(chi_chain, ph.chi, ev, demean=True)
     e_true = nrmse(chi_true, ph.chi, ev, demean=True)
-    assert e_chain < 50  # measured 38.0 % (network alone, no data consistency)
-    assert e_chain < e_true + 15  # measured 38.0 vs 31.0 %
+    # Regression pins for the shipped default model, network alone (no refinement), on this
+    # seed's 104×120×96 phantom at SNR 50: NRMSE 24.7 % from the chain's local field and 21.2 %
+    # from the true local field, measured by this test on a 2-core x86_64 CPU (torch 2.13.0);
+    # each bound is the measured figure + 2 points (platform rounding, not a worse model)
+    assert e_true < 21.2 + 2.0, e_true
+    assert e_chain < 24.7 + 2.0, e_chain
+    assert e_chain < e_true + 3.5 + 2.0, (e_chain, e_true)  # what the chain costs: 3.5 points

@@ -405,7 +405,7 @@ def test_weight_average_resumes_exactly(tmp_path, small_store):
     ea = torch.load(whole / "checkpoint.pt", weights_only=True)["ema"]
     eb = torch.load(out / "checkpoint.pt", weights_only=True)["ema"]
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
-    # a resume that would silently drop or invent the average is refused
+    # a resume that would drop or invent the average without a word is refused
     with pytest.raises(ValueError, match="holds a weight average"):
         train(_config(small_store, out, val_every=0, resume=True))
     with pytest.raises(ValueError, match="without a weight average"):

@@ -1,8 +1,8 @@
-"""The small synthetic BIDS-derivative dataset shipped with bids_qsmnet (``examples/ds-synthetic``).
+"""The small synthetic BIDS-derivative dataset of bids_qsmnet (``examples/ds-synthetic``).
 
-Two phantom subjects from :func:`~bids_qsmnet.data.synthetic.make_brain_phantom`, 1 mm
-isotropic, axial (B0 along the third voxel axis), with everything a user of the BIDS-App needs
-to try inference and training::
+Three phantom subjects from :func:`~bids_qsmnet.data.synthetic.make_brain_phantom`, 1 mm
+isotropic (sub-03: raw GRE at 1.5 mm), axial (B0 along the third voxel axis), with everything
+a user of the BIDS-App needs to try inference and training::
 
     ds-synthetic/
       dataset_description.json   DatasetType "derivative" (a local field is a processed map)
@@ -30,6 +30,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,30 +84,58 @@ RAW_VOXEL_MM = 1.5
 _GENERATOR = "bids_qsmnet-synthetic"
 
 
-def example_dataset_path() -> Path:
-    """Path of the shipped example dataset.
+#: the dataset in a source checkout (``<repo>/examples/ds-synthetic``); an installed wheel
+#: does not carry it
+CHECKOUT_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ds-synthetic"
 
-    Looks in the source checkout (``<repo>/examples/ds-synthetic``, for editable installs
-    and tests) and then inside the installed package (``bids_qsmnet/data/example/ds-synthetic``,
-    if the wheel carries it).
 
-    Raises
-    ------
-    FileNotFoundError — when neither exists; :func:`make_example_dataset` writes a copy
+def _default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/bids_qsmnet`` (default ``~/.cache/bids_qsmnet``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bids_qsmnet"
+
+
+def example_dataset_path(cache_dir: str | Path | None = None) -> Path:
+    """Path of the example dataset, written on first use when the package has no copy.
+
+    In a source checkout (editable installs, tests) this is ``<repo>/examples/ds-synthetic``.
+    An installed wheel does not carry the dataset: the first call writes it with
+    :func:`make_example_dataset` (seed :data:`EXAMPLE_SEED`; about 6 MB, about 10 s on 2 CPU
+    cores) into ``cache_dir/ds-synthetic-<version>`` and later calls return that folder.  The
+    folder is written under a temporary name and renamed when complete, so concurrent first
+    calls do not see a partial dataset.
+
+    Parameters
+    ----------
+    cache_dir : path, optional — where to write the dataset when there is no checkout copy
+        (default: ``$XDG_CACHE_HOME/bids_qsmnet``, i.e. ``~/.cache/bids_qsmnet``)
+
+    Returns
+    -------
+    Path — a folder holding the example BIDS dataset (``dataset_description.json`` at its top)
     """
-    here = Path(__file__).resolve().parent
-    candidates = (
-        here.parents[1] / "examples" / "ds-synthetic",
-        here / "example" / "ds-synthetic",
-    )
-    for path in candidates:
-        if (path / "dataset_description.json").is_file():
-            return path
-    raise FileNotFoundError(
-        "the example dataset is not available here (looked in "
-        + ", ".join(str(c) for c in candidates)
-        + "); write one with bids_qsmnet.data.example.make_example_dataset(out_dir)"
-    )
+    if (CHECKOUT_EXAMPLE / "dataset_description.json").is_file():
+        return CHECKOUT_EXAMPLE
+    cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    dest = cache / f"ds-synthetic-{__version__}"
+    if (dest / "dataset_description.json").is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=cache))
+    try:
+        make_example_dataset(tmp, overwrite=True)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private to the user
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "dataset_description.json").is_file():
+                raise
+            # another process finished first: use its copy
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("example dataset written to %s", dest)
+    return dest
 
 
 def _affine(shape) -> np.ndarray:

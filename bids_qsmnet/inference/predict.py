@@ -410,8 +410,8 @@ def predict_chi(loaded, field_ppm: np.ndarray, mask: np.ndarray | None = None, *
         coordinate, so a flipped field is the field of the flipped χ.  The network itself is
         not flip-symmetric (it learned brain anatomy), so averaging reduces its error: on the
         accuracy benchmark's tuning brain, flips of the first two axes (in-plane) lowered
-        session 5's default model's NRMSE by 1.8 points (exact field) and 2.6 (through the
-        phase chain), session 6's wider default's by 0.4 (through the chain, with the
+        the NRMSE of the networks measured by 0.4-2.6 points (``benchmarks/accuracy.py
+        --tune-dc-only --flip-axes 0 1`` against a bare ``--flip-axes``; with the
         refinement); flipping the third axis (head-foot) made single maps worse.
 
     Returns

@@ -485,11 +485,11 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
 #: named recipe sizes (``--preset``): ``FIELD=VALUE`` changes to :class:`Recipe`'s defaults
 PRESETS = {
     "cpu": (),
-    # the shipped weights (all three stages on an NVIDIA H200, see MODEL_CARD.md): 6.4x the
+    # the shipped weights (stages 1-2 ran on an NVIDIA H200, stage 3 on an H100): 6.4x the
     # brains and sources of 'cpu' in stage 1, 3.2x in stage 2, 2x the chain brains of stage 3,
     # batch 8, the 2.25x wider qsmnet-mid, which a 2-core CPU cannot train in a session, and
-    # stage 3 on 96³ patches for 3 epochs (session 8: 8x the voxels of a 48³ patch, 3.5x the
-    # stage's compute; 48³ patches, 2 epochs until then)
+    # stage 3 on 96³ patches for 3 epochs (8x the voxels of a 48³ patch, for the context of
+    # large sources' fields; 3.5x the stage's compute)
     "gpu": ("n_brains=128", "n_sources=256", "ft_brains=96", "ft_sources=96", "epochs=6",
             "ft_epochs=2", "batch_size=8", "lr_decay_steps=480", "chain_brains=32",
             "architecture=qsmnet-mid", "chain_patch_size=96", "chain_epochs=3"),

@@ -104,6 +104,19 @@ def _ema_decay(value, *, parser):
                         must="must be within [0, 1)")
 
 
+def _dc_lambda(value: str) -> float | str:
+    """``auto`` or a non-negative number (the refinement's prior weight)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lam = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+    if not lam >= 0:
+        raise argparse.ArgumentTypeError(f"must be non-negative, got {value!r}")
+    return lam
+
+
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     """Which subjects, sessions and files are processed."""
     g = parser.add_argument_group("Selecting inputs")
@@ -147,9 +160,10 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                    default=None,
                    help="tile edge in voxels for bounded-memory inference (tiles overlap by "
                         "twice the receptive-field radius where they can: exact)")
-    g.add_argument("--dc-lambda", type=float, default=None,
-                   help="data-consistency prior weight after the network (0: off; default: "
-                        "the model's)")
+    g.add_argument("--dc-lambda", type=_dc_lambda, default=None, metavar="L|auto",
+                   help="data-consistency prior weight after the network: a number (0: off) "
+                        "or 'auto' (chosen per input from how much of the field the network "
+                        "explains); default: the model's (the shipped model: auto)")
     g.add_argument("--flip-axes", nargs="*", type=int, choices=(0, 1, 2), default=None,
                    metavar="AXIS",
                    help="flip ensemble: also run the network on the field flipped along every "

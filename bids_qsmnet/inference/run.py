@@ -57,7 +57,7 @@ def tile_budget(shape, *, channels: int, multiple: int,
 
 def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
-               dc_lambda: float | None = None, dc_iterations: int | None = None,
+               dc_lambda: float | str | None = None, dc_iterations: int | None = None,
                dc_edge_mm: float | None = None, dc_highpass_mm: float | None = None,
                flip_axes: list[int] | None = None, residual_passes: int | None = None,
                num_threads: int | None = None,
@@ -74,7 +74,9 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     overlap : tile overlap fraction (None: the overlap that makes tiles exact, see
         :mod:`bids_qsmnet.inference.predict`)
     dc_lambda : weight of the network prior in the data-consistency refinement
-        (``‖M(Dχ − f)‖² + λ‖χ − χ_net‖²``); None: the model file's default, 0: no refinement
+        (``‖M(Dχ − f)‖² + λ‖χ − χ_net‖²``); ``"auto"``: chosen per input by the model file's
+        ``dc_auto`` rule (:class:`bids_qsmnet.inference.refine.AutoLambda`); None: the model
+        file's default (its rule when it has one); 0: no refinement
     dc_iterations : conjugate-gradient iterations of the refinement (None: model default / 30)
     dc_edge_mm : width (mm) of the mask-edge ramp of the refinement's data weight (None:
         model default / 0), see :mod:`bids_qsmnet.inference.refine`
@@ -90,11 +92,12 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
     Returns
     -------
     out_file : χ map, ppm, on the field's grid
-    info : model name, sha256 and path, refinement settings
+    info : model name, sha256 and path, refinement settings and what the refinement chose
+        (``data_consistency``: λ used, ``rho0`` and ``residual`` with the rule)
     """
     from ..device import select_device
     from ..inference.predict import ensemble_axes, predict_chi
-    from ..inference.refine import dc_settings, pass_count, refine
+    from ..inference.refine import dc_settings, pass_count, refine_adaptive
     from ..inference.refine import residual_passes as run_residual_passes
     from ..io.nifti import available_memory, load_volume, save_volume
     from ..models.modelfile import load_model, resolve_model
@@ -149,12 +152,13 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                           f"; {advice}") from None
     dc = dc_settings(loaded.spec.inference, lam=dc_lambda, n_iter=dc_iterations,
                      edge_mm=dc_edge_mm, highpass_mm=dc_highpass_mm)
-    chi = refine(chi, field, mask, dc, voxel_size=voxel_size, b0_dir=loaded.spec.b0_dir)
+    chi, dc_report = refine_adaptive(chi, field, mask, dc, voxel_size=voxel_size,
+                                     b0_dir=loaded.spec.b0_dir, device=dev)
     out = fname_presuffix(field_file, suffix="_chi", newpath=newpath or os.getcwd(),
                           use_ext=False) + ".nii.gz"
     save_volume(chi, img, out)
     info = {"name": loaded.spec.name, "sha256": loaded.sha256, "path": str(loaded.path),
             "format_version": loaded.spec.format_version, "device": str(dev),
-            "data_consistency": dc.to_dict(), "flip_axes": flip_axes,
+            "data_consistency": dc_report, "flip_axes": flip_axes,
             "residual_passes": int(residual_passes)}
     return out, info

@@ -28,7 +28,9 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
     tile = traits.Int(desc="tile edge (voxels) for bounded-memory inference")
     overlap = traits.Float(desc="tile overlap fraction (default: the overlap that makes "
                                 "tiles exact when the tile is large enough)")
-    dc_lambda = traits.Float(desc="data-consistency prior weight (0: off; default: model's)")
+    dc_lambda = traits.Either(traits.Float, traits.Enum("auto"),
+                              desc="data-consistency prior weight ('auto': chosen per input "
+                                   "by the model's rule; 0: off; default: the model's)")
     dc_iterations = traits.Int(desc="data-consistency CG iterations")
     dc_edge_mm = traits.Float(desc="data-consistency mask-edge ramp, mm (default: model's)")
     dc_highpass_mm = traits.Float(desc="data-consistency SMV high-pass radius, mm "

@@ -402,7 +402,7 @@ _INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm")
 def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
     """Refuse inference defaults the app would fail on later, at inference (so that the error
     can name the model file): non-negative numbers, non-negative iteration and pass counts,
-    and flip axes among the volume axes 0, 1, 2."""
+    a ``dc_auto`` rule of numbers, and flip axes among the volume axes 0, 1, 2."""
     for key in _INFERENCE_NUMBERS:
         if key in inference:
             v = inference[key]
@@ -413,6 +413,14 @@ def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
             v = inference[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"inference.{key} must be a non-negative integer, got {v!r}")
+    if "dc_auto" in inference:
+        v = inference["dc_auto"]
+        need = ("floor", "e_ref", "lambda_ref", "power")
+        if not isinstance(v, Mapping) or any(
+                isinstance(v.get(k), bool) or not isinstance(v.get(k), (int, float))
+                for k in need) or not (v["e_ref"] > 0 and v["lambda_ref"] > 0):
+            raise ValueError(f"inference.dc_auto must map {', '.join(need)} to numbers "
+                             f"(e_ref, lambda_ref > 0), got {v!r}")
     if "flip_axes" in inference:
         v = inference["flip_axes"]
         if not isinstance(v, list) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in v):

@@ -145,7 +145,7 @@ def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict
 
 
 def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: str | None,
-                       device: str, tile: int | None, dc_lambda: float | None,
+                       device: str, tile: int | None, dc_lambda: float | str | None,
                        omp_nthreads: int, overwrite: bool, b0_strength: float | None,
                        unwrapping: str = "laplacian", bgremoval: str = "vsharp",
                        flip_axes: list[int] | None = None,
@@ -238,7 +238,7 @@ def run_workflow_name(key: str) -> str:
 def init_participant_wf(runs: Sequence[FieldRun], *, bids_root: str, out_dir: str,
                         work_dir: str | None = None, model: str | None = None,
                         device: str = "auto", tile: int | None = None,
-                        dc_lambda: float | None = None, omp_nthreads: int = 1,
+                        dc_lambda: float | str | None = None, omp_nthreads: int = 1,
                         overwrite: bool = False, b0_strength: float | None = None,
                         unwrapping: str = "laplacian", bgremoval: str = "vsharp",
                         flip_axes: list[int] | None = None,

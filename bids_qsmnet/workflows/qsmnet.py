@@ -12,7 +12,7 @@ __all__ = ["init_qsmnet_wf"]
 
 
 def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int | None = None,
-                   overlap: float | None = None, dc_lambda: float | None = None,
+                   overlap: float | None = None, dc_lambda: float | str | None = None,
                    flip_axes: list[int] | None = None, residual_passes: int | None = None,
                    target_voxel: float = 1.0, omp_nthreads: int = 1,
                    name: str = "qsmnet_wf"):
@@ -29,7 +29,8 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
         ``use_cuda`` so that MultiProc's ``n_gpu_procs`` schedules it
     tile : tile edge (voxels) for bounded-memory inference (None: whole volume)
     overlap : tile overlap fraction (None: the overlap that makes tiles exact)
-    dc_lambda : data-consistency prior weight (None: the model's default; 0: off)
+    dc_lambda : data-consistency prior weight (``"auto"``: chosen per input by the model's
+        rule; None: the model's default; 0: off)
     flip_axes : axes of the flip ensemble in the network frame (None: the model's default;
         []: off), see :func:`bids_qsmnet.inference.predict.predict_chi`
     residual_passes : residual-field passes before the refinement (None: the model's
@@ -78,7 +79,7 @@ def init_qsmnet_wf(*, model: str | None = None, device: str = "auto", tile: int 
     if overlap is not None:
         inference.inputs.overlap = float(overlap)
     if dc_lambda is not None:
-        inference.inputs.dc_lambda = float(dc_lambda)
+        inference.inputs.dc_lambda = dc_lambda if dc_lambda == "auto" else float(dc_lambda)
     if flip_axes is not None:
         inference.inputs.flip_axes = [int(a) for a in flip_axes]
     if residual_passes is not None:

@@ -320,3 +320,18 @@ def test_residual_passes_option(bids, capsys):
     for bad in ("-1", "two"):
         code, msg = _exit_code([*base, "--residual-passes", bad], capsys)
         assert code == 2 and "--residual-passes" in msg
+
+
+def test_dc_lambda_option(bids, capsys):
+    """--dc-lambda: absent → the model's choice (None), 'auto' → the model's per-input rule,
+    a non-negative number → that fixed weight, anything else → exit code 2."""
+    root, out = bids
+    base = [str(root), str(out), "participant"]
+    assert parse_args(base).dc_lambda is None
+    assert parse_args([*base, "--dc-lambda", "auto"]).dc_lambda == "auto"
+    assert parse_args([*base, "--dc-lambda", "AUTO"]).dc_lambda == "auto"
+    assert parse_args([*base, "--dc-lambda", "0.03"]).dc_lambda == 0.03
+    assert parse_args([*base, "--dc-lambda", "0"]).dc_lambda == 0.0
+    for bad in ("-0.1", "much", "nan"):
+        code, msg = _exit_code([*base, "--dc-lambda", bad], capsys)
+        assert code == 2 and "--dc-lambda" in msg

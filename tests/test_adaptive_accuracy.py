@@ -1,0 +1,70 @@
+"""The shipped model on the Colin27 test anatomy (never used in training or tuning): the
+per-input refinement weight lands near the best fixed weight for an exact field and for a
+measured-like one, and strong sources keep their value.  About a minute per case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GRID = np.logspace(-3.5, 1.0, 19)
+
+
+@pytest.fixture(scope="module")
+def colin():
+    from bids_qsmnet.data.anatomy import AnatomyUnavailable, anatomy_phantom
+
+    try:
+        return anatomy_phantom("colin27")
+    except AnatomyUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def model():
+    from bids_qsmnet.models.modelfile import load_model, resolve_model
+
+    return load_model(resolve_model(None))
+
+
+def _run(model, case):
+    """The app's default (network + the model file's refinement) and the best fixed λ."""
+    from bids_qsmnet.inference.predict import predict_chi
+    from bids_qsmnet.inference.refine import dc_settings, refine_adaptive
+    from bids_qsmnet.metrics import nrmse
+    from bids_qsmnet.physics.dc_path import refine_path
+
+    f, m = case["field"], case["mask"]
+    net = predict_chi(model, f, m)
+    chi, report = refine_adaptive(net, f, m, dc_settings(model.spec.inference))
+    path = refine_path(net, f, m.astype(np.float32), GRID, n_iter=30)
+    best = min(nrmse(x, case["chi"], m, demean=True) for x in path.chis)
+    return chi, nrmse(chi, case["chi"], m, demean=True), best, report
+
+
+@pytest.mark.parametrize("kind", ["exact", "measured"])
+def test_per_input_weight_is_within_a_point_of_the_best_fixed_one(colin, model, kind):
+    from bids_qsmnet.data.evaluation import make_case
+
+    case = make_case(colin, kind, seed=424242)
+    _, auto, best, report = _run(model, case)
+    assert report["lambda_rule"] == "auto"
+    assert auto <= best + 1.0, (kind, auto, best, report)
+
+
+def test_strong_sources_keep_their_mean(colin, model):
+    from bids_qsmnet.data.evaluation import make_case, with_strong_sources
+    from bids_qsmnet.metrics import region_means
+
+    ph = with_strong_sources(colin)
+    case = make_case(ph, "exact", seed=424242)
+    chi, *_ = _run(model, case)
+    m = case["mask"]
+    names = {k: v for k, v in ph.label_names.items() if v in ("haemorrhage", "calcification")}
+    got = region_means(chi - chi[m].mean(), np.where(m, case["labels"], 0), names)
+    want = region_means(case["chi"] - case["chi"][m].mean(), np.where(m, case["labels"], 0),
+                        names)
+    for name in names.values():
+        assert abs(got[name] - want[name]) <= 0.1 * abs(want[name]), (name, got, want)

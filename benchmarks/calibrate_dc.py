@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         c["chosen_nrmse"] = nrmse_at(c, lam)
         LOGGER.info("%-40s ρ0 %.3f → λ %-8s NRMSE %.1f (best %.1f)", c["case"], c["rho0"],
                     "off" if lam is None else f"{lam:.4f}", c["chosen_nrmse"], best_of(c))
-    result = {"command": "python " + " ".join(sys.argv), "model_sha256": loaded.sha256,
+    result = {"command": "python " + " ".join(sys.argv), "input_model_sha256": loaded.sha256,
               "anatomy": "mni152", "dc_auto": auto, "mean_excess_nrmse": round(excess, 2),
               "curves": curves, "seconds": round(time.time() - t0)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -103,23 +103,30 @@ def generator_cases(shape, quick: bool):
 # --------------------------------------------------------------------------- methods
 
 
-def model_maps(loaded, case, dc):
-    """The model's maps of a case on its grid: default (the app's refinement), network only
-    and the best fixed λ on the truth; plus the refinement's report."""
-    from bids_qsmnet.inference.frame import from_frame, network_frame, to_frame
+def network_map(loaded, case):
+    """The network's χ in its frame, with the field, mask and frame it was made in."""
+    from bids_qsmnet.inference.frame import network_frame, to_frame
     from bids_qsmnet.inference.predict import predict_chi
-    from bids_qsmnet.inference.refine import refine_adaptive
-    from bids_qsmnet.metrics import nrmse
-    from bids_qsmnet.physics.dc_path import refine_path
 
     frame = network_frame(case["field"].shape, case["voxel_size"], case["b0_dir"],
                           target_voxel=float(loaded.spec.voxel_size[0]))
     f = to_frame(case["field"], frame, order=3)
     m = to_frame(case["mask"].astype(np.float32), frame, order=1) > 0.5
+    return predict_chi(loaded, np.where(m, f, 0), m), f, m, frame
+
+
+def model_maps(loaded, case, dc):
+    """The model's maps of a case on its grid: default (the app's refinement), network only
+    and the best fixed λ on the truth; plus the refinement's report."""
+    from bids_qsmnet.inference.frame import from_frame
+    from bids_qsmnet.inference.refine import refine_adaptive
+    from bids_qsmnet.metrics import nrmse
+    from bids_qsmnet.physics.dc_path import refine_path
+
     geom = dict(voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
     t = time.time()
-    net = predict_chi(loaded, np.where(m, f, 0), m)
+    net, f, m, frame = network_map(loaded, case)
     t_net = time.time() - t
     chi, report = refine_adaptive(net, f, m, dc, **geom)
     t_default = time.time() - t

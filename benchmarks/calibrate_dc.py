@@ -31,35 +31,26 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import accuracy as A  # noqa: E402  (the accuracy benchmark's λ grid and network runner)
+
 LOGGER = logging.getLogger("calibrate_dc")
 
 #: (kind, noise ppb, non-dipolar fraction) of the calibration cases
 CASES = (("exact", 0.5, 0.0), ("exact", 1.0, 0.0), ("exact", 2.0, 0.0),
          ("measured", 1.0, 0.2), ("measured", 1.0, 0.4), ("measured", 1.0, 0.7),
          ("raw", 0.0, 0.0))
-LAMBDAS = np.logspace(-3.5, 1.0, 19)
 SEED = 31337
 
 
-def network_map(loaded, case):
-    """The network's χ in its frame, with the field and mask resampled there."""
-    from bids_qsmnet.inference.frame import network_frame, to_frame
-    from bids_qsmnet.inference.predict import predict_chi
-
-    frame = network_frame(case["field"].shape, case["voxel_size"], case["b0_dir"],
-                          target_voxel=float(loaded.spec.voxel_size[0]))
-    f = to_frame(case["field"], frame, order=3)
-    m = to_frame(case["mask"].astype(np.float32), frame, order=1) > 0.5
-    return predict_chi(loaded, np.where(m, f, 0), m), f, m, frame
-
-
-def lambda_curve(loaded, case, lams=LAMBDAS) -> dict:
+def lambda_curve(loaded, case, lams=A.FIXED_GRID) -> dict:
     """NRMSE (%) of the refined map for every λ, of the network alone, and ρ₀."""
     from bids_qsmnet.inference.frame import from_frame
     from bids_qsmnet.metrics import nrmse
     from bids_qsmnet.physics.dc_path import refine_path
 
-    net, f, m, frame = network_map(loaded, case)
+    net, f, m, frame = A.network_map(loaded, case)
     path = refine_path(net, f, m.astype(np.float32), lams, n_iter=30,
                        voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731

@@ -390,6 +390,8 @@ def test_reading_a_spec_needs_no_torch_import(saved):
         ({"dc_auto": {"floor": 0.3, "e_ref": 0.0, "lambda_ref": 0.01, "power": 2}},
          "inference.dc_auto"),
         ({"dc_auto": [0.3, 0.05, 0.01, 2]}, "inference.dc_auto"),
+        ({"dc_auto": {"floor": "0.3", "e_ref": 0.05, "lambda_ref": 0.01, "power": 2}},
+         "inference.dc_auto"),
     ],
 )
 def test_bad_inference_defaults_are_refused_naming_the_file(tmp_path, toy, spec, inference,

@@ -66,6 +66,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..physics.dc_path import AutoLambda
+
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
@@ -73,44 +75,6 @@ __all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_coun
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
-
-
-@dataclass(frozen=True)
-class AutoLambda:
-    """The per-input choice of λ from the network's unexplained field fraction ρ₀ (see the
-    module docstring): ``λ = lambda_ref · (e / e_ref)^power`` with
-    ``e = max(ρ₀² − floor², rho_min²)``, clipped below at ``lambda_min``; ``None`` (no
-    refinement) above ``lambda_max``.  All dimensionless."""
-
-    floor: float
-    e_ref: float
-    lambda_ref: float
-    power: float
-    rho_min: float = 0.02
-    lambda_min: float = 1e-4
-    lambda_max: float = 10.0
-
-    def choose(self, rho0: float) -> float | None:
-        e = max(float(rho0) ** 2 - self.floor**2, self.rho_min**2)
-        lam = self.lambda_ref * (e / self.e_ref) ** self.power
-        if lam > self.lambda_max:
-            return None
-        return max(lam, self.lambda_min)
-
-    def to_dict(self) -> dict:
-        return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> AutoLambda:
-        try:
-            out = cls(**{k: float(v) for k, v in dict(d).items()})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"dc_auto must map {', '.join(cls.__dataclass_fields__)} to "
-                             f"numbers: {exc}") from None
-        if not (out.e_ref > 0 and out.lambda_ref > 0 and out.floor >= 0 and out.power >= 0
-                and 0 < out.lambda_min <= out.lambda_max):
-            raise ValueError(f"dc_auto holds impossible values: {out.to_dict()}")
-        return out
 
 
 @dataclass(frozen=True)

@@ -414,13 +414,15 @@ def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"inference.{key} must be a non-negative integer, got {v!r}")
     if "dc_auto" in inference:
+        from ..physics.dc_path import AutoLambda
+
         v = inference["dc_auto"]
-        need = ("floor", "e_ref", "lambda_ref", "power")
-        if not isinstance(v, Mapping) or any(
-                isinstance(v.get(k), bool) or not isinstance(v.get(k), (int, float))
-                for k in need) or not (v["e_ref"] > 0 and v["lambda_ref"] > 0):
-            raise ValueError(f"inference.dc_auto must map {', '.join(need)} to numbers "
-                             f"(e_ref, lambda_ref > 0), got {v!r}")
+        if not isinstance(v, Mapping):
+            raise ValueError(f"inference.dc_auto must be an object, got {v!r}")
+        try:
+            AutoLambda.from_dict(v)
+        except ValueError as exc:
+            raise ValueError(f"inference.{exc}") from None
     if "flip_axes" in inference:
         v = inference["flip_axes"]
         if not isinstance(v, list) or any(isinstance(a, bool) or a not in (0, 1, 2) for a in v):

@@ -29,14 +29,55 @@ References
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["RefinementPath", "data_residual", "refine_path"]
+__all__ = ["AutoLambda", "RefinementPath", "data_residual", "refine_path"]
+
+
+@dataclass(frozen=True)
+class AutoLambda:
+    """The per-input choice of λ from the network's unexplained field fraction ρ₀ (see
+    :mod:`bids_qsmnet.inference.refine`): ``λ = lambda_ref · (e / e_ref)^power`` with
+    ``e = max(ρ₀² − floor², rho_min²)``, clipped below at ``lambda_min``; ``None`` (no
+    refinement) above ``lambda_max``.  All dimensionless."""
+
+    floor: float
+    e_ref: float
+    lambda_ref: float
+    power: float
+    rho_min: float = 0.02
+    lambda_min: float = 1e-4
+    lambda_max: float = 10.0
+
+    def choose(self, rho0: float) -> float | None:
+        e = max(float(rho0) ** 2 - self.floor**2, self.rho_min**2)
+        lam = self.lambda_ref * (e / self.e_ref) ** self.power
+        if lam > self.lambda_max:
+            return None
+        return max(lam, self.lambda_min)
+
+    def to_dict(self) -> dict:
+        return {k: float(getattr(self, k)) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AutoLambda:
+        try:
+            if any(isinstance(v, bool) or not isinstance(v, (int, float))
+                   for v in dict(d).values()):
+                raise TypeError("a value is not a number")
+            out = cls(**{k: float(v) for k, v in dict(d).items()})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"dc_auto must map {', '.join(cls.__dataclass_fields__)} to "
+                             f"numbers: {exc}") from None
+        if not (out.e_ref > 0 and out.lambda_ref > 0 and out.floor >= 0 and out.power >= 0
+                and 0 < out.lambda_min <= out.lambda_max):
+            raise ValueError(f"dc_auto holds impossible values: {out.to_dict()}")
+        return out
 
 
 @dataclass(eq=False)

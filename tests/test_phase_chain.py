@@ -136,9 +136,10 @@ def test_chi_from_the_chain_close_to_chi_from_the_true_field(chain):
     e_chain = nrmse(chi_chain, ph.chi, ev, demean=True)
     e_true = nrmse(chi_true, ph.chi, ev, demean=True)
     # Regression pins for the shipped default model, network alone (no refinement), on this
-    # seed's 104×120×96 phantom at SNR 50: NRMSE 24.7 % from the chain's local field and 21.2 %
-    # from the true local field, measured by this test on a 2-core x86_64 CPU (torch 2.13.0);
-    # each bound is the measured figure + 2 points (platform rounding, not a worse model)
-    assert e_true < 21.2 + 2.0, e_true
-    assert e_chain < 24.7 + 2.0, e_chain
-    assert e_chain < e_true + 3.5 + 2.0, (e_chain, e_true)  # what the chain costs: 3.5 points
+    # seed's 104×120×96 phantom at SNR 50: NRMSE 26.8 % from the chain's local field (magnitude
+    # mask eroded by MASK_ERODE_MM) and 21.3 % from the true local field, measured by this test
+    # on a 2-core x86_64 CPU (torch 2.13.0); each bound is the measured figure + 2 points
+    # (platform rounding, not a worse model)
+    assert e_true < 21.3 + 2.0, e_true
+    assert e_chain < 26.8 + 2.0, e_chain
+    assert e_chain < e_true + 5.5 + 2.0, (e_chain, e_true)  # what the chain costs: 5.5 points

@@ -15,13 +15,28 @@ LOGGER = logging.getLogger("bids_qsmnet")
 __all__ = ["run_workflow", "nipype_settings", "plugin_arguments", "wait_for_slurm_graph"]
 
 
-def nipype_settings(crash_dir: Path, verbose: int) -> dict:
+#: seconds between two looks of a local scheduler (MultiProc) at its workers; Nipype's 2 s
+#: default adds up to 2 s after every node of a chain.  Cluster plugins keep Nipype's default,
+#: each look queries the queue.
+LOCAL_POLL_S = 0.05
+
+
+#: modules the MultiProc workers' forkserver imports once for all of them
+WORKER_PRELOAD = ("numpy", "scipy.ndimage", "nibabel", "torch", "nipype.pipeline.engine",
+                  "bids_qsmnet.interfaces.inference", "bids_qsmnet.interfaces.phase",
+                  "bids_qsmnet.interfaces.derivatives", "bids_qsmnet.inference.run")
+
+
+def nipype_settings(crash_dir: Path, verbose: int, plugin: str = "MultiProc") -> dict:
     """Nipype configuration of a run: text crash files in ``crash_dir``, content hashes, no
-    stop on the first crash, quiet logs unless ``-v``."""
+    stop on the first crash, quiet logs unless ``-v``; a fast poll for MultiProc."""
+    execution = {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                 "hash_method": "content", "stop_on_first_crash": False,
+                 "remove_unnecessary_outputs": False, "check_version": False}
+    if plugin == "MultiProc":
+        execution["poll_sleep_duration"] = LOCAL_POLL_S
     return {
-        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                      "hash_method": "content", "stop_on_first_crash": False,
-                      "remove_unnecessary_outputs": False, "check_version": False},
+        "execution": execution,
         "monitoring": {"enabled": False},
         "logging": {level: "INFO" if verbose > 0 else "WARNING"
                     for level in ("workflow_level", "interface_level", "utils_level")}}
@@ -42,8 +57,11 @@ def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict
         if args["mp_context"] == "forkserver":
             import multiprocessing
 
-            # the forkserver and its workers end with this process, even when it is killed
-            multiprocessing.set_forkserver_preload(["__main__", "bids_qsmnet.cli.workers"])
+            # the forkserver and its workers end with this process, even when it is killed;
+            # the heavy imports happen once in the forkserver, not in every worker (importing
+            # torch starts no thread pool, so forking after it is safe)
+            multiprocessing.set_forkserver_preload(["__main__", "bids_qsmnet.cli.workers",
+                                                    *WORKER_PRELOAD])
     if plugin == "SLURM":
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
     if plugin == "SLURMGraph":
@@ -65,7 +83,7 @@ def run_workflow(workflow, opts, work_dir: Path) -> None:
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    settings = nipype_settings(work_dir / "crashes", opts.verbose)
+    settings = nipype_settings(work_dir / "crashes", opts.verbose, opts.plugin)
     ncfg.update_config(settings)
     # a workflow copies Nipype's config when it is built, and that copy wins at run time:
     # without this, crash files land as .pklz in the current directory

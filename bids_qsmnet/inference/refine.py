@@ -183,7 +183,7 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     report : dict — ``settings.to_dict()`` with the λ used (``lambda``; 0 when no refinement
         ran), the rule's input ``rho0`` and the relative data residual ``residual`` after it
     """
-    from ..physics.dc_path import data_residual, refine_path
+    from ..physics.dc_path import refine_path
 
     mask = np.asarray(mask).astype(bool)
     report = settings.to_dict()
@@ -194,17 +194,22 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
     geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
                 device=device)
-    lam = settings.lam
+    chosen = {}
+
+    def choose(rho0: float) -> list[float]:
+        lam = settings.auto.choose(rho0) if settings.auto is not None else settings.lam
+        chosen.update(lam=lam, rho0=rho0)
+        return [] if lam is None else [lam]
+
+    path = refine_path(chi, field, w, choose, n_iter=settings.n_iter, **geom)
+    lam, rho0 = chosen["lam"], chosen["rho0"]
     if settings.auto is not None:
-        rho0 = data_residual(chi, field, w, **geom)
-        lam = settings.auto.choose(rho0)
         report.update(rho0=round(rho0, 4), lambda_rule="auto")
         LOGGER.info("data consistency: the network leaves %.1f %% of the field unexplained → "
                     "λ %s", 100 * rho0, "none (network kept)" if lam is None else f"{lam:.4g}")
-        if lam is None:
-            report.update({"lambda": 0.0, "residual": round(rho0, 4)})
-            return chi, report
-    path = refine_path(chi, field, w, [lam], n_iter=settings.n_iter, **geom)
+    if lam is None:
+        report.update({"lambda": 0.0, "residual": round(rho0, 4)})
+        return chi, report
     report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4)})
     return path.chis[0].astype(np.float32), report
 

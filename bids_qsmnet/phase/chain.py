@@ -18,13 +18,19 @@ from .background import pdf, vsharp
 from .echo_fit import fit_total_field
 from .mask import brain_mask_from_magnitude, combine_echoes
 
-__all__ = ["UNWRAP_METHODS", "BACKGROUND_METHODS", "PhaseChainResult", "brain_mask",
+__all__ = ["UNWRAP_METHODS", "BACKGROUND_METHODS", "MASK_ERODE_MM", "PhaseChainResult", "brain_mask",
            "total_field", "local_field", "run_phase_chain"]
 
 #: spatial unwrappers of :func:`total_field`
 UNWRAP_METHODS = ("laplacian", "path")
 #: background-field removals of :func:`local_field`
 BACKGROUND_METHODS = ("vsharp", "pdf")
+#: erosion (mm) of a brain mask found in the magnitude, before the field fit and the
+#: background removal: a threshold of the magnitude keeps the bright CSF up to the dark skull,
+#: and the strong background field of the bone next to that rim is what V-SHARP removes worst.
+#: Chosen on the MNI152 anatomy simulated as a 4-echo GRE in a head (default model's χ
+#: NRMSE 59.6 % with no erosion, 57.8 % with 1 mm, 58.1 % with 2 mm); a given mask is not eroded.
+MASK_ERODE_MM = 1.0
 
 
 @dataclass(eq=False)
@@ -45,19 +51,22 @@ class PhaseChainResult:
     mask: np.ndarray
 
 
-def brain_mask(magnitude: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
-    """The brain in the root-sum-of-squares of the magnitude echoes.
+def brain_mask(magnitude: np.ndarray, voxel_size: Sequence[float], *,
+               erode_mm: float = MASK_ERODE_MM) -> np.ndarray:
+    """The brain in the root-sum-of-squares of the magnitude echoes, eroded by ``erode_mm``.
 
     Parameters
     ----------
     magnitude : (E, X, Y, Z) ndarray — magnitude of each echo, any unit
     voxel_size : (3,) float — mm
+    erode_mm : float — erosion of the mask, mm (0: none); see :data:`MASK_ERODE_MM`
 
     Returns
     -------
     (X, Y, Z) bool ndarray
     """
-    return brain_mask_from_magnitude(combine_echoes(magnitude, axis=0), voxel_size)
+    return brain_mask_from_magnitude(combine_echoes(magnitude, axis=0), voxel_size,
+                                     erode_mm=float(erode_mm))
 
 
 def total_field(phase: np.ndarray, magnitude: np.ndarray, echo_times: Sequence[float],
@@ -120,7 +129,8 @@ def run_phase_chain(phase: np.ndarray, magnitude: np.ndarray, echo_times: Sequen
                     b0_strength: float, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
                     mask: np.ndarray | None = None, unwrap: str = "laplacian",
                     background: str = "vsharp",
-                    b0_dir: Sequence[float] = (0.0, 0.0, 1.0)) -> PhaseChainResult:
+                    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+                    mask_erode_mm: float = MASK_ERODE_MM) -> PhaseChainResult:
     """The whole chain: brain mask (``mask``, or found in the magnitude) → total field →
     local field, as the participant workflow runs it.
 
@@ -133,8 +143,10 @@ def run_phase_chain(phase: np.ndarray, magnitude: np.ndarray, echo_times: Sequen
     mask : (X, Y, Z) bool ndarray, optional — a given brain mask
     unwrap, background : see :func:`total_field` and :func:`local_field`
     b0_dir : (3,) float — B0 in voxel space (PDF only)
+    mask_erode_mm : float — erosion of a mask found in the magnitude, mm (:func:`brain_mask`)
     """
-    brain = np.asarray(mask, bool) if mask is not None else brain_mask(magnitude, voxel_size)
+    brain = (np.asarray(mask, bool) if mask is not None
+             else brain_mask(magnitude, voxel_size, erode_mm=mask_erode_mm))
     total = total_field(phase, magnitude, echo_times, brain, unwrap=unwrap,
                         voxel_size=voxel_size)
     local, local_mask = local_field(total, brain, b0_strength, method=background,

@@ -29,7 +29,7 @@ References
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,6 +119,71 @@ def _spectra(shape, voxel_size, b0_dir, highpass_mm, device):
     return as_t(D), (None if H is None else as_t(H))
 
 
+class _Problem:
+    """The padded tensors of one refinement: weights, region, fields and kernels, built once
+    for the data residual of the prior and for the solves (see :func:`refine_path`)."""
+
+    def __init__(self, chi0, field, weight, *, voxel_size, b0_dir, pad, highpass_mm,
+                 device):
+        import torch
+
+        dev = torch.device(device or "cpu")
+        p = self.p = int(pad)
+        pad_t = lambda a: torch.as_tensor(  # noqa: E731
+            np.pad(np.asarray(a, np.float32), p), device=dev)
+        w2 = pad_t(weight) ** 2
+        self.support = (w2 > 0).float()
+        self.x0 = pad_t(chi0) * self.support
+        f = pad_t(field) * self.support
+        self.shape = tuple(self.x0.shape)
+        D, H = _spectra(self.shape, voxel_size, b0_dir, float(highpass_mm), dev)
+        if H is not None:
+            inside = self.conv(self.support, 1.0 - H) > 1.0 - 1e-4
+            w2 = w2 * inside.float()
+            if not bool(w2.any()):
+                raise ValueError(f"the region is too thin for a {highpass_mm:g} mm sphere")
+            f = self.conv(f, H)
+            D = D * H
+        self.w2, self.f, self.D = w2, f, D
+        self.norm_wf = float(torch.sqrt(torch.sum(w2 * f * f))) or 1.0
+        self.r0 = f - self.conv(self.x0, D)
+        self.residual_prior = float(torch.sqrt(torch.sum(w2 * self.r0 ** 2))) / self.norm_wf
+
+    def conv(self, x, k):
+        import torch
+
+        return torch.fft.irfftn(torch.fft.rfftn(x) * k, s=self.shape)
+
+    def apply_a(self, v):
+        """``S D W² D S v``: the data term's normal operator on the region."""
+        return self.conv(self.w2 * self.conv(v, self.D), self.D).mul_(self.support)
+
+    def solve(self, lams: np.ndarray, n_iter: int) -> RefinementPath:
+        import torch
+
+        ys = []
+        if lams.size:
+            b = self.conv(self.w2 * self.r0, self.D) * self.support
+            if lams.size == 1:
+                ys = [_cg(self.apply_a, b, float(lams[0]), n_iter)]
+            else:
+                ys = _shifted_cg(self.apply_a, b, lams, n_iter)
+        chis, residuals, steps = [], [], []
+        n0 = float(torch.linalg.vector_norm(self.x0)) or 1.0
+        p, shape = self.p, self.shape
+        crop = (slice(p, shape[0] - p), slice(p, shape[1] - p), slice(p, shape[2] - p))
+        for y in ys:
+            x = self.x0 + y
+            r = self.f - self.conv(x, self.D)
+            residuals.append(float(torch.sqrt(torch.sum(self.w2 * r * r))) / self.norm_wf)
+            steps.append(float(torch.linalg.vector_norm(y)) / n0)
+            chis.append(x[crop].cpu().numpy())
+        n = tuple(m - 2 * p for m in shape)
+        chis = np.stack(chis) if chis else np.zeros((0, *n), np.float32)
+        return RefinementPath(lams, chis, np.asarray(residuals), self.residual_prior,
+                              np.asarray(steps))
+
+
 def data_residual(chi: np.ndarray, field: np.ndarray, weight: np.ndarray, *,
                   voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
                   b0_dir: Sequence[float] = (0.0, 0.0, 1.0), pad: int = 8,
@@ -126,13 +191,13 @@ def data_residual(chi: np.ndarray, field: np.ndarray, weight: np.ndarray, *,
     """The relative data residual ``ρ = ‖W (D ∗ χ − f)‖ / ‖W f‖`` of a map (dimensionless:
     0 when ``χ`` explains the field inside the weight's support, 1 when it explains none of it),
     with the same padding and high-pass as :func:`refine_path`."""
-    return refine_path(chi, field, weight, (), n_iter=0, voxel_size=voxel_size, b0_dir=b0_dir,
-                       pad=pad, highpass_mm=highpass_mm, device=device).residual_prior
+    return _Problem(chi, field, weight, voxel_size=voxel_size, b0_dir=b0_dir, pad=pad,
+                    highpass_mm=highpass_mm, device=device).residual_prior
 
 
 def refine_path(chi0: np.ndarray, field: np.ndarray, weight: np.ndarray,
-                lams: Sequence[float], *, n_iter: int = 30,
-                voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                lams: Sequence[float] | Callable[[float], Sequence[float]], *,
+                n_iter: int = 30, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
                 b0_dir: Sequence[float] = (0.0, 0.0, 1.0), pad: int = 8,
                 highpass_mm: float = 0.0, device=None) -> RefinementPath:
     """Refine ``chi0`` towards ``field`` for every prior weight in ``lams`` at once.
@@ -143,7 +208,9 @@ def refine_path(chi0: np.ndarray, field: np.ndarray, weight: np.ndarray,
     field : (X, Y, Z) ndarray — local field, ppm
     weight : (X, Y, Z) ndarray — data weight ``W`` in ``[0, 1]``; its support is the region
         where χ may be nonzero (a binary brain mask, or edge-ramped weights)
-    lams : sequence of float > 0 — prior weights λ (dimensionless)
+    lams : sequence of float > 0 — prior weights λ (dimensionless); or a callable that maps
+        the prior's relative data residual (``residual_prior``) to that sequence, so that a
+        per-input choice of λ shares this call's transforms (an empty sequence: no solve)
     n_iter : int — conjugate-gradient iterations of the smallest λ (larger λ converge faster)
     voxel_size : (3,) float — mm
     b0_dir : (3,) float — main-field direction in voxel space
@@ -158,51 +225,38 @@ def refine_path(chi0: np.ndarray, field: np.ndarray, weight: np.ndarray,
     -------
     RefinementPath
     """
-    import torch
-
+    problem = _Problem(chi0, field, weight, voxel_size=voxel_size, b0_dir=b0_dir, pad=pad,
+                       highpass_mm=highpass_mm, device=device)
+    if callable(lams):
+        lams = lams(problem.residual_prior)
     lams = np.sort(np.asarray(lams, dtype=np.float64))
     if lams.size and lams[0] <= 0:
         raise ValueError(f"prior weights must be positive, got {lams.tolist()}")
-    dev = torch.device(device or "cpu")
-    p = int(pad)
-    pad_t = lambda a: torch.as_tensor(  # noqa: E731
-        np.pad(np.asarray(a, np.float32), p), device=dev)
-    w2 = pad_t(weight) ** 2
-    support = (w2 > 0).float()
-    x0 = pad_t(chi0) * support
-    f = pad_t(field) * support
-    shape = tuple(x0.shape)
-    D, H = _spectra(shape, voxel_size, b0_dir, float(highpass_mm), dev)
+    return problem.solve(lams, int(n_iter))
 
-    def conv(x, k):
-        return torch.fft.irfftn(torch.fft.rfftn(x) * k, s=shape)
 
-    if H is not None:
-        inside = conv(support, 1.0 - H) > 1.0 - 1e-4
-        w2 = w2 * inside.float()
-        if not bool(w2.any()):
-            raise ValueError(f"the region is too thin for a {highpass_mm:g} mm sphere")
-        f = conv(f, H)
-        D = D * H
-    norm_wf = float(torch.sqrt(torch.sum(w2 * f * f))) or 1.0
-    r0 = f - conv(x0, D)
-    norm_r0 = float(torch.sqrt(torch.sum(w2 * r0 * r0))) / norm_wf
-    ys = []
-    if lams.size:
-        b = conv(w2 * r0, D) * support
-        ys = _shifted_cg(lambda v: conv(w2 * conv(v, D), D) * support, b, lams, int(n_iter))
-    del r0
-    chis, residuals, steps = [], [], []
-    n0 = float(torch.linalg.vector_norm(x0)) or 1.0
-    crop = (slice(p, shape[0] - p), slice(p, shape[1] - p), slice(p, shape[2] - p))
-    for y in ys:
-        x = x0 + y
-        r = f - conv(x, D)
-        residuals.append(float(torch.sqrt(torch.sum(w2 * r * r))) / norm_wf)
-        steps.append(float(torch.linalg.vector_norm(y)) / n0)
-        chis.append(x[crop].cpu().numpy())
-    chis = np.stack(chis) if chis else np.zeros((0, *chi0.shape), np.float32)
-    return RefinementPath(lams, chis, np.asarray(residuals), norm_r0, np.asarray(steps))
+def _cg(apply_a, b, lam: float, n_iter: int):
+    """Solve ``(A + λ I) y = b`` by ``n_iter`` conjugate-gradient iterations from 0, with
+    in-place updates (the iterates of :func:`_shifted_cg`'s base system)."""
+    import torch
+
+    r = b.clone()
+    y = torch.zeros_like(b)
+    p = b.clone()
+    rr = rr0 = float(torch.sum(r * r))
+    for it in range(n_iter):
+        if rr <= 1e-14 * rr0:
+            break
+        ap = apply_a(p).add_(p, alpha=lam)
+        alpha = rr / float(torch.sum(p * ap))
+        y.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        rr_new = float(torch.sum(r * r))
+        p.mul_(rr_new / rr).add_(r)
+        rr = rr_new
+        LOGGER.debug("CG iteration %d: relative residual %.3e", it + 1,
+                     (rr / rr0) ** 0.5 if rr0 else 0.0)
+    return y
 
 
 def _shifted_cg(apply_a, b, lams: np.ndarray, n_iter: int):

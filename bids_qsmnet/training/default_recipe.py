@@ -154,6 +154,9 @@ class Recipe:
     #: edge (voxels) of stage 3's patches: more context around large sources (a haemorrhage's
     #: dipole field reaches well beyond a 48³ patch)
     chain_patch_size: int = 48
+    #: erosion (mm) of the magnitude mask in the chain; the app's own default is
+    #: :data:`bids_qsmnet.phase.chain.MASK_ERODE_MM`, the shipped weights were made with 0
+    chain_mask_erode_mm: float = 0.0
     chain_learning_rate: float = 2e-4
     chain_ema_decay: float = 0.995
     extra: dict = field(default_factory=dict)
@@ -182,6 +185,8 @@ class Recipe:
         keys = ("chain_seed", "chain_brains", "chain_plain_brains", "chain_sources", "chain_snr")
         if self.chain_patch_size != self.patch_size:  # (stores made before the field existed)
             keys += ("chain_patch_size",)
+        if self.chain_mask_erode_mm:  # (likewise)
+            keys += ("chain_mask_erode_mm",)
         return self._hash(keys, {"stage2": self.finetune_hash()})
 
 
@@ -254,7 +259,7 @@ def _chain_field(chi, brain, rng, recipe: Recipe):
     sim = simulate_megre(chi, brain, voxel_size=vs, b0_tesla=3.0, echo_times=tes, snr=snr,
                          rng=rng, background=background)
     res = run_phase_chain(sim.phase, sim.magnitude, sim.echo_times, b0_strength=3.0,
-                          voxel_size=vs)
+                          voxel_size=vs, mask_erode_mm=recipe.chain_mask_erode_mm)
     info = {"chain_snr": round(snr, 1), "echoes": n_echo, "te1_ms": round(1e3 * te1, 2),
             "dte_ms": round(1e3 * dte, 2), "background": background}
     return res.local_field, res.mask, info

@@ -72,8 +72,9 @@ FIXED_GRID = np.logspace(-3.5, 1.0, 19)
 # --------------------------------------------------------------------------- cases
 
 
-def anatomy_cases(quick: bool):
-    """(case, anatomy used in tuning?) for both anatomies, every kind."""
+def anatomy_cases(quick: bool, kinds=None):
+    """(case, anatomy used in tuning?) for both anatomies, every kind (or those of
+    ``kinds``; the strong-sources case counts as ``exact``)."""
     from bids_qsmnet.data.anatomy import anatomy_phantom
     from bids_qsmnet.data.evaluation import make_case, with_strong_sources
 
@@ -81,14 +82,15 @@ def anatomy_cases(quick: bool):
     for name in (TUNING_ANATOMY, TEST_ANATOMY):
         phantom = anatomy_phantom(name)
         for kind in (("exact", "raw") if quick else KINDS):
-            out.append((make_case(phantom, kind, seed=TEST_SEED), name == TUNING_ANATOMY))
-        if name == TEST_ANATOMY:
+            if kinds is None or kind in kinds:
+                out.append((make_case(phantom, kind, seed=TEST_SEED), name == TUNING_ANATOMY))
+        if name == TEST_ANATOMY and (kinds is None or "exact" in kinds):
             out.append((make_case(with_strong_sources(phantom), "exact", seed=TEST_SEED),
                         False))
     return out
 
 
-def generator_cases(shape, quick: bool):
+def generator_cases(shape, quick: bool, kinds=None):
     from bids_qsmnet.data.anatomy import AnatomyPhantom
     from bids_qsmnet.data.evaluation import make_case
     from bids_qsmnet.data.synthetic import make_brain_phantom
@@ -96,8 +98,9 @@ def generator_cases(shape, quick: bool):
     ph = make_brain_phantom(shape, rng=np.random.default_rng([TEST_SEED, 0]))
     phantom = AnatomyPhantom("generator brain", ph.chi, ph.mask, ph.labels, ph.label_names,
                              ph.voxel_size)
-    kinds = ("exact", "raw") if quick else ("exact", "tilted", "anisotropic", "raw")
-    return [(make_case(phantom, kind, seed=TEST_SEED), False) for kind in kinds]
+    chosen = ("exact", "raw") if quick else ("exact", "tilted", "anisotropic", "raw")
+    return [(make_case(phantom, kind, seed=TEST_SEED), False) for kind in chosen
+            if kinds is None or kind in kinds]
 
 
 # --------------------------------------------------------------------------- methods
@@ -221,6 +224,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer cases (smoke test)")
     p.add_argument("--no-generator", action="store_true", help="skip the second table")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=None,
+                   help="only the cases of these kinds (default: all)")
+    p.add_argument("--update", action="store_true",
+                   help="replace only the recomputed cases' rows in an existing --out JSON "
+                        "(keeping its TV-ADMM λ) and rewrite --md from it")
     p.add_argument("--markdown-only", action="store_true",
                    help="rewrite --md from an existing --out JSON without running anything")
     args = p.parse_args(argv)
@@ -240,11 +248,20 @@ def main(argv=None) -> int:
     loaded = load_model(resolve_model(args.model))
     toy = load_model(args.toy_model) if args.toy_model else None
     dc = dc_settings(loaded.spec.inference)  # the model file's defaults, as the app takes them
-    cases = anatomy_cases(args.quick)
-    tv_lam = tune_tv(cases[0][0])  # the tuning anatomy's exact field
+    previous = None
+    if args.update:
+        with open(args.out) as fh:
+            previous = json.load(fh)
+    cases = anatomy_cases(args.quick, args.kinds)
+    if previous is not None:
+        tv_lam = previous["tv_lambda"]
+    elif args.kinds is None or "exact" in args.kinds:
+        tv_lam = tune_tv(cases[0][0])  # the tuning anatomy's exact field
+    else:
+        tv_lam = tune_tv(anatomy_cases(False, ("exact",))[0][0])
     tables = {"out_of_generator": cases}
     if not args.no_generator:
-        tables["generator"] = generator_cases(tuple(args.shape), args.quick)
+        tables["generator"] = generator_cases(tuple(args.shape), args.quick, args.kinds)
     result = {"command": "python " + " ".join(sys.argv), "model": os.path.basename(
         str(loaded.path)), "model_name": loaded.spec.name, "model_sha256": loaded.sha256,
         "refinement": dc.to_dict(), "tv_lambda": tv_lam, "tables": {},
@@ -257,12 +274,40 @@ def main(argv=None) -> int:
             rows += case_rows(case, tuned, loaded, dc, tv_lam, toy)
         result["tables"][table] = rows
     result["seconds"] = round(time.time() - t_start)
+    if previous is not None:
+        result = _merged(previous, result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
     write_markdown(result, args.md)
     LOGGER.info("wrote %s and %s in %.0f s", args.out, args.md, time.time() - t_start)
     return 0
+
+
+def _merged(previous: dict, new: dict) -> dict:
+    """``previous`` with the rows of every case ``new`` recomputed replaced by ``new``'s (in
+    place, the order kept); the command and time of the update are recorded beside the
+    original's."""
+    out = dict(previous)
+    out["tables"] = {}
+    for table, rows in previous["tables"].items():
+        fresh = new["tables"].get(table, [])
+        redone = {r["case"] for r in fresh}
+        merged, done = [], set()
+        for r in rows:
+            if r["case"] in redone:
+                if r["case"] not in done:
+                    merged += [x for x in fresh if x["case"] == r["case"]]
+                    done.add(r["case"])
+            else:
+                merged.append(r)
+        merged += [x for x in fresh if x["case"] not in done and x["case"] not in
+                   {r["case"] for r in rows}]
+        out["tables"][table] = merged
+    out["updates"] = previous.get("updates", []) + [
+        {"command": new["command"], "seconds": new["seconds"],
+         "cases": sorted({r["case"] for rows in new["tables"].values() for r in rows})}]
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -312,6 +357,8 @@ def write_markdown(result: dict, path: str) -> None:
         "# Accuracy",
         "",
         f"Command: `{result['command']}`  ",
+        *[f"Cases {', '.join(u['cases'])} recomputed by `{u['command']}`  "
+          for u in result.get("updates", [])],
         f"Model: `{result['model']}` (sha256 `{result['model_sha256'][:16]}…`); refinement: "
         f"λ {ref['lambda']}" + (" (chosen per input from the field the network leaves "
                                 "unexplained, `inference.dc_auto`)" if ref.get("auto") else "")

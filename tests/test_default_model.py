@@ -104,7 +104,7 @@ def test_raw_gre_subject_through_the_phase_chain(participant_run):
 #: figures as `bids_qsmnet examples/ds-synthetic OUT participant`), measured on a 2-core x86_64
 #: CPU with torch 2.13.0: sub-01 (local field in ppm, 112×128×96 at 1 mm, SNR 20) 22.0 %;
 #: sub-03 (raw 3-echo GRE at 1.5 mm through the app's phase chain, scored on the eroded mask)
-#: 35.1 %.  Each pin is the measured figure + 2 points: room for platform rounding, not for a
+#: 36.1 %.  Each pin is the measured figure + 2 points: room for platform rounding, not for a
 #: worse model.  A new default model file comes with new pins.
 LOCAL_FIELD_SUBJECT_MAX_NRMSE = 22.0 + 2.0
-RAW_SUBJECT_MAX_NRMSE = 35.1 + 2.0
+RAW_SUBJECT_MAX_NRMSE = 36.1 + 2.0

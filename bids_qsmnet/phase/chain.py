@@ -18,8 +18,8 @@ from .background import pdf, vsharp
 from .echo_fit import fit_total_field
 from .mask import brain_mask_from_magnitude, combine_echoes
 
-__all__ = ["UNWRAP_METHODS", "BACKGROUND_METHODS", "MASK_ERODE_MM", "PhaseChainResult", "brain_mask",
-           "total_field", "local_field", "run_phase_chain"]
+__all__ = ["UNWRAP_METHODS", "BACKGROUND_METHODS", "MASK_ERODE_MM", "PhaseChainResult",
+           "brain_mask", "total_field", "local_field", "run_phase_chain"]
 
 #: spatial unwrappers of :func:`total_field`
 UNWRAP_METHODS = ("laplacian", "path")

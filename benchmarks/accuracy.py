@@ -90,6 +90,14 @@ def anatomy_cases(quick: bool, kinds=None):
     return out
 
 
+def tuning_case() -> dict:
+    """The tuning anatomy's exact field: where TV-ADMM's λ is chosen."""
+    from bids_qsmnet.data.anatomy import anatomy_phantom
+    from bids_qsmnet.data.evaluation import make_case
+
+    return make_case(anatomy_phantom(TUNING_ANATOMY), "exact", seed=TEST_SEED)
+
+
 def generator_cases(shape, quick: bool, kinds=None):
     from bids_qsmnet.data.anatomy import AnatomyPhantom
     from bids_qsmnet.data.evaluation import make_case
@@ -255,10 +263,9 @@ def main(argv=None) -> int:
     cases = anatomy_cases(args.quick, args.kinds)
     if previous is not None:
         tv_lam = previous["tv_lambda"]
-    elif args.kinds is None or "exact" in args.kinds:
-        tv_lam = tune_tv(cases[0][0])  # the tuning anatomy's exact field
-    else:
-        tv_lam = tune_tv(anatomy_cases(False, ("exact",))[0][0])
+    else:  # on the tuning anatomy's exact field (cases[0] when it is among the cases)
+        tv_lam = tune_tv(cases[0][0] if args.kinds is None or "exact" in args.kinds
+                         else tuning_case())
     tables = {"out_of_generator": cases}
     if not args.no_generator:
         tables["generator"] = generator_cases(tuple(args.shape), args.quick, args.kinds)
@@ -295,14 +302,12 @@ def _merged(previous: dict, new: dict) -> dict:
         redone = {r["case"] for r in fresh}
         merged, done = [], set()
         for r in rows:
-            if r["case"] in redone:
-                if r["case"] not in done:
-                    merged += [x for x in fresh if x["case"] == r["case"]]
-                    done.add(r["case"])
-            else:
+            if r["case"] not in redone:
                 merged.append(r)
-        merged += [x for x in fresh if x["case"] not in done and x["case"] not in
-                   {r["case"] for r in rows}]
+            elif r["case"] not in done:
+                merged += [x for x in fresh if x["case"] == r["case"]]
+                done.add(r["case"])
+        merged += [x for x in fresh if x["case"] not in done]  # cases new to the table
         out["tables"][table] = merged
     out["updates"] = previous.get("updates", []) + [
         {"command": new["command"], "seconds": new["seconds"],

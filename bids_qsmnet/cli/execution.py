@@ -14,7 +14,7 @@ from ..errors import CLIError
 LOGGER = logging.getLogger("bids_qsmnet")
 
 __all__ = ["run_workflow", "nipype_settings", "plugin_arguments", "start_worker_server",
-           "wait_for_slurm_graph"]
+           "uses_forkserver", "wait_for_slurm_graph"]
 
 
 #: seconds between two looks of a local scheduler (MultiProc) at its workers; Nipype's 2 s
@@ -56,7 +56,7 @@ def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict
         # OpenMP thread pool (started here by the model check) does not survive a fork, and a
         # forked worker running the network would hang.
         args.setdefault("mp_context", "forkserver")
-        if args["mp_context"] == "forkserver":
+        if uses_forkserver(plugin, args):
             start_worker_server()
     if plugin == "SLURM":
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "bids_qsmnet"))
@@ -65,6 +65,13 @@ def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict
         # otherwise); False is its documented default
         args.setdefault("dont_resubmit_completed_jobs", False)
     return args
+
+
+def uses_forkserver(plugin: str, plugin_args: dict | None) -> bool:
+    """Whether ``plugin`` with these arguments starts its workers from a forkserver
+    (MultiProc's default here, unless ``--plugin-args`` names another ``mp_context``)."""
+    return plugin == "MultiProc" and (plugin_args or {}).get("mp_context",
+                                                              "forkserver") == "forkserver"
 
 
 def start_worker_server() -> None:

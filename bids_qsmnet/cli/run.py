@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
     # as in containers): the app writes into its output and work folders only
     os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))
-    if opts.plugin == "MultiProc" and (opts.plugin_args or {}).get(
-            "mp_context", "forkserver") == "forkserver":
-        from .execution import start_worker_server
+    from .execution import start_worker_server, uses_forkserver
 
+    if uses_forkserver(opts.plugin, opts.plugin_args):
         start_worker_server()  # its imports overlap with the checks below
     try:
         if not opts.skip_bids_validation:

@@ -249,7 +249,8 @@ def test_torch_then_package_installed_as_the_readme_says(dockerfile, singularity
 
 
 def test_entry_point_is_the_console_script(dockerfile, singularity, capsys):
-    assert SCRIPTS == {SCRIPT: "bids_qsmnet.cli.run:main"}
+    assert SCRIPTS == {SCRIPT: "bids_qsmnet.cli.run:main",
+                       "bids_qsmnet-export": "bids_qsmnet.cli.export:main"}
     assert re.search(rf'^{SCRIPT} = "bids_qsmnet.cli.run:main"$', PYPROJECT, re.MULTILINE)
     final = _stages(dockerfile)[-1]
     entry = [json.loads(i["value"]) for i in final if i["instruction"] == "ENTRYPOINT"]

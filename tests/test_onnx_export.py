@@ -102,7 +102,7 @@ def _check_against_app(model_path: Path, onnx_path: Path, shape) -> float:
     return max(inside, everywhere)
 
 
-# qsmnet / qsmnet+ (99 M parameters, 16-voxel multiple): ~20 s each on two CPU cores
+# qsmnet / qsmnet+ (99 M parameters, 16-voxel multiple): ~15 s each on two CPU cores
 @pytest.mark.parametrize("arch, shape", [
     ("toy", (6, 10, 4)),
     ("qsmnet", (16, 32, 16)),

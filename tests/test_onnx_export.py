@@ -179,6 +179,8 @@ def test_errors_name_the_problem(tmp_path):
         export_onnx(model, tmp_path / "missing" / "x.onnx")
     with pytest.raises(ExportError, match="is a folder"):
         export_onnx(model, tmp_path)
+    with pytest.raises(ExportError, match="opset 21 is not one the exporter writes"):
+        export_onnx(model, tmp_path / "x.onnx", opset=21)
     out = export_onnx(model, tmp_path / "x.onnx")
     before = out.read_bytes()
     with pytest.raises(OutputExistsError, match="--overwrite"):

@@ -24,17 +24,21 @@ FORMATS = ("onnx",)
 def get_parser() -> argparse.ArgumentParser:
     """The parser of ``bids_qsmnet-export``."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description=__doc__.split("\n\n")[0].replace("``", ""),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=PROG, description="Write a bids_qsmnet model as a self-contained ONNX graph: "
+        "local field in ppm (B0 along the last axis, the model's voxel size) -> chi in ppm, "
+        "with the model's normalisation inside. The graph does not resample, mask or refine.")
     parser.add_argument("--version", action="version", version=f"bids_qsmnet {__version__}")
     parser.add_argument("--model", default="default",
-                        help="a shipped model's name or a model file (.safetensors)")
-    parser.add_argument("--format", default="onnx", choices=FORMATS, help="export format")
+                        help="a shipped model's name or a model file (.safetensors); "
+                             "default: %(default)s")
+    parser.add_argument("--format", default="onnx", choices=FORMATS,
+                        help="export format; default: %(default)s")
     parser.add_argument("-o", "--output", required=True, type=Path,
                         help="the file to write (its folder must exist)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX operator-set version")
+    parser.add_argument("--opset", type=int, default=17,
+                        help="ONNX operator-set version (9-20); default: %(default)s")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug messages")
     return parser
 
 

@@ -46,6 +46,8 @@ LOGGER = logging.getLogger(__name__)
 #: ONNX operator set of the exported graph (Conv, ConvTranspose, MaxPool, LeakyRelu, Concat,
 #: Where and elementwise arithmetic: in every maintained ONNX runtime)
 DEFAULT_OPSET = 17
+#: the operator sets PyTorch's TorchScript-based exporter writes
+OPSETS = range(9, 21)
 INPUT_NAME, OUTPUT_NAME = "field", "chi"
 _DYNAMIC_AXES = {2: "X", 3: "Y", 4: "Z"}
 
@@ -114,7 +116,7 @@ def _check_output(dest: Path, overwrite: bool) -> None:
 
 def _graph_bytes(module: nn.Module, multiple: int, opset: int) -> bytes:
     """The traced ONNX graph of ``module`` (input ``field``, output ``chi``, X, Y, Z dynamic)."""
-    example = torch.randn(1, 1, multiple, multiple, multiple)
+    example = torch.full((1, 1, multiple, multiple, multiple), 0.01)  # only its shape matters
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # the legacy exporter announces its deprecation, and the tracer warns about the
@@ -137,7 +139,7 @@ def export_onnx(model: str | os.PathLike | None, output: str | os.PathLike, *,
     model : str or path or None — a shipped model's name (``default``; None: the default) or a
         model file (``.safetensors``, or a folder holding one)
     output : path — the ``.onnx`` file to write (atomically); its folder must exist
-    opset : int — ONNX operator-set version
+    opset : int — ONNX operator-set version, within :data:`OPSETS`
     overwrite : bool — replace an existing ``output``
 
     Returns
@@ -149,7 +151,8 @@ def export_onnx(model: str | os.PathLike | None, output: str | os.PathLike, *,
     ModelFileError
         for an unknown model name or an unreadable model file.
     ExportError
-        for an output that cannot be written, or a model whose B0 is along no voxel axis.
+        for an output that cannot be written, an operator set outside :data:`OPSETS`, or a
+        model whose B0 is along no voxel axis.
     OutputExistsError
         when ``output`` exists and ``overwrite`` is false.
     """
@@ -161,6 +164,9 @@ def export_onnx(model: str | os.PathLike | None, output: str | os.PathLike, *,
 
     from .optimize import optimise_for_inference
 
+    if opset not in OPSETS:
+        raise ExportError(f"ONNX opset {opset} is not one the exporter writes "
+                          f"({OPSETS.start}-{OPSETS.stop - 1})")
     dest = Path(output).expanduser().absolute()
     _check_output(dest, overwrite)
     loaded = load_model(resolve_model(model), device="cpu")

@@ -81,20 +81,26 @@ def _check_model(opts) -> str:
     return model
 
 
-def _check_run(run, b0_strength: float | None) -> None:
-    """The sidecar settings and header-only checks of a run (no voxel data read: shape,
-    affine, size, mask grid); a :class:`~bids_qsmnet.errors.UserError` names the problem."""
+def _check_run(run, b0_strength: float | None) -> list[str]:
+    """Pre-flight of one run: its sidecar settings, its NIfTI headers (shape, affine, size,
+    mask grid) and then its voxels (damaged bodies, NaN/Inf, empty masks, zero fields), so
+    that no input problem surfaces inside a workflow node.  A
+    :class:`~bids_qsmnet.errors.UserError` names the problem; returns warnings."""
     from ..bids.settings import run_settings
-    from ..io.fields import check_inputs
+    from ..io.fields import check_data, check_inputs
+    from ..phase.files import check_echoes
 
     run_settings(run, b0_strength=b0_strength)
-    if run.is_raw:
-        for echo in run.echoes:
-            check_inputs(echo.phase, run.mask, what="GRE phase")
-            if echo.magnitude:
-                check_inputs(echo.magnitude, None, what="GRE magnitude")
-    else:
+    if not run.is_raw:
         check_inputs(run.field, run.mask)
+        return check_data(run.field, run.mask)
+    for echo in run.echoes:  # headers of every echo first: cheap, and the common problems
+        check_inputs(echo.phase, run.mask, what="GRE phase")
+        if echo.magnitude:
+            check_inputs(echo.magnitude, None, what="GRE magnitude")
+    mags = [e.magnitude for e in run.echoes if e.magnitude]
+    check_echoes([e.phase for e in run.echoes], mags, run.mask)
+    return []
 
 
 def _needs_processing(run, opts) -> bool:
@@ -113,12 +119,12 @@ def _needs_processing(run, opts) -> bool:
     return True
 
 
-def _participant_runs(opts, layout, errors: dict) -> list:
-    """The runs of the selected subjects still to process; the problems of the others go
-    into ``errors`` (subject → messages)."""
+def _participant_runs(opts, layout, errors: dict, warnings: dict) -> list:
+    """The runs of the selected subjects still to process, each through the pre-flight
+    (:func:`_check_run`); the problems of the others go into ``errors`` and the pre-flight's
+    warnings into ``warnings`` (subject → messages)."""
     from ..bids.discovery import DiscoveryError, collect_runs
-    from ..bids.settings import SettingsError
-    from ..io.nifti import InputError
+    from ..errors import UserError
 
     runs = []
     for subject in select_subjects(layout, opts.participant_label):
@@ -130,23 +136,28 @@ def _participant_runs(opts, layout, errors: dict) -> list:
             LOGGER.error("%s", exc)
             continue
         for run in found:
+            if not _needs_processing(run, opts):
+                continue
             try:
-                _check_run(run, opts.b0_strength)
-            except (SettingsError, InputError) as exc:
+                notes = _check_run(run, opts.b0_strength)
+            except UserError as exc:
                 errors.setdefault(subject, []).append(str(exc))
                 LOGGER.error("%s: skipped: %s", run.key, exc)
                 continue
-            if _needs_processing(run, opts):
-                runs.append(run)
+            for note in notes:
+                LOGGER.warning("%s: %s", run.key, note)
+            warnings.setdefault(subject, []).extend(notes)
+            runs.append(run)
     return runs
 
 
-def build_participant_workflow(opts, layout, errors: dict):
+def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None = None):
     """Collect every run of the selected subjects and build the participant workflow.
 
     Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
-    and skipped.  Returns ``(workflow or None, model file, runs)``: no workflow when every
-    run is done already.
+    and skipped; the pre-flight's warnings go into ``warnings``.  Returns ``(workflow or None,
+    model file, runs)``: no workflow when every run is done already (or every remaining run
+    of a subject whose others are complete was refused).
 
     Raises
     ------
@@ -156,9 +167,10 @@ def build_participant_workflow(opts, layout, errors: dict):
     from ..workflows.base import init_participant_wf
 
     model = _check_model(opts)
-    runs = _participant_runs(opts, layout, errors)
+    runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings)
     if not runs:
-        if errors:
+        selected = select_subjects(layout, opts.participant_label)
+        if errors and all(s in errors for s in selected):
             raise CLIError("nothing to process: " + "; ".join(m for v in errors.values()
                                                                for m in v))
         return None, model, []

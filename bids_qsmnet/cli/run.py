@@ -40,10 +40,14 @@ def _default_work_dir(out_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"bids_qsmnet_work_{digest}"
 
 
-def _write_participant_outputs(opts, subjects, errors: dict, work_dir: Path,
-                               t0: float) -> None:
-    """``dataset_description.json``, citations and one report per subject (with its
-    problems), whatever happened to the runs."""
+#: exit code when some subjects failed or were skipped and the others have their χ maps
+EXIT_PARTIAL = 3
+
+
+def _write_participant_outputs(opts, subjects, reported, errors: dict, warnings: dict,
+                               work_dir: Path, t0: float) -> None:
+    """``dataset_description.json``, citations and the reports of the subjects in
+    ``reported`` (with their problems and warnings), whatever happened to the runs."""
     from ..bids.derivatives import write_dataset_description
     from ..reports.html import write_citations, write_subject_report
 
@@ -54,8 +58,30 @@ def _write_participant_outputs(opts, subjects, errors: dict, work_dir: Path,
             "plugin": opts.plugin, "device": opts.device,
             "elapsed (s)": round(time.time() - t0, 1)}
     for subject in subjects:
-        write_subject_report(str(opts.output_dir), subject, errors=errors.get(subject, []),
-                             provenance=prov)
+        if subject in reported:
+            write_subject_report(str(opts.output_dir), subject, errors=errors.get(subject, []),
+                                 warnings=warnings.get(subject, []), provenance=prov)
+
+
+def _reported(out_dir: Path, subjects, runs, errors: dict, warnings: dict) -> set[str]:
+    """The subjects whose report is (re)written: those processed now, those with problems
+    and those without a report; a complete subject's report is left untouched."""
+    touched = {r.subject for r in runs} | set(errors) | set(warnings)
+    return {s for s in subjects if s in touched or not (out_dir / f"sub-{s}.html").exists()}
+
+
+def _summary(errors: dict, subjects) -> int:
+    """Log every subject that failed or was skipped, print the one console line and return
+    the exit code (0; :data:`EXIT_PARTIAL` when others completed; 1 when none did)."""
+    if not errors:
+        return 0
+    for subject, messages in errors.items():
+        LOGGER.warning("sub-%s: not processed: %s", subject, "; ".join(messages))
+    n = sum(len(v) for v in errors.values())
+    ok = [s for s in subjects if s not in errors]
+    print(f"bids_qsmnet: {n} problem(s) in {len(errors)} of {len(subjects)} subject(s); "
+          f"first: {next(iter(errors.values()))[0]}", file=sys.stderr)
+    return EXIT_PARTIAL if ok else 1
 
 
 def _participant(opts, layout, work_dir: Path) -> int:
@@ -64,11 +90,12 @@ def _participant(opts, layout, work_dir: Path) -> int:
     from .execution import run_workflow
 
     errors: dict = {}
+    warnings: dict = {}
     subjects = select_subjects(layout, opts.participant_label)
     t0 = time.time()
     runs, failed = [], []
     try:
-        wf, _model, runs = build_participant_workflow(opts, layout, errors)
+        wf, _model, runs = build_participant_workflow(opts, layout, errors, warnings)
         if wf is not None:
             try:
                 run_workflow(wf, opts, work_dir)
@@ -79,15 +106,11 @@ def _participant(opts, layout, work_dir: Path) -> int:
         for run, message in failed:
             errors.setdefault(run.subject, []).append(message)
     finally:
-        _write_participant_outputs(opts, subjects, errors, work_dir, t0)
+        reported = _reported(Path(opts.output_dir), subjects, runs, errors, warnings)
+        _write_participant_outputs(opts, subjects, reported, errors, warnings, work_dir, t0)
     LOGGER.info("wrote %d χ map(s) to %s in %.0f s", len(runs) - len(failed), opts.output_dir,
                 time.time() - t0)
-    if errors:
-        n = sum(len(v) for v in errors.values())
-        print(f"bids_qsmnet: {n} problem(s); first: {next(iter(errors.values()))[0]}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return _summary(errors, subjects)
 
 
 def _copy_trained_model(train_dir: Path, dest: Path) -> None:

@@ -84,8 +84,16 @@ def check_overwrite(path: str | os.PathLike, overwrite: bool) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> str:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``.  A file that already
+    holds exactly ``text`` is left alone (its modification time too), so a rerun does not
+    touch outputs it would not change."""
     path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if fh.read() == text:
+                return path
+    except (OSError, UnicodeDecodeError):
+        pass
     with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -16,7 +16,7 @@ import numpy as np
 from ..io.nifti import InputError, derived_path, load_volume, save_volume
 from . import chain
 
-__all__ = ["stack_echoes", "echo_brain_mask", "fit_field", "remove_background"]
+__all__ = ["check_echoes", "stack_echoes", "echo_brain_mask", "fit_field", "remove_background"]
 
 
 def _same_grid(path, img, shape, ref_path, ref_img) -> None:
@@ -71,6 +71,25 @@ def _magnitude_echoes(magnitude_files: Sequence[str], ref_path: str,
     if magnitude_files and not any(np.any(m) for m in magnitudes):
         raise InputError(f"{magnitude_files[0]}: the magnitude is zero everywhere")
     return magnitudes
+
+
+def check_echoes(phase_files: Sequence[str], magnitude_files: Sequence[str] | None = None,
+                 mask_file: str | None = None) -> None:
+    """Read a raw GRE run's echoes (and its brain mask) and check their voxels as
+    :func:`stack_echoes` and the chain would, before any processing: damaged bodies, NaN/Inf,
+    phase ranges, negative or all-zero magnitudes, an empty mask; each problem an
+    :class:`InputError` naming the file."""
+    mags = list(magnitude_files or [])
+    if mags and len(mags) != len(phase_files):
+        raise InputError(f"{phase_files[0]}: {len(phase_files)} phase echoes but "
+                         f"{len(mags)} magnitude images")
+    _, ref_img = _phase_echoes(phase_files)
+    _magnitude_echoes(mags, phase_files[0], ref_img)
+    if mask_file:
+        mask, _ = load_volume(mask_file, what="brain mask", allow_nonfinite=True)
+        if not np.any(np.nan_to_num(mask) > 0):
+            raise InputError(f"{mask_file}: the brain mask is empty (no voxel > 0); give the "
+                             "subject's brain mask, or none (it is found in the magnitude)")
 
 
 def stack_echoes(phase_files: Sequence[str], magnitude_files: Sequence[str] | None = None, *,

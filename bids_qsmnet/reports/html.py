@@ -75,8 +75,9 @@ def _row(k, v):
 
 
 def write_subject_report(out_dir: str, subject: str, *, errors: Sequence[str] = (),
-                         provenance: dict | None = None) -> str:
-    """Write ``out_dir/sub-<subject>.html`` from the derivatives of that subject."""
+                         warnings: Sequence[str] = (), provenance: dict | None = None) -> str:
+    """Write ``out_dir/sub-<subject>.html`` from the derivatives of that subject, with the
+    problems (``errors``: runs not processed) and ``warnings`` of the run that wrote it."""
     sub_dir = os.path.join(out_dir, f"sub-{subject}")
     sidecars = sorted(glob.glob(os.path.join(sub_dir, "**", "*_Chimap.json"), recursive=True))
     parts = [
@@ -120,6 +121,9 @@ def write_subject_report(out_dir: str, subject: str, *, errors: Sequence[str] = 
     if errors:
         parts.append("<h2>Errors</h2>")
         parts += [f"<p class='err'>{html.escape(e)}</p>" for e in errors]
+    if warnings:
+        parts.append("<h2>Warnings</h2>")
+        parts += [f"<p class='warn'>{html.escape(w)}</p>" for w in warnings]
     if provenance:
         parts.append("<h2>Provenance</h2><table>")
         parts += [_row(k, v) for k, v in provenance.items()]

@@ -144,3 +144,39 @@ def sphere_field(
     chi_map = np.where(sum(gi**2 for gi in g) <= radius**2, chi, 0.0)
     field = forward_field(chi_map, voxel_size, b0_dir, pad=16) * mask
     return field.astype(np.float32), mask, chi_map.astype(np.float32)
+
+
+#: grid of the subjects of make_many_subjects
+MANY_SHAPE = (24, 24, 24)
+
+
+def _write_subject(ds: Path, sub: str, field, mask) -> None:
+    anat = f"sub-{sub}/anat/sub-{sub}"
+    add_volume(ds, f"{anat}_localfield.nii.gz", {"Units": "ppm"}, data=field)
+    add_volume(ds, f"{anat}_desc-brain_mask.nii.gz", {}, data=mask, dtype=np.uint8)
+
+
+def make_many_subjects(ds: Path, n: int, broken: dict) -> Path:
+    """``n`` subjects (fields scaled per subject so that every map differs); ``broken`` maps
+    a label to ``"empty-mask"`` or ``"truncated"``."""
+    make_dataset(ds, derivative=True, name="many subjects")
+    field, mask, _ = sphere_field(MANY_SHAPE, radius=4.0)
+    for i, sub in enumerate(f"{j:02d}" for j in range(1, n + 1)):
+        _write_subject(ds, sub, field * (1 + 0.01 * i), mask.astype(np.uint8))
+    for sub, how in broken.items():
+        anat = ds / f"sub-{sub}/anat/sub-{sub}"
+        if how == "empty-mask":
+            add_volume(ds, f"sub-{sub}/anat/sub-{sub}_desc-brain_mask.nii.gz", {},
+                       data=np.zeros(MANY_SHAPE), dtype=np.uint8)
+        else:
+            path = Path(f"{anat}_localfield.nii.gz")
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return ds
+
+
+def repair_subjects(ds: Path, subjects) -> None:
+    """Rewrite the inputs of ``subjects`` as :func:`make_many_subjects` made them."""
+    field, mask, _ = sphere_field(MANY_SHAPE, radius=4.0)
+    for sub in subjects:
+        i = int(sub) - 1
+        _write_subject(ds, sub, field * (1 + 0.01 * i), mask.astype(np.uint8))

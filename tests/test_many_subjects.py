@@ -21,51 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _bidsapp_fixtures import add_volume, make_dataset, make_model_file, sphere_field
+from _bidsapp_fixtures import make_model_file, make_many_subjects, repair_subjects
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("bids_qsmnet")
-SHAPE = (24, 24, 24)
 N_SUBJECTS = 50
 EMPTY_MASK, TRUNCATED = "07", "31"
 #: the bound on the summed resident memory of the app and its workers (2 MultiProc workers
 #: with torch, 24³ volumes)
 PEAK_LIMIT_MB = 3000
 TIMEOUT = 1500
-
-
-def _labels(n: int) -> list[str]:
-    return [f"{i:02d}" for i in range(1, n + 1)]
-
-
-def _write_subject(ds: Path, sub: str, field, mask) -> None:
-    anat = f"sub-{sub}/anat/sub-{sub}"
-    add_volume(ds, f"{anat}_localfield.nii.gz", {"Units": "ppm"}, data=field)
-    add_volume(ds, f"{anat}_desc-brain_mask.nii.gz", {}, data=mask, dtype=np.uint8)
-
-
-def make_many_subjects(ds: Path, n: int, broken: dict) -> Path:
-    """``n`` subjects (fields scaled per subject so that every map differs); ``broken`` maps
-    a label to ``"empty-mask"`` or ``"truncated"``."""
-    make_dataset(ds, derivative=True, name="many subjects")
-    field, mask, _ = sphere_field(SHAPE, radius=4.0)
-    for i, sub in enumerate(_labels(n)):
-        _write_subject(ds, sub, field * (1 + 0.01 * i), mask.astype(np.uint8))
-    for sub, how in broken.items():
-        anat = ds / f"sub-{sub}/anat/sub-{sub}"
-        if how == "empty-mask":
-            add_volume(ds, f"sub-{sub}/anat/sub-{sub}_desc-brain_mask.nii.gz", {},
-                       data=np.zeros(SHAPE), dtype=np.uint8)
-        else:
-            path = Path(f"{anat}_localfield.nii.gz")
-            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    return ds
-
-
-def repair(ds: Path, n: int, subjects) -> None:
-    field, mask, _ = sphere_field(SHAPE, radius=4.0)
-    for sub in subjects:
-        i = _labels(n).index(sub)
-        _write_subject(ds, sub, field * (1 + 0.01 * i), mask.astype(np.uint8))
 
 
 def _tree_rss_mb(root: int) -> float:
@@ -144,7 +108,7 @@ def test_fifty_subjects_two_bad_then_rerun(tmp_path):
     assert 0 < peak < PEAK_LIMIT_MB
 
     before = _outputs(out)
-    repair(ds, N_SUBJECTS, (EMPTY_MASK, TRUNCATED))
+    repair_subjects(ds, (EMPTY_MASK, TRUNCATED))
     res2, secs2, peak2 = run_measured(argv, env=_env())
     print(f"rerun after repairing the two: {secs2:.0f} s, peak RSS {peak2:.0f} MB")
     assert res2.returncode == 0, res2.stderr[-3000:]

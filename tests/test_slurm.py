@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _bidsapp_fixtures import make_model_file
+from _bidsapp_fixtures import make_many_subjects, make_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ds-synthetic"
@@ -184,6 +184,33 @@ def test_slurmgraph_plugin_waits_for_its_jobs(slurm_env, inputs, multiproc_out, 
     assert len(jobs) >= 2 * 4  # to_ppm, mask, to_frame, inference, ... per subject
     assert all(j["JobState"] == "COMPLETED" for j in jobs), jobs
     assert sum(j["JobName"].endswith("_inference") for j in jobs) == len(SUBJECTS)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_slurm_six_subjects_one_corrupt(slurm_env, tmp_path):
+    """Six subjects through SLURM, sub-04's field a truncated .nii.gz: the pre-flight skips
+    it before any job is queued, the five others complete as jobs, exit 3, one console line
+    and no traceback."""
+    ds = make_many_subjects(tmp_path / "ds", 6, {"04": "truncated"})
+    model = make_model_file(tmp_path / "toy.safetensors", architecture="toy")
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [str(CONSOLE_SCRIPT), str(ds), str(out), "participant", "--model", model, "-w",
+           str(work), "--omp-nthreads", "1", "--skip-bids-validation", "--plugin", "SLURM"]
+    res = subprocess.run(cmd, env=dict(slurm_env, OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=540)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("bids_qsmnet:")]
+    assert len(lines) == 1 and "1 problem(s) in 1 of 6 subject(s)" in lines[0], lines
+    assert "sub-04_localfield.nii.gz: the local field file is truncated" in lines[0]
+    assert len(list(out.glob("sub-*/anat/*_Chimap.nii.gz"))) == 5
+    assert not (out / "sub-04").exists()
+    jobs = _jobs(slurm_env, work)
+    assert jobs and all(j["JobState"] == "COMPLETED" for j in jobs), jobs
+    # the SLURM plugin names a job <node>.<workflow path>: one inference job per good subject
+    assert sum(j["JobName"].startswith("inference.") for j in jobs) == 5, jobs
+    assert not any("run_sub_04_wf" in j["JobName"] for j in jobs)
 
 
 def test_job_array_tasks_share_an_output_folder(tmp_path):

@@ -19,9 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _bidsapp_fixtures import make_model_file, make_many_subjects, repair_subjects
+from _bidsapp_fixtures import make_many_subjects, make_model_file, repair_subjects
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("bids_qsmnet")
 N_SUBJECTS = 50

@@ -15,8 +15,8 @@ from ..errors import CLIError
 
 LOGGER = logging.getLogger("bids_qsmnet")
 
-__all__ = ["validate_dataset", "select_subjects", "build_participant_workflow",
-           "build_group_workflow"]
+__all__ = ["validate_dataset", "select_subjects", "discover_runs", "run_steps",
+           "build_participant_workflow", "build_group_workflow"]
 
 
 def validate_dataset(bids_dir: Path) -> None:
@@ -103,6 +103,20 @@ def _check_run(run, b0_strength: float | None) -> list[str]:
     return []
 
 
+def run_steps(opts, runs: list) -> list:
+    """The methods steps (:func:`~bids_qsmnet.reports.boilerplate.steps_for_run`) of a
+    participant run over ``runs`` with the options and model of ``opts``."""
+    from ..models.modelfile import ModelFileError, read_model_spec, resolve_model
+    from ..reports.boilerplate import steps_for_run
+
+    try:
+        spec = read_model_spec(resolve_model(opts.model))
+    except (ModelFileError, FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+    return steps_for_run(runs, spec, unwrapping=opts.unwrapping, bgremoval=opts.bgremoval,
+                         dc_lambda=opts.dc_lambda)
+
+
 def _needs_processing(run, opts) -> bool:
     """False when every output of ``run`` exists (and ``--overwrite`` is not given)."""
     from ..workflows.base import run_outputs
@@ -119,43 +133,60 @@ def _needs_processing(run, opts) -> bool:
     return True
 
 
-def _participant_runs(opts, layout, errors: dict, warnings: dict) -> list:
-    """The runs of the selected subjects still to process, each through the pre-flight
-    (:func:`_check_run`); the problems of the others go into ``errors`` and the pre-flight's
-    warnings into ``warnings`` (subject → messages)."""
+def discover_runs(opts, layout, errors: dict) -> list:
+    """Every run of the selected subjects (no file read); a subject whose inputs cannot be
+    found goes into ``errors``."""
     from ..bids.discovery import DiscoveryError, collect_runs
-    from ..errors import UserError
 
     runs = []
     for subject in select_subjects(layout, opts.participant_label):
         try:
-            found = collect_runs(layout, subject, sessions=opts.session_label,
+            runs += collect_runs(layout, subject, sessions=opts.session_label,
                                  filters=opts.bids_filter_file)
         except DiscoveryError as exc:
-            errors.setdefault(subject, []).append(str(exc))
-            LOGGER.error("%s", exc)
-            continue
-        for run in found:
-            if not _needs_processing(run, opts):
-                continue
-            try:
-                notes = _check_run(run, opts.b0_strength)
-            except UserError as exc:
-                errors.setdefault(subject, []).append(str(exc))
-                LOGGER.error("%s: skipped: %s", run.key, exc)
-                continue
-            for note in notes:
-                LOGGER.warning("%s: %s", run.key, note)
-            warnings.setdefault(subject, []).extend(notes)
-            runs.append(run)
+            _refuse(opts, errors, subject, str(exc), str(exc))
     return runs
 
 
-def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None = None):
+def _refuse(opts, errors: dict, subject: str, message: str, line: str) -> None:
+    """Record a refused run or subject; with ``--stop-on-first-crash`` end the run here."""
+    errors.setdefault(subject, []).append(message)
+    LOGGER.error("%s", line)
+    if getattr(opts, "stop_on_first_crash", False):
+        raise CLIError(f"{message} (stopped there: --stop-on-first-crash)")
+
+
+def _participant_runs(opts, layout, errors: dict, warnings: dict, found: list) -> list:
+    """The runs of the selected subjects still to process, each through the pre-flight
+    (:func:`_check_run`); the problems of the others go into ``errors``, the pre-flight's
+    warnings into ``warnings`` (subject → messages) and every run found into ``found``."""
+    from ..errors import UserError
+
+    runs = []
+    found += discover_runs(opts, layout, errors)
+    for run in found:
+        subject = run.subject
+        if not _needs_processing(run, opts):
+            continue
+        try:
+            notes = _check_run(run, opts.b0_strength)
+        except UserError as exc:
+            _refuse(opts, errors, subject, str(exc), f"{run.key}: skipped: {exc}")
+            continue
+        for note in notes:
+            LOGGER.warning("%s: %s", run.key, note)
+        warnings.setdefault(subject, []).extend(notes)
+        runs.append(run)
+    return runs
+
+
+def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None = None,
+                               found: list | None = None):
     """Collect every run of the selected subjects and build the participant workflow.
 
     Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
-    and skipped; the pre-flight's warnings go into ``warnings``.  Returns ``(workflow or None,
+    and skipped; the pre-flight's warnings go into ``warnings`` and every run found (done,
+    to do or refused) into ``found``.  Returns ``(workflow or None,
     model file, runs)``: no workflow when every run is done already (or every remaining run
     of a subject whose others are complete was refused).
 
@@ -167,7 +198,8 @@ def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None
     from ..workflows.base import init_participant_wf
 
     model = _check_model(opts)
-    runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings)
+    runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings,
+                             [] if found is None else found)
     if not runs:
         selected = select_subjects(layout, opts.participant_label)
         if errors and all(s in errors for s in selected):

@@ -29,11 +29,13 @@ WORKER_PRELOAD = ("numpy", "scipy.ndimage", "nibabel", "torch", "nipype.pipeline
                   "bids_qsmnet.interfaces.derivatives", "bids_qsmnet.inference.run")
 
 
-def nipype_settings(crash_dir: Path, verbose: int, plugin: str = "MultiProc") -> dict:
+def nipype_settings(crash_dir: Path, verbose: int, plugin: str = "MultiProc", *,
+                    stop_on_first_crash: bool = False) -> dict:
     """Nipype configuration of a run: text crash files in ``crash_dir``, content hashes, no
-    stop on the first crash, quiet logs unless ``-v``; a fast poll for MultiProc."""
+    stop on the first crash (unless asked), quiet logs unless ``-v``; a fast poll for
+    MultiProc."""
     execution = {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
-                 "hash_method": "content", "stop_on_first_crash": False,
+                 "hash_method": "content", "stop_on_first_crash": bool(stop_on_first_crash),
                  "remove_unnecessary_outputs": False, "check_version": False}
     if plugin == "MultiProc":
         execution["poll_sleep_duration"] = LOCAL_POLL_S
@@ -44,12 +46,16 @@ def nipype_settings(crash_dir: Path, verbose: int, plugin: str = "MultiProc") ->
                     for level in ("workflow_level", "interface_level", "utils_level")}}
 
 
-def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict:
+def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int,
+                     mem_mb: int | None = None) -> dict:
     """The arguments given to ``plugin``: the user's ``--plugin-args`` and this app's
-    defaults (MultiProc: ``nprocs`` workers from a forkserver; SLURM: a ``LOGNAME``)."""
+    defaults (MultiProc: ``nprocs`` workers from a forkserver, within ``mem_mb`` when given;
+    SLURM: a ``LOGNAME``)."""
     args = dict(plugin_args or {})
     if plugin == "MultiProc":
         args.setdefault("n_procs", nprocs)
+        if mem_mb:
+            args.setdefault("memory_gb", mem_mb / 1024)
         args.setdefault("raise_insufficient", False)
         args.setdefault("maxtasksperchild", 1)
         # Workers start from a clean forkserver, never forked from this process: torch's
@@ -65,6 +71,37 @@ def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int) -> dict
         # otherwise); False is its documented default
         args.setdefault("dont_resubmit_completed_jobs", False)
     return args
+
+
+def set_memory_budget(mem_mb: int | None) -> None:
+    """Make ``--mem-mb`` the memory budget of this process and of every worker it starts
+    (:func:`bids_qsmnet.io.nifti.available_memory` reads :data:`MEMORY_BUDGET_ENV`)."""
+    from ..io.nifti import MEMORY_BUDGET_ENV
+
+    if mem_mb:
+        os.environ[MEMORY_BUDGET_ENV] = str(int(mem_mb))
+
+
+def clean_work_dir(work_dir: Path) -> None:
+    """``--clean-workdir``: remove what earlier runs left in ``work_dir``.  Only a folder that
+    holds nothing but this app's work (its workflow folders, crash files, matplotlib cache) is
+    emptied; anything else is refused, so a mistyped ``-w`` cannot delete a user's files."""
+    import shutil
+
+    from ..errors import CLIError
+
+    if not work_dir.exists():
+        return
+    ours = {"bids_qsmnet_wf", "training_wf", "crashes", "matplotlib"}
+    entries = list(work_dir.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in ours)
+    if foreign:
+        raise CLIError(f"{work_dir}: --clean-workdir refuses to empty a folder with files "
+                       f"bids_qsmnet did not write ({', '.join(foreign[:3])}"
+                       f"{', …' if len(foreign) > 3 else ''}); give a work dir of its own")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    LOGGER.info("emptied the work dir %s (--clean-workdir)", work_dir)
 
 
 def uses_forkserver(plugin: str, plugin_args: dict | None) -> bool:
@@ -103,7 +140,8 @@ def run_workflow(workflow, opts, work_dir: Path) -> None:
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    settings = nipype_settings(work_dir / "crashes", opts.verbose, opts.plugin)
+    settings = nipype_settings(work_dir / "crashes", opts.verbose, opts.plugin,
+                               stop_on_first_crash=opts.stop_on_first_crash)
     ncfg.update_config(settings)
     # a workflow copies Nipype's config when it is built, and that copy wins at run time:
     # without this, crash files land as .pklz in the current directory
@@ -111,7 +149,7 @@ def run_workflow(workflow, opts, work_dir: Path) -> None:
     nlogging.update_logging(ncfg)
     logging.getLogger("nipype").propagate = False  # Nipype has its own handler
     workflow.base_dir = str(work_dir)
-    plugin_args = plugin_arguments(opts.plugin, opts.plugin_args, opts.nprocs)
+    plugin_args = plugin_arguments(opts.plugin, opts.plugin_args, opts.nprocs, opts.mem_mb)
     LOGGER.info("running %s with the %s plugin (work dir %s)", workflow.name, opts.plugin,
                 work_dir)
     # MultiProc runs a full garbage collection each time it looks for jobs to submit: with

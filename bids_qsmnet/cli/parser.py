@@ -232,6 +232,22 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
                    metavar="JSON", help="plugin arguments, e.g. '{\"sbatch_args\": \"-p gpu\"}'")
     g.add_argument("--overwrite", action="store_true",
                    help="replace existing outputs that differ")
+    g.add_argument("--mem-mb", "--mem_mb", type=partial(_positive_int, parser=parser,
+                                                        what="--mem-mb"), default=None,
+                   metavar="MB", help="memory budget of the run: MultiProc schedules nodes "
+                   "within it and inference tiles the network to fit it (default: the memory "
+                   "available)")
+    g.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first input refused or node crashed, instead of "
+                        "reporting it and going on with the other subjects")
+    g.add_argument("--clean-workdir", action="store_true",
+                   help="empty the work dir before running (not while another run uses it)")
+    g.add_argument("--reports-only", action="store_true",
+                   help="rebuild the reports and citations from the outputs already in "
+                        "output_dir; nothing is computed")
+    g.add_argument("--boilerplate-only", "--boilerplate_only", action="store_true",
+                   help="write the methods text with its references (logs/CITATION.md, "
+                        "logs/CITATION.bib) for the steps a run would perform, then exit")
     g.add_argument("--container", default=os.environ.get("BIDS_QSMNET_CONTAINER"),
                    help=argparse.SUPPRESS)
 
@@ -286,6 +302,10 @@ def parse_args(argv=None):
         opts.work_dir = wd
     if opts.omp_nthreads is None:
         opts.omp_nthreads = min(opts.nprocs, 8)
+    if (opts.reports_only or opts.boilerplate_only) and opts.analysis_level != "participant":
+        parser.error("--reports-only and --boilerplate-only apply to the participant level")
+    if opts.reports_only and opts.boilerplate_only:
+        parser.error("give one of --reports-only and --boilerplate-only")
     if not 0.0 <= opts.validation_fraction < 1.0:
         parser.error("--validation-fraction must be within [0, 1)")
     return opts

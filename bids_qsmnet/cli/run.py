@@ -45,7 +45,7 @@ EXIT_PARTIAL = 3
 
 
 def _write_participant_outputs(opts, subjects, reported, errors: dict, warnings: dict,
-                               work_dir: Path, t0: float) -> None:
+                               work_dir: Path, t0: float, steps=None) -> None:
     """``dataset_description.json``, citations and the reports of the subjects in
     ``reported`` (with their problems and warnings), whatever happened to the runs."""
     from ..bids.derivatives import write_dataset_description
@@ -53,14 +53,15 @@ def _write_participant_outputs(opts, subjects, reported, errors: dict, warnings:
 
     write_dataset_description(str(opts.output_dir), bids_dir=str(opts.bids_dir),
                               container=opts.container)
-    write_citations(str(opts.output_dir))
+    write_citations(str(opts.output_dir), steps)
     prov = {"bids_qsmnet command": " ".join(sys.argv), "work dir": str(work_dir),
             "plugin": opts.plugin, "device": opts.device,
             "elapsed (s)": round(time.time() - t0, 1)}
     for subject in subjects:
         if subject in reported:
             write_subject_report(str(opts.output_dir), subject, errors=errors.get(subject, []),
-                                 warnings=warnings.get(subject, []), provenance=prov)
+                                 warnings=warnings.get(subject, []), provenance=prov,
+                                 steps=steps)
 
 
 def _reported(out_dir: Path, subjects, runs, errors: dict, warnings: dict) -> set[str]:
@@ -85,17 +86,20 @@ def _summary(errors: dict, subjects) -> int:
 
 
 def _participant(opts, layout, work_dir: Path) -> int:
-    from .build import select_subjects
+    from .build import run_steps, select_subjects
     from .crashes import failed_runs
     from .execution import run_workflow
 
+    if opts.boilerplate_only or opts.reports_only:
+        return _documents_only(opts, layout, work_dir)
     errors: dict = {}
     warnings: dict = {}
+    found: list = []
     subjects = select_subjects(layout, opts.participant_label)
     t0 = time.time()
     runs, failed = [], []
     try:
-        wf, _model, runs = build_participant_workflow(opts, layout, errors, warnings)
+        wf, _model, runs = build_participant_workflow(opts, layout, errors, warnings, found)
         if wf is not None:
             try:
                 run_workflow(wf, opts, work_dir)
@@ -107,10 +111,39 @@ def _participant(opts, layout, work_dir: Path) -> int:
             errors.setdefault(run.subject, []).append(message)
     finally:
         reported = _reported(Path(opts.output_dir), subjects, runs, errors, warnings)
-        _write_participant_outputs(opts, subjects, reported, errors, warnings, work_dir, t0)
+        steps = run_steps(opts, found)
+        _write_participant_outputs(opts, subjects, reported, errors, warnings, work_dir, t0,
+                                   steps)
     LOGGER.info("wrote %d χ map(s) to %s in %.0f s", len(runs) - len(failed), opts.output_dir,
                 time.time() - t0)
+    if failed and opts.stop_on_first_crash:
+        print(f"bids_qsmnet: error: {failed[0][1]} (stopped there: --stop-on-first-crash)",
+              file=sys.stderr)
+        return 1
     return _summary(errors, subjects)
+
+
+def _documents_only(opts, layout, work_dir: Path) -> int:
+    """``--boilerplate-only``: the methods text and references of the runs found;
+    ``--reports-only``: those and every selected subject's report, from its outputs."""
+    from .build import discover_runs, run_steps, select_subjects
+
+    errors: dict = {}
+    subjects = select_subjects(layout, opts.participant_label)
+    if opts.reports_only and not (Path(opts.output_dir) / "dataset_description.json").exists():
+        raise CLIError(f"{opts.output_dir}: no bids_qsmnet outputs to report on (no "
+                       "dataset_description.json); run without --reports-only first")
+    steps = run_steps(opts, discover_runs(opts, layout, errors))
+    if opts.boilerplate_only:
+        from ..reports.html import write_citations
+
+        md, bib = write_citations(str(opts.output_dir), steps)
+        LOGGER.info("wrote the methods text to %s and its references to %s", md, bib)
+        return 0
+    _write_participant_outputs(opts, subjects, set(subjects), errors, {}, work_dir,
+                               time.time(), steps)
+    LOGGER.info("rebuilt %d report(s) in %s from its outputs", len(subjects), opts.output_dir)
+    return 0
 
 
 def _copy_trained_model(train_dir: Path, dest: Path) -> None:
@@ -168,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
     # as in containers): the app writes into its output and work folders only
     os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))
-    from .execution import start_worker_server, uses_forkserver
+    from .execution import clean_work_dir, set_memory_budget, start_worker_server, uses_forkserver
 
-    if uses_forkserver(opts.plugin, opts.plugin_args):
+    set_memory_budget(opts.mem_mb)  # before any worker starts: they inherit it
+    if uses_forkserver(opts.plugin, opts.plugin_args) and not (opts.reports_only
+                                                               or opts.boilerplate_only):
         start_worker_server()  # its imports overlap with the checks below
     try:
         if not opts.skip_bids_validation:
             validate_dataset(opts.bids_dir)
         with output_lock(opts.output_dir, opts.participant_label):
+            if opts.clean_workdir:
+                clean_work_dir(Path(work_dir))
             layout = build_layout(opts.bids_dir, exclude=[opts.output_dir])
             if opts.analysis_level == "participant":
                 return _participant(opts, layout, work_dir)

@@ -77,12 +77,23 @@ def _cgroup_free_bytes() -> int | None:
     return min(free) if free else None
 
 
+#: environment variable holding the run's memory budget in MB (``--mem-mb``)
+MEMORY_BUDGET_ENV = "BIDS_QSMNET_MEM_MB"
+
+
 def available_memory() -> int | None:
     """Bytes of memory this process can still use, or None when it cannot be told.
 
-    The smaller of the kernel's ``MemAvailable`` and the room left under a cgroup limit (a
-    container's or a SLURM job's ``--mem``); the physical memory where neither is readable.
+    With a memory budget (``--mem-mb``, in :data:`MEMORY_BUDGET_ENV`), the budget, capped by
+    the room left under a cgroup limit; otherwise the smaller of the kernel's ``MemAvailable``
+    and that room (a container's or a SLURM job's ``--mem``); the physical memory where
+    neither is readable.
     """
+    budget = os.environ.get(MEMORY_BUDGET_ENV, "")
+    if budget.isdigit() and int(budget) > 0:
+        cgroup = _cgroup_free_bytes()
+        mb = int(budget) * 2**20
+        return mb if cgroup is None else min(mb, cgroup)
     found = []
     try:
         with open("/proc/meminfo") as fh:

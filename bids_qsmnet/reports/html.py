@@ -13,32 +13,13 @@ import json
 import os
 from collections.abc import Sequence
 
-from ..__about__ import __version__
 from ..io.atomic import write_text_atomic
+from .boilerplate import REFERENCES, methods_markdown, methods_steps, write_boilerplate
 
 __all__ = ["CITATIONS", "citation_text", "write_citations", "write_subject_report"]
 
-CITATIONS = {
-    "qsmnet": "Yoon J, Gong E, Chatnuntawech I, et al. Quantitative susceptibility mapping using "
-              "deep neural network: QSMnet. NeuroImage 2018;179:199-206. "
-              "doi:10.1016/j.neuroimage.2018.06.030",
-    "qsmnet+": "Jung W, Yoon J, Ji S, et al. Exploring linearity of deep neural network trained "
-               "QSM: QSMnet+. NeuroImage 2020;211:116619. doi:10.1016/j.neuroimage.2020.116619",
-    "unet": "Ronneberger O, Fischer P, Brox T. U-Net: convolutional networks for biomedical "
-            "image segmentation. MICCAI 2015. doi:10.1007/978-3-319-24574-4_28",
-    "tkd": "Shmueli K, de Zwart JA, van Gelderen P, et al. Magnetic susceptibility mapping of "
-           "brain tissue in vivo using MRI phase data. Magn Reson Med 2009;62:1510-1522. "
-           "doi:10.1002/mrm.22135",
-    "consensus": "QSM Consensus Organization Committee. Recommended implementation of "
-                 "quantitative susceptibility mapping for clinical research in the brain: a "
-                 "consensus of the ISMRM electro-magnetic tissue properties study group. "
-                 "Magn Reson Med 2024;91:1834-1862. doi:10.1002/mrm.30006",
-    "nipype": "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and "
-              "extensible neuroimaging data processing framework in Python. Front Neuroinform "
-              "2011;5:13. doi:10.3389/fninf.2011.00013",
-    "pybids": "Yarkoni T, Markiewicz CJ, de la Vega A, et al. PyBIDS: Python tools for BIDS "
-              "datasets. J Open Source Softw 2019;4:1294. doi:10.21105/joss.01294",
-}
+#: reference lines by key (:data:`bids_qsmnet.reports.boilerplate.REFERENCES`)
+CITATIONS = {key: ref.text() for key, ref in REFERENCES.items()}
 
 DISCLAIMER = (
     "Deep-learning dipole inversion is not yet recommended by the QSM consensus paper "
@@ -46,28 +27,21 @@ DISCLAIMER = (
     "results and check them against a classical inversion (TKD or an iterative method).")
 
 
-def citation_text(methods: Sequence[str] = ("qsmnet",)) -> str:
-    """A methods paragraph and references for the methods that were run."""
-    refs = ["qsmnet"] + [m for m in methods if m in CITATIONS and m != "qsmnet"]
-    refs += ["unet", "nipype", "pybids", "consensus"]
-    lines = [
-        f"Susceptibility maps were computed with bids_qsmnet {__version__}, which applies a "
-        "3-D U-Net of the QSMnet family [1] to local field maps (ppm) resampled so that B0 lies "
-        "along the third axis at the model's voxel size, and resamples the χ map (ppm) back "
-        "onto the input grid. The workflow ran in Nipype and inputs were found with PyBIDS.",
-        "", DISCLAIMER, "", "References"]
-    seen = []
-    for r in refs:
-        if r not in seen:
-            seen.append(r)
-    lines += [f"[{i}] {CITATIONS[r]}" for i, r in enumerate(seen, 1)]
-    return "\n".join(lines) + "\n"
+def citation_text(steps=None) -> str:
+    """The methods paragraph and references of ``steps``
+    (:func:`~bids_qsmnet.reports.boilerplate.methods_steps`; default: local-field inference
+    with the refinement)."""
+    if steps is None:
+        steps = methods_steps(raw=False, local=True)
+    return methods_markdown(steps, DISCLAIMER)
 
 
-def write_citations(out_dir: str, methods: Sequence[str] = ("qsmnet",)) -> str:
-    os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
-    path = os.path.join(out_dir, "logs", "CITATION.md")
-    return write_text_atomic(path, "# How to cite these results\n\n" + citation_text(methods))
+def write_citations(out_dir: str, steps=None) -> tuple[str, str]:
+    """``logs/CITATION.md`` and ``logs/CITATION.bib`` for ``steps`` (default as
+    :func:`citation_text`)."""
+    if steps is None:
+        steps = methods_steps(raw=False, local=True)
+    return write_boilerplate(out_dir, steps, disclaimer=DISCLAIMER)
 
 
 def _row(k, v):
@@ -75,7 +49,8 @@ def _row(k, v):
 
 
 def write_subject_report(out_dir: str, subject: str, *, errors: Sequence[str] = (),
-                         warnings: Sequence[str] = (), provenance: dict | None = None) -> str:
+                         warnings: Sequence[str] = (), provenance: dict | None = None,
+                         steps=None) -> str:
     """Write ``out_dir/sub-<subject>.html`` from the derivatives of that subject, with the
     problems (``errors``: runs not processed) and ``warnings`` of the run that wrote it."""
     sub_dir = os.path.join(out_dir, f"sub-{subject}")
@@ -129,5 +104,5 @@ def write_subject_report(out_dir: str, subject: str, *, errors: Sequence[str] = 
         parts += [_row(k, v) for k, v in provenance.items()]
         parts.append("</table>")
     parts.append("<h2>Methods and references</h2><pre style='white-space:pre-wrap'>"
-                 + html.escape(citation_text()) + "</pre></body></html>")
+                 + html.escape(citation_text(steps)) + "</pre></body></html>")
     return write_text_atomic(os.path.join(out_dir, f"sub-{subject}.html"), "\n".join(parts))

@@ -229,4 +229,6 @@ def test_dataset_description(tmp_path, folder):
     assert gen["Version"] == __version__
     assert gen["Container"] == {"Type": "docker"}
     assert desc["SourceDatasets"] == [{"URL": f"file://{src}"}]
-    assert _listing(out) == ["dataset_description.json"]
+    assert _listing(out) == [".bidsignore", "README.md", "dataset_description.json"]
+    assert "*.html" in (out / ".bidsignore").read_text()
+    assert "Chimap" in (out / "README.md").read_text()

@@ -365,6 +365,7 @@ def test_output_against_the_bids_validator(example_runs):
     subs = ("01", "02", "03")
     assert accepted == {
         "dataset_description.json",
+        "README.md",
         "logs/CITATION.md",
         "logs/CITATION.bib",
         *(f"sub-{s}/anat/sub-{s}_Chimap{e}" for s in subs for e in (".nii.gz", ".json")),

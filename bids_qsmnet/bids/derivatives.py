@@ -9,6 +9,7 @@ that looks complete; an existing output is replaced only with ``overwrite=True``
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -105,9 +106,39 @@ def copy_atomic(src: str, dest: str, *, overwrite: bool = False) -> str:
     return dest
 
 
+#: what the validator must skip in the derivatives (gitignore syntax): the reports, figures
+#: and logs, as fMRIPrep's ``.bidsignore``; and the phase chain's field maps (ppm), for which
+#: BIDS has no suffix in ``anat/`` (``fieldmap`` belongs to ``fmap/``, in Hz, with a magnitude)
+BIDSIGNORE = ("*.html", "**/figures", "logs", "**/anat/*_fieldmap.nii.gz",
+              "**/anat/*_fieldmap.json")
+
+DERIVATIVES_README = """# bids_qsmnet derivatives
+
+Quantitative susceptibility maps computed by bids_qsmnet {version} from the dataset at
+{source}.
+
+Per run, in `sub-<label>/[ses-<label>/]anat/`:
+
+- `*_Chimap.nii.gz`: magnetic susceptibility χ in ppm on the input grid, zero outside the
+  mask; its JSON sidecar holds the units, the model (name, sha256), the B0 direction, the
+  resampling and the data-consistency settings used.
+- `*_desc-brain_mask.nii.gz`: the brain mask χ is defined on.
+- raw multi-echo GRE runs only: `*_desc-totalfield_fieldmap.nii.gz` (total field, Hz),
+  `*_desc-localfield_fieldmap.nii.gz` (local field after background-field removal, ppm) and
+  `*_desc-eroded_mask.nii.gz` (where the local field and χ are defined). BIDS has no suffix for
+  these maps in `anat/`: `.bidsignore` lists them.
+
+Per subject: `sub-<label>.html`, a report with slice mosaics (`sub-<label>/figures/`), the
+settings, warnings and errors of the run. `logs/CITATION.md` and `logs/CITATION.bib` hold the
+methods text and its references.
+"""
+
+
 def write_dataset_description(out_dir: str, *, bids_dir: str, container: str | None = None,
                               extra_sources: list | None = None) -> str:
-    """``dataset_description.json`` of the derivative dataset (BIDS 1.10)."""
+    """``dataset_description.json`` of the derivative dataset (BIDS 1.10), with its
+    ``README.md`` and ``.bidsignore`` (:data:`BIDSIGNORE`); ``Authors`` and ``License`` are
+    those of the source dataset, when it has them."""
     gen = {"Name": PIPELINE_NAME, "Version": __version__,
            "Description": "Deep-learning QSM (QSMnet/QSMnet+) from local field maps",
            "CodeURL": "https://pypi.org/project/bids_qsmnet/"}
@@ -122,7 +153,22 @@ def write_dataset_description(out_dir: str, *, bids_dir: str, container: str | N
                            + list(extra_sources or [])),
         "DatasetLinks": {"raw": "file://" + os.path.abspath(bids_dir)},
     }
+    desc.update(_source_fields(bids_dir, ("Authors", "License")))
+    os.makedirs(out_dir, exist_ok=True)
+    atomic.write_text_atomic(os.path.join(out_dir, ".bidsignore"), "\n".join(BIDSIGNORE) + "\n")
+    atomic.write_text_atomic(os.path.join(out_dir, "README.md"), DERIVATIVES_README.format(
+        version=__version__, source=os.path.abspath(bids_dir)))
     return write_json_atomic(os.path.join(out_dir, "dataset_description.json"), desc)
+
+
+def _source_fields(bids_dir: str, keys) -> dict:
+    """The fields ``keys`` of the source dataset's description that it has."""
+    try:
+        with open(os.path.join(bids_dir, "dataset_description.json"), encoding="utf-8") as fh:
+            source = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return {k: source[k] for k in keys if isinstance(source, dict) and source.get(k)}
 
 
 def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,

@@ -202,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     # as in containers): the app writes into its output and work folders only
     os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))
     from .execution import clean_work_dir, set_memory_budget, start_worker_server, uses_forkserver
+    from .workers import NIPYPE_LEVEL_ENV
 
-    set_memory_budget(opts.mem_mb)  # before any worker starts: they inherit it
+    # before any worker starts: they inherit the budget and Nipype's log level
+    set_memory_budget(opts.mem_mb)
+    os.environ[NIPYPE_LEVEL_ENV] = "DEBUG" if opts.verbose > 1 else (
+        "INFO" if opts.verbose > 0 else "WARNING")
     if uses_forkserver(opts.plugin, opts.plugin_args) and not (opts.reports_only
                                                                or opts.boilerplate_only):
         start_worker_server()  # its imports overlap with the checks below

@@ -247,7 +247,8 @@ def atomic_path(path: str | os.PathLike) -> str:
 
 
 def save_volume(data: np.ndarray, reference, path: str | os.PathLike, *, dtype=np.float32) -> str:
-    """Write ``data`` with the reference image's affine, qform and sform, atomically.
+    """Write ``data`` with the reference image's affine, qform and sform, atomically; the
+    header's units are mm and seconds.
 
     ``reference`` is a nibabel image (or an affine array).  Returns ``path``.
     """
@@ -266,6 +267,7 @@ def save_volume(data: np.ndarray, reference, path: str | os.PathLike, *, dtype=n
         img.header["scl_slope"], img.header["scl_inter"] = 1.0, 0.0
     else:
         img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(reference))
+    img.header.set_xyzt_units("mm", "sec")  # the affine is in mm (BIDS: units in the header)
     with atomic_output(path, keep_extension=True) as tmp:
         nib.save(img, tmp)
     return path

@@ -108,10 +108,12 @@ def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chi
                               "outside the eroded mask"})
     ds_brain = sink("ds_mask", suffix="mask", desc="brain",
                     metadata={"Type": "Brain", "Sources": sources,
+                              "SpatialReference": sources[0],
                               "Description": "given brain mask" if run.mask else
                               "brain mask found in the magnitude"})
     ds_eroded = sink("ds_eroded_mask", suffix="mask", desc="eroded",
-                     metadata={"Type": "Brain", "Sources": sources, "Description":
+                     metadata={"Type": "Brain", "Sources": sources,
+                               "SpatialReference": sources[0], "Description":
                                "brain mask after background-field removal: where the "
                                "local field and χ are defined"})
     workflow.connect([
@@ -181,7 +183,10 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
         qsm_wf.inputs.inputnode.in_file = run.field
         qsm_wf.inputs.inputnode.mask_file = run.mask
         ds_mask = sink("ds_mask", suffix="mask", desc="brain",
-                       metadata={"Type": "Brain", "Sources": sources})
+                       metadata={"Type": "Brain", "Sources": sources,
+                                 "SpatialReference": sources[0],
+                                 "Description": "the brain mask χ is defined on (the given "
+                                 "mask, or the field's nonzero voxels), without NaN/Inf voxels"})
         _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_mask)
     _connect_report(workflow, qsm_wf, ds_chimap, out_dir=out_dir, entities=entities)
     return workflow

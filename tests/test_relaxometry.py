@@ -211,6 +211,38 @@ def test_fit_r2star_node(tmp_path):
     assert res.outputs.t2star_file.startswith(str(tmp_path))
 
 
+# --------------------------------------------------------------------------- graph and run
+
+
+@pytest.mark.parametrize("variant", ["three echoes", "no magnitude", "one echo"])
+def test_graph_has_the_fit_only_with_two_magnitude_echoes(variant, tmp_path):
+    """The R2* node and its sinks exist for sub-03 (3 echoes with magnitudes) only; without
+    magnitudes, or with one echo, the run and its listed outputs are those of the phase chain."""
+    import dataclasses
+
+    from bids_qsmnet.bids.discovery import build_layout, collect_runs
+    from bids_qsmnet.workflows.base import init_single_run_wf, run_outputs
+
+    (run,) = collect_runs(build_layout(EXAMPLE), "03")
+    if variant == "no magnitude":
+        run = dataclasses.replace(run, mask=str(tmp_path / "mask.nii.gz"), echoes=[
+            dataclasses.replace(e, magnitude=None) for e in run.echoes])
+    elif variant == "one echo":
+        run = dataclasses.replace(run, echoes=run.echoes[:1])
+    wf = init_single_run_wf(run, bids_root=str(EXAMPLE), out_dir=str(tmp_path / "out"),
+                            model=None, device="cpu", tile=None, dc_lambda=None,
+                            omp_nthreads=1, overwrite=False, b0_strength=None, name="run_wf")
+    names = set(wf.list_node_names())
+    fitted = {"phase_wf.r2star", "ds_r2starmap", "ds_t2starmap"}
+    names_out = {Path(p).name for p in run_outputs(run, str(tmp_path / "out"))}
+    maps = {"sub-03_R2starmap.nii.gz", "sub-03_T2starmap.json", "sub-03_desc-r2star_mosaic.png"}
+    if variant == "three echoes":
+        assert fitted <= names and maps <= names_out
+    else:
+        assert not fitted & names and not maps & names_out
+        assert "phase_wf.total_field" in names
+
+
 # --------------------------------------------------------------------------- whole run
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ds-synthetic"
@@ -257,6 +289,8 @@ def test_participant_run_writes_r2star_and_t2star(sub03_run):
     assert 19.0 < np.median(r2[brain]) < 26.0
     assert np.all((r2 >= 0) & (r2 <= R2STAR_MAX))
     np.testing.assert_allclose(t2[r2 > 0], 1 / r2[r2 > 0], rtol=1e-5)
+    assert "R2* (1/s) was fitted to the magnitude echoes" in (
+        out / "logs" / "CITATION.md").read_text()
     png = out / "sub-03" / "figures" / "sub-03_desc-r2star_mosaic.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # run_outputs lists exactly what the run wrote (reruns skip only complete runs)
@@ -264,6 +298,16 @@ def test_participant_run_writes_r2star_and_t2star(sub03_run):
     listed = {Path(p).relative_to(out) for p in run_outputs(run, str(out))}
     written = {p.relative_to(out) for p in (out / "sub-03").rglob("*") if p.is_file()}
     assert listed == written
+
+
+def test_methods_text_names_the_fit_only_when_it_runs():
+    from bids_qsmnet.reports.boilerplate import methods_steps
+
+    def text(**kw):
+        return " ".join(t for t, _ in methods_steps(local=False, **kw))
+
+    assert "R2*" in text(raw=True, relaxometry=True)
+    assert "R2*" not in text(raw=True, relaxometry=False)
 
 
 def _validator_issues(dataset: Path) -> list[dict]:

@@ -16,8 +16,7 @@ from ..interfaces.derivatives import DerivativesSink, ReportMosaics
 from .phase import init_phase_wf
 from .qsmnet import init_qsmnet_wf
 
-__all__ = ["fits_r2star", "init_participant_wf", "init_single_run_wf", "run_outputs",
-           "run_workflow_name"]
+__all__ = ["init_participant_wf", "init_single_run_wf", "run_outputs", "run_workflow_name"]
 
 
 def _sidecar_extras(model_info, b0_dir, frame_file):
@@ -82,12 +81,6 @@ def _after_chimap(workflow, ds_chimap, src, field: str, ds) -> None:
                       (gate, ds, [("value", "in_file")])])
 
 
-def fits_r2star(run: FieldRun) -> bool:
-    """Whether R2*/T2* maps are fitted for ``run``: a raw GRE run of two or more echoes, each
-    with its magnitude."""
-    return run.is_raw and len(run.echoes) >= 2 and all(e.magnitude for e in run.echoes)
-
-
 def _relaxometry_metadata(settings: dict, sources: list[str]) -> dict:
     """The common sidecar entries of the R2* and T2* maps."""
     from ..phase.relaxometry import R2STAR_MAX
@@ -123,10 +116,10 @@ def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chi
                          bgremoval: str):
     """The phase workflow of a raw GRE run in front of ``qsm_wf``, and the sinks of its
     total field, local field, brain mask and eroded mask, and of its R2*/T2* maps when
-    :func:`fits_r2star` (then the R2* sink is returned, else None)."""
+    :attr:`FieldRun.fits_r2star` (then the R2* sink is returned, else None)."""
     phase_wf = init_phase_wf(echo_times=settings["echo_times"],
                              b0_strength=settings["b0_strength"], unwrap=unwrapping,
-                             background=bgremoval, relaxometry=fits_r2star(run))
+                             background=bgremoval, relaxometry=run.fits_r2star)
     phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
     phase_wf.inputs.inputnode.magnitude_files = (
         [e.magnitude for e in run.echoes] if settings["weighted"] else [])
@@ -160,7 +153,7 @@ def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chi
     _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.local_field", ds_local)
     _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.brain_mask", ds_brain)
     _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_eroded)
-    if not fits_r2star(run):
+    if not run.fits_r2star:
         return None
     return _connect_relaxometry(workflow, phase_wf, ds_chimap, sink, settings=settings,
                                 sources=sources)
@@ -270,11 +263,11 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
     named = [("Chimap", None)] + ([("fieldmap", "totalfield"), ("fieldmap", "localfield"),
                                    ("mask", "brain"), ("mask", "eroded")] if run.is_raw
                                   else [("mask", "brain")])
-    if fits_r2star(run):
+    if run.fits_r2star:
         named += [("R2starmap", None), ("T2starmap", None)]
     return [derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)
             for suffix, desc in named for ext in (".nii.gz", ".json")] \
-        + mosaic_paths(out_dir, entities, r2star=fits_r2star(run))
+        + mosaic_paths(out_dir, entities, r2star=run.fits_r2star)
 
 
 def _safe_name(key: str) -> str:

@@ -352,9 +352,10 @@ def test_reports_citations_and_description(example_runs):
 
 def test_output_against_the_bids_validator(example_runs):
     """``bids_validator.BIDSValidator`` judges file names by the raw-data rules: it accepts
-    the χ maps (``Chimap`` is a BIDS anat suffix), their sidecars, the description and
-    ``logs/`` (a folder it does not look into), and rejects the derivative-only names it does
-    not know: the ``desc-brain`` mask in ``anat``, the HTML reports and their figures."""
+    the χ maps (``Chimap`` is a BIDS anat suffix) and the R2*/T2* maps, their sidecars, the
+    description and ``logs/`` (a folder it does not look into), and rejects the
+    derivative-only names it does not know: the ``desc-brain`` mask in ``anat``, the HTML
+    reports and their figures."""
     from bids_validator import BIDSValidator
 
     validator = BIDSValidator()
@@ -369,6 +370,9 @@ def test_output_against_the_bids_validator(example_runs):
         "logs/CITATION.md",
         "logs/CITATION.bib",
         *(f"sub-{s}/anat/sub-{s}_Chimap{e}" for s in subs for e in (".nii.gz", ".json")),
+        # the raw GRE subject's relaxation maps (R2starmap and T2starmap are BIDS suffixes)
+        *(f"sub-03/anat/sub-03_{k}{e}" for k in ("R2starmap", "T2starmap")
+          for e in (".nii.gz", ".json")),
     }
     rejected = set(verdict) - accepted
     assert rejected == {
@@ -376,6 +380,7 @@ def test_output_against_the_bids_validator(example_runs):
         *(f"sub-{s}/anat/sub-{s}_desc-brain_mask{e}" for s in subs for e in (".nii.gz", ".json")),
         *(f"sub-{s}/figures/sub-{s}_desc-{k}_mosaic.png" for s in subs
           for k in ("field", "chimap")),
+        "sub-03/figures/sub-03_desc-r2star_mosaic.png",
         # the raw GRE subject's phase-chain derivatives
         *(f"sub-03/anat/sub-03_desc-{d}{e}"
           for d in ("eroded_mask", "totalfield_fieldmap", "localfield_fieldmap")

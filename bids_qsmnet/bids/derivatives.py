@@ -38,7 +38,7 @@ PIPELINE_NAME = "bids_qsmnet"
 PATH_PATTERNS = [
     "sub-{subject}[/ses-{session}]/{datatype<anat>|anat}/sub-{subject}[_ses-{session}]"
     "[_acq-{acquisition}][_rec-{reconstruction}][_run-{run}][_echo-{echo}][_part-{part}]"
-    "[_space-{space}][_desc-{desc}]_{suffix<Chimap|mask|localfield|fieldmap|unwrapped|dseg|mosaic>}"
+    "[_space-{space}][_desc-{desc}]_{suffix<Chimap|R2starmap|T2starmap|mask|localfield|fieldmap|unwrapped|dseg|mosaic>}"
     "{extension<.nii.gz|.nii|.json|.png|.svg>|.nii.gz}",
     "sub-{subject}[_ses-{session}][_acq-{acquisition}][_run-{run}][_desc-{desc}]"
     "{extension<.html>|.html}",
@@ -193,18 +193,21 @@ def sink_derivative(in_file: str, out_dir: str, entities: dict, *, suffix: str,
 
 
 #: the mosaics of a run, in the order :func:`bids_qsmnet.reports.figures.make_mosaics` writes
-#: them
-MOSAIC_KINDS = ("field", "chimap")
+#: them; ``r2star`` only for runs with an R2* map (raw GRE, two or more magnitude echoes)
+MOSAIC_KINDS = ("field", "chimap", "r2star")
 
 
-def mosaic_paths(out_dir: str, entities: dict) -> list[str]:
-    """Paths of the run's mosaics, ``sub-<label>[/ses-<label>]/figures/<name>_mosaic.png``.
+def mosaic_paths(out_dir: str, entities: dict, *, r2star: bool = False) -> list[str]:
+    """Paths of the run's mosaics, ``sub-<label>[/ses-<label>]/figures/<name>_mosaic.png``;
+    the ``r2star`` one only with ``r2star``.
 
     >>> mosaic_paths("/out", {"subject": "01", "suffix": "localfield"})[1]
     '/out/sub-01/figures/sub-01_desc-chimap_mosaic.png'
+    >>> mosaic_paths("/out", {"subject": "03", "suffix": "MEGRE"}, r2star=True)[2]
+    '/out/sub-03/figures/sub-03_desc-r2star_mosaic.png'
     """
     paths = []
-    for kind in MOSAIC_KINDS:
+    for kind in MOSAIC_KINDS if r2star else MOSAIC_KINDS[:2]:
         png = derivative_path(out_dir, entities, suffix="mosaic", desc=kind, extension=".png")
         paths.append(os.path.join(os.path.dirname(os.path.dirname(png)), "figures",
                                   os.path.basename(png)))

@@ -118,6 +118,12 @@ class FieldRun:
         return bool(self.echoes)
 
     @property
+    def fits_r2star(self) -> bool:
+        """True for a raw GRE run of two or more echoes, each with its magnitude: R2*/T2*
+        maps are fitted to it."""
+        return len(self.echoes) >= 2 and all(e.magnitude for e in self.echoes)
+
+    @property
     def subject(self) -> str:
         return self.entities["subject"]
 

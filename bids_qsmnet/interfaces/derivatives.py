@@ -66,6 +66,7 @@ class _MosaicInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
     out_dir = traits.Str(mandatory=True, desc="root of the derivatives dataset")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the source field")
+    r2star_file = File(exists=True, desc="R2* map, 1/s (raw GRE runs; optional)")
 
 
 class _MosaicOutputSpec(TraitedSpec):
@@ -73,7 +74,8 @@ class _MosaicOutputSpec(TraitedSpec):
 
 
 class ReportMosaics(SimpleInterface):
-    """Axial/coronal/sagittal mosaics of the field and χ for the subject's HTML report.
+    """Axial/coronal/sagittal mosaics of the field, χ and (given) R2* for the subject's HTML
+    report.
 
     Like :class:`DerivativesSink`, it writes into the output folder and so runs on every
     workflow run (a cached result does not prove the figures are still there).
@@ -87,6 +89,7 @@ class ReportMosaics(SimpleInterface):
         from ..reports.figures import make_mosaics
 
         i = self.inputs
-        self._results["out_files"] = make_mosaics(i.field_file, i.chi_file, i.mask_file,
-                                                  i.out_dir, dict(i.entities))
+        self._results["out_files"] = make_mosaics(
+            i.field_file, i.chi_file, i.mask_file, i.out_dir, dict(i.entities),
+            r2star_file=i.r2star_file if isdefined(i.r2star_file) else None)
         return runtime

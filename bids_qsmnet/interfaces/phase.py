@@ -1,4 +1,5 @@
-"""Nipype adapters of the phase chain: raw GRE echoes → total field (Hz) → local field (ppm).
+"""Nipype adapters of the phase chain: raw GRE echoes → total field (Hz) → local field (ppm),
+and the R2*/T2* maps of the magnitude echoes.
 
 Each interface wraps a function of :mod:`bids_qsmnet.phase.files` (tested without Nipype);
 files are written inside the node's folder, named from the first input.
@@ -17,9 +18,15 @@ from nipype.interfaces.base import (
 )
 
 from ..phase.chain import BACKGROUND_METHODS, UNWRAP_METHODS
-from ..phase.files import echo_brain_mask, fit_field, remove_background, stack_echoes
+from ..phase.files import (
+    echo_brain_mask,
+    fit_field,
+    fit_relaxation,
+    remove_background,
+    stack_echoes,
+)
 
-__all__ = ["StackEchoes", "EchoBrainMask", "FitTotalField", "RemoveBackground"]
+__all__ = ["StackEchoes", "EchoBrainMask", "FitTotalField", "RemoveBackground", "FitR2Star"]
 
 
 class _StackEchoesInputSpec(BaseInterfaceInputSpec):
@@ -123,4 +130,29 @@ class RemoveBackground(SimpleInterface):
         out, mask = remove_background(i.in_file, i.mask_file, i.b0_strength, method=i.method,
                                       b0_dir=b0_dir, newpath=runtime.cwd)
         self._results.update(out_file=out, out_mask=mask)
+        return runtime
+
+
+class _FitR2StarInputSpec(BaseInterfaceInputSpec):
+    magnitude_file = File(exists=True, mandatory=True, desc="4-D magnitude, two or more echoes")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    echo_times = traits.List(traits.Float, mandatory=True, minlen=2, desc="echo times, seconds")
+
+
+class _FitR2StarOutputSpec(TraitedSpec):
+    r2star_file = File(exists=True, desc="R2* map, 1/s, 0 outside the mask")
+    t2star_file = File(exists=True, desc="T2* map, seconds, 0 outside the mask")
+
+
+class FitR2Star(SimpleInterface):
+    """Fit R2* and T2* to the magnitude echoes (magnitude-weighted log-linear fit)."""
+
+    input_spec = _FitR2StarInputSpec
+    output_spec = _FitR2StarOutputSpec
+
+    def _run_interface(self, runtime):
+        i = self.inputs
+        r2star, t2star = fit_relaxation(i.magnitude_file, i.mask_file, list(i.echo_times),
+                                        newpath=runtime.cwd)
+        self._results.update(r2star_file=r2star, t2star_file=t2star)
         return runtime

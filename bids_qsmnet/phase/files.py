@@ -1,5 +1,5 @@
 """The steps of the phase chain on NIfTI files, one per workflow node: echoes stacked, brain
-mask, total field (Hz), local field (ppm).
+mask, total field (Hz), local field (ppm), R2* and T2* maps (1/s, s).
 
 Each reads its inputs, checks what only files can get wrong (grids, echo counts), runs its
 step of :mod:`bids_qsmnet.phase.chain` and writes the result into ``newpath`` (default: the
@@ -16,7 +16,8 @@ import numpy as np
 from ..io.nifti import InputError, derived_path, load_volume, save_volume
 from . import chain
 
-__all__ = ["check_echoes", "stack_echoes", "echo_brain_mask", "fit_field", "remove_background"]
+__all__ = ["check_echoes", "stack_echoes", "echo_brain_mask", "fit_field", "remove_background",
+           "fit_relaxation"]
 
 
 def _same_grid(path, img, shape, ref_path, ref_img) -> None:
@@ -213,3 +214,26 @@ def remove_background(total_file: str, mask_file: str, b0_strength: float, *,
     out_mask = save_volume(np.asarray(local_mask, dtype=np.uint8), img,
                            derived_path(total_file, "_localmask", newpath), dtype=np.uint8)
     return out, out_mask
+
+
+def fit_relaxation(magnitude_file: str, mask_file: str, echo_times: Sequence[float], *,
+                   newpath: str | None = None) -> tuple[str, str]:
+    """R2* (1/s) and T2* (s) maps of a multi-echo magnitude inside the brain mask
+    (:func:`bids_qsmnet.phase.relaxometry.fit_r2star`).
+
+    Returns ``(r2star_file, t2star_file)``, both 0 outside the mask.
+    """
+    import nibabel as nib
+
+    from .relaxometry import fit_r2star
+
+    img = nib.load(magnitude_file)
+    mags = _load_echoes(magnitude_file)
+    mask = np.asarray(nib.load(mask_file).dataobj) > 0
+    try:
+        r2star, t2star = fit_r2star(mags, echo_times, mask)
+    except ValueError as exc:
+        raise InputError(f"{magnitude_file}: {exc}") from None
+    ref = _first_volume(img)
+    return (save_volume(r2star, ref, derived_path(magnitude_file, "_r2star", newpath)),
+            save_volume(t2star, ref, derived_path(magnitude_file, "_t2star", newpath)))

@@ -104,12 +104,14 @@ REFERENCES: dict[str, Reference] = {
 
 def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
                   bgremoval: str = "vsharp", network: str = "qsmnet", model_name: str = "",
-                  refinement: str = "auto") -> list[tuple[str, tuple[str, ...]]]:
+                  refinement: str = "auto",
+                  relaxometry: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """The steps of a participant run, each ``(sentence, reference keys)``.
 
     Parameters
     ----------
     raw, local : whether raw multi-echo GRE runs / local-field runs are among the inputs
+    relaxometry : whether R2*/T2* maps are fitted (raw runs with two or more magnitude echoes)
     unwrapping : ``laplacian`` or ``path``; bgremoval : ``vsharp`` or ``pdf`` (raw runs)
     network : the model's family (``qsmnet`` or ``qsmnet+``); model_name : its name
     refinement : ``auto`` (λ chosen per input), ``off``, or a fixed λ as text
@@ -127,6 +129,11 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
             "total field was fitted across echoes (magnitude-weighted linear fit of phase "
             f"against echo time) and the background field was removed by {b[0]}, giving the "
             "local field in ppm inside an eroded brain mask.", u[1] + b[1]))
+    if raw and relaxometry:
+        steps.append((
+            "R2* (1/s) was fitted to the magnitude echoes inside the brain mask by a "
+            "log-linear least-squares fit of ln|S| against echo time weighted by |S|², clipped "
+            "to 0–500 1/s, and T2* (s) taken as 1/R2*.", ()))
     if local:
         steps.append(("Local field maps were converted to ppm of B0 from the units of their "
                       "sidecars (ppm, Hz or rad) and masked with their brain masks.", ()))
@@ -220,4 +227,5 @@ def steps_for_run(runs: Sequence, spec, *, unwrapping: str = "laplacian",
                          local=any(not r.is_raw for r in runs) or not runs,
                          unwrapping=unwrapping, bgremoval=bgremoval, network=_family(spec),
                          model_name=spec.name,
-                         refinement=_refinement(dict(spec.inference or {}), dc_lambda))
+                         refinement=_refinement(dict(spec.inference or {}), dc_lambda),
+                         relaxometry=any(r.fits_r2star for r in runs))

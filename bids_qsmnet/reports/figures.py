@@ -161,21 +161,28 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
 
 
 def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
-                 entities: dict) -> list[str]:
-    """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``."""
+                 entities: dict, r2star_file: str | None = None) -> list[str]:
+    """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``, and of
+    the R2* map (1/s, window 0 to its 99th percentile in the mask) when ``r2star_file`` is
+    given."""
     from ..bids.derivatives import MOSAIC_KINDS, mosaic_paths
     from ..io.nifti import load_volume
 
     field, _ = load_volume(field_file, what="local field")
     chi, _ = load_volume(chi_file, what="χ map")
     mask, _ = load_volume(mask_file, what="brain mask")
-    volumes = {"field": (field, "local field (ppm)", (None, None)),
-               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2))}
-    outs = mosaic_paths(out_dir, entities)
+    volumes = {"field": (field, "local field (ppm)", (None, None), "ppm"),
+               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2), "ppm")}
+    if r2star_file:
+        r2star, _ = load_volume(r2star_file, what="R2* map")
+        inside = r2star[mask > 0]
+        top = float(np.percentile(inside, 99)) if inside.size else 0.0
+        volumes["r2star"] = (r2star, "R2* (1/s)", (0.0, top or 1.0), "1/s")
+    outs = mosaic_paths(out_dir, entities, r2star=bool(r2star_file))
     for kind, png in zip(MOSAIC_KINDS, outs):
-        vol, title, window = volumes[kind]
+        vol, title, window, unit = volumes[kind]
         os.makedirs(os.path.dirname(png), exist_ok=True)
         # plot_mosaic writes through a hidden temporary file and a rename
         plot_mosaic(np.where(mask > 0, vol, 0), png, mask=mask > 0, vmin=window[0],
-                    vmax=window[1], title=title)
+                    vmax=window[1], title=title, unit=unit)
     return outs

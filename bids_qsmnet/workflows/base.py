@@ -81,14 +81,45 @@ def _after_chimap(workflow, ds_chimap, src, field: str, ds) -> None:
                       (gate, ds, [("value", "in_file")])])
 
 
+def _relaxometry_metadata(settings: dict, sources: list[str]) -> dict:
+    """The common sidecar entries of the R2* and T2* maps."""
+    from ..phase.relaxometry import R2STAR_MAX
+
+    return {
+        "EstimationAlgorithm": (
+            "magnitude-weighted (|S|²) log-linear least-squares fit of ln|S| over echo time, "
+            f"mono-exponential decay; R2* clipped to [0, {R2STAR_MAX:g}] 1/s"),
+        "EchoTime": settings["echo_times"], "SkullStripped": True,
+        "MagneticFieldStrength": settings["b0_strength"], "Sources": sources,
+        "SoftwareName": "bids_qsmnet", "SoftwareVersion": __version__,
+    }
+
+
+def _connect_relaxometry(workflow, phase_wf, ds_chimap, sink, *, settings: dict,
+                         sources: list[str]):
+    """Sinks of the R2* (1/s) and T2* (s) maps, stored after the χ map; returns the R2*
+    sink (whose stored file the report's mosaic shows)."""
+    common = _relaxometry_metadata(settings, sources)
+    ds_r2star = sink("ds_r2starmap", suffix="R2starmap", metadata={
+        **common, "Units": "1/s", "Description":
+        "R2* (1/s) fitted to the magnitude echoes, zero outside the brain mask"})
+    ds_t2star = sink("ds_t2starmap", suffix="T2starmap", metadata={
+        **common, "Units": "s", "Description":
+        "T2* = 1/R2* (s), zero where R2* is zero and outside the brain mask"})
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.r2star", ds_r2star)
+    _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.t2star", ds_t2star)
+    return ds_r2star
+
+
 def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chimap, sink, *,
                          sources: list[str], chain: dict, unwrapping: str,
-                         bgremoval: str) -> None:
+                         bgremoval: str):
     """The phase workflow of a raw GRE run in front of ``qsm_wf``, and the sinks of its
-    total field, local field, brain mask and eroded mask."""
+    total field, local field, brain mask and eroded mask, and of its R2*/T2* maps when
+    :attr:`FieldRun.fits_r2star` (then the R2* sink is returned, else None)."""
     phase_wf = init_phase_wf(echo_times=settings["echo_times"],
                              b0_strength=settings["b0_strength"], unwrap=unwrapping,
-                             background=bgremoval)
+                             background=bgremoval, relaxometry=run.fits_r2star)
     phase_wf.inputs.inputnode.phase_files = [e.phase for e in run.echoes]
     phase_wf.inputs.inputnode.magnitude_files = (
         [e.magnitude for e in run.echoes] if settings["weighted"] else [])
@@ -124,11 +155,16 @@ def _connect_phase_chain(workflow, run: FieldRun, settings: dict, qsm_wf, ds_chi
     _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.local_field", ds_local)
     _after_chimap(workflow, ds_chimap, phase_wf, "outputnode.brain_mask", ds_brain)
     _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_eroded)
+    if not run.fits_r2star:
+        return None
+    return _connect_relaxometry(workflow, phase_wf, ds_chimap, sink, settings=settings,
+                                sources=sources)
 
 
-def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict) -> None:
+def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict,
+                    ds_r2star=None) -> None:
     """The χ map's sidecar entries known after inference, and the report's figures (only of
-    a stored χ map)."""
+    a stored χ map, and of a stored R2* map when ``ds_r2star`` is its sink)."""
     extras = pe.Node(niu.Function(function=_sidecar_extras,
                                   input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras")
@@ -144,6 +180,8 @@ def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict
                              ("outputnode.mask_file", "mask_file")]),
         (ds_chimap, ds_report, [("out_file", "chi_file")]),
     ])
+    if ds_r2star is not None:
+        workflow.connect(ds_r2star, "out_file", ds_report, "r2star_file")
 
 
 def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: str | None,
@@ -157,7 +195,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
     A raw GRE run (``run.echoes``) first goes through :func:`init_phase_wf`; its total field
     (Hz, ``desc-totalfield_fieldmap``), local field (ppm, ``desc-localfield_fieldmap``), brain
     mask (``desc-brain_mask``) and the eroded mask of the local field (``desc-eroded_mask``)
-    are written as derivatives.
+    are written as derivatives; with two or more magnitude echoes also its R2* (1/s,
+    ``R2starmap``) and T2* (s, ``T2starmap``) maps.
     """
     settings = run_settings(run, b0_strength=b0_strength)
     workflow = pe.Workflow(name=name)
@@ -176,9 +215,11 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
 
     ds_chimap = sink("ds_chimap", suffix="Chimap",
                      metadata=_chimap_metadata(settings, sources, chain))
+    ds_r2star = None
     if run.is_raw:
-        _connect_phase_chain(workflow, run, settings, qsm_wf, ds_chimap, sink, sources=sources,
-                             chain=chain, unwrapping=unwrapping, bgremoval=bgremoval)
+        ds_r2star = _connect_phase_chain(workflow, run, settings, qsm_wf, ds_chimap, sink,
+                                         sources=sources, chain=chain, unwrapping=unwrapping,
+                                         bgremoval=bgremoval)
     else:
         qsm_wf.inputs.inputnode.in_file = run.field
         qsm_wf.inputs.inputnode.mask_file = run.mask
@@ -188,7 +229,8 @@ def init_single_run_wf(run: FieldRun, *, bids_root: str, out_dir: str, model: st
                                  "Description": "the brain mask χ is defined on (the given "
                                  "mask, or the field's nonzero voxels), without NaN/Inf voxels"})
         _after_chimap(workflow, ds_chimap, qsm_wf, "outputnode.mask_file", ds_mask)
-    _connect_report(workflow, qsm_wf, ds_chimap, out_dir=out_dir, entities=entities)
+    _connect_report(workflow, qsm_wf, ds_chimap, out_dir=out_dir, entities=entities,
+                    ds_r2star=ds_r2star)
     return workflow
 
 
@@ -226,9 +268,11 @@ def run_outputs(run: FieldRun, out_dir: str) -> list[str]:
     named = [("Chimap", None)] + ([("fieldmap", "totalfield"), ("fieldmap", "localfield"),
                                    ("mask", "brain"), ("mask", "eroded")] if run.is_raw
                                   else [("mask", "brain")])
+    if run.fits_r2star:
+        named += [("R2starmap", None), ("T2starmap", None)]
     return [derivative_path(out_dir, entities, suffix=suffix, desc=desc, extension=ext)
             for suffix, desc in named for ext in (".nii.gz", ".json")] \
-        + mosaic_paths(out_dir, entities)
+        + mosaic_paths(out_dir, entities, r2star=run.fits_r2star)
 
 
 def _safe_name(key: str) -> str:

@@ -5,7 +5,8 @@ unwrapping and V-SHARP, MEDI's BET) with :mod:`bids_qsmnet.phase`:
 
 ``stack`` (echoes → radians, one grid) → ``brain_mask`` (given, or found in the magnitude) →
 ``total_field`` (unwrapping + magnitude-weighted fit over echoes, Hz) → ``local_field``
-(background-field removal, ppm, eroded mask).
+(background-field removal, ppm, eroded mask); with ``relaxometry`` also ``r2star`` (R2* and
+T2* maps fitted to the magnitude echoes inside the brain mask).
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ from collections.abc import Sequence
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces.phase import EchoBrainMask, FitTotalField, RemoveBackground, StackEchoes
+from ..interfaces.phase import (
+    EchoBrainMask,
+    FitR2Star,
+    FitTotalField,
+    RemoveBackground,
+    StackEchoes,
+)
 
 __all__ = ["init_phase_wf"]
 
 
 def init_phase_wf(*, echo_times: Sequence[float], b0_strength: float,
                   unwrap: str = "laplacian", background: str = "vsharp",
-                  name: str = "phase_wf"):
+                  relaxometry: bool = False, name: str = "phase_wf"):
     """Build the phase-preprocessing workflow of one GRE run.
 
     Parameters
@@ -32,6 +39,8 @@ def init_phase_wf(*, echo_times: Sequence[float], b0_strength: float,
     unwrap : ``laplacian`` (default; robust to noise, not congruent) or ``path`` (congruent
         region-growing unwrapping)
     background : ``vsharp`` (default) or ``pdf``
+    relaxometry : also fit R2* and T2* maps to the magnitude echoes (needs two or more echoes
+        with magnitudes)
     name : workflow name
 
     Inputs
@@ -47,12 +56,17 @@ def init_phase_wf(*, echo_times: Sequence[float], b0_strength: float,
     local_field : local field, ppm, zero outside ``mask_file``
     mask_file : mask of the local field (eroded by V-SHARP)
     brain_mask : brain mask before background removal
+    r2star : R2* map, 1/s, zero outside the brain mask (``relaxometry`` only)
+    t2star : T2* map, seconds, zero outside the brain mask (``relaxometry`` only)
     """
+    if relaxometry and len(echo_times) < 2:
+        raise ValueError(f"R2* needs two or more echoes, got {len(echo_times)}")
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["phase_files", "magnitude_files", "mask_file", "b0_dir"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["total_field", "local_field", "mask_file", "brain_mask"]), name="outputnode")
+        fields=["total_field", "local_field", "mask_file", "brain_mask"]
+        + (["r2star", "t2star"] if relaxometry else [])), name="outputnode")
 
     stack = pe.Node(StackEchoes(), name="stack")
     brain_mask = pe.Node(EchoBrainMask(), name="brain_mask")
@@ -75,4 +89,11 @@ def init_phase_wf(*, echo_times: Sequence[float], b0_strength: float,
         (local_field, outputnode, [("out_file", "local_field"), ("out_mask", "mask_file")]),
         (brain_mask, outputnode, [("out_mask", "brain_mask")]),
     ])
+    if relaxometry:
+        r2star = pe.Node(FitR2Star(echo_times=[float(t) for t in echo_times]), name="r2star")
+        workflow.connect([
+            (stack, r2star, [("magnitude", "magnitude_file")]),
+            (brain_mask, r2star, [("out_mask", "mask_file")]),
+            (r2star, outputnode, [("r2star_file", "r2star"), ("t2star_file", "t2star")]),
+        ])
     return workflow

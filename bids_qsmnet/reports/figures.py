@@ -9,7 +9,9 @@ import numpy as np
 
 from ..io.atomic import atomic_output
 
-__all__ = ["valid_slices", "plot_validation_slices", "plot_loss_curves", "plot_mosaic"]
+__all__ = ["valid_slices", "plot_validation_slices", "plot_loss_curves", "symmetric_window",
+           "panel_aspect", "mosaic_slices", "mosaic_layout", "plot_mosaic", "make_mosaics",
+           "MOSAIC_STYLES"]
 
 
 def _pyplot():
@@ -21,7 +23,8 @@ def _pyplot():
     return plt
 
 
-def _savefig_atomic(fig, out_png: str | os.PathLike, *, dpi: int) -> str:
+def _savefig_atomic(fig, out_png: str | os.PathLike, *, dpi: int,
+                    metadata: dict | None = None) -> str:
     """Save ``fig`` through a hidden temporary sibling and a rename, then close it.
 
     A run killed while saving leaves at most the hidden temporary file, never a truncated
@@ -32,7 +35,8 @@ def _savefig_atomic(fig, out_png: str | os.PathLike, *, dpi: int) -> str:
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     try:
         with atomic_output(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format=fmt)
+            fig.savefig(tmp, dpi=dpi, format=fmt, metadata=metadata,
+                        facecolor=fig.get_facecolor())
     finally:
         plt.close(fig)
     return path
@@ -111,78 +115,213 @@ def plot_loss_curves(rows: Sequence[dict], out_png: str | os.PathLike, *, title:
     return _savefig_atomic(fig, out_png, dpi=90)
 
 
-def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndarray | None = None,
-                vmin: float | None = None, vmax: float | None = None, n_slices: int = 6,
-                title: str = "", unit: str = "ppm",
-                axial_slices: Sequence[int] | None = None) -> str:
-    """Axial, coronal and sagittal slice mosaics of a volume (one row each).
+#: the three views of a mosaic: (name, the axis a slice is taken across), in row order
+VIEWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
-    Axial slices are the tutorial's 52, 72, 92, 112 when all lie within the brain, else six
-    slices spread over it (as coronal and sagittal rows are); the
-    display window defaults to the 1st–99th percentile inside the mask, symmetric for signed
-    maps.
+
+def symmetric_window(volume: np.ndarray, mask: np.ndarray | None = None, *,
+                     percentile: float = 99.0) -> float:
+    """The half-width ``b`` of a display window ``−b…b`` symmetric about 0: the ``percentile``
+    of ``|volume|`` inside ``mask`` (the non-zero voxels without a mask; 1 when there are
+    none or all are 0).
+
+    >>> symmetric_window(np.array([-0.1, 0.2, 0.05, 0.0]), percentile=100)
+    0.2
+    """
+    vol = np.asarray(volume, dtype=np.float64)
+    inside = vol[mask > 0] if mask is not None and np.any(mask) else vol[vol != 0]
+    inside = np.abs(inside[np.isfinite(inside)])
+    bound = float(np.percentile(inside, percentile)) if inside.size else 0.0
+    return bound if bound > 0 else 1.0
+
+
+def panel_aspect(voxel_size: Sequence[float], axis: int) -> float:
+    """matplotlib ``aspect`` (height over width of one displayed voxel) of a slice taken across
+    ``axis`` and shown as ``np.rot90(slice)``: the columns run along the first remaining axis,
+    the rows along the second.
+
+    >>> panel_aspect((0.86, 0.86, 2.0), 1)   # coronal: rows along z, columns along x
+    2.3255813953488373
+    """
+    a, b = (i for i in range(3) if i != axis)
+    return float(voxel_size[b]) / float(voxel_size[a])
+
+
+def _box(mask: np.ndarray | None, vol: np.ndarray, voxel_size, margin_mm: float):
+    """Voxel index bounds ``[(lo, hi), ...]`` (inclusive) of the brain, ``margin_mm`` wider."""
+    where = mask > 0 if mask is not None and np.any(mask) else vol != 0
+    if not np.any(where):
+        return [(0, n - 1) for n in vol.shape]
+    bounds = []
+    for axis, idx in enumerate(np.nonzero(where)):
+        pad = int(np.ceil(margin_mm / float(voxel_size[axis])))
+        bounds.append((max(int(idx.min()) - pad, 0),
+                       min(int(idx.max()) + pad, vol.shape[axis] - 1)))
+    return bounds
+
+
+def mosaic_slices(lo: int, hi: int, n: int) -> list[int]:
+    """``n`` distinct slice indices spread over ``lo…hi`` (its middle 70 %; the middle slice
+    when ``n`` is 1).
+
+    >>> mosaic_slices(0, 100, 3)
+    [15, 50, 85]
+    """
+    if n == 1:
+        return [int(round((lo + hi) / 2))]
+    pos = np.linspace(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo), n)
+    return sorted({int(round(p)) for p in pos})
+
+
+def mosaic_layout(extents_mm: Sequence[tuple[float, float]], n_cols: int, *,
+                  min_px: int = 200) -> list[tuple[int, int]]:
+    """``(width, height)`` in pixels of the panels of each row of a mosaic.
+
+    Every row is ``n_cols`` panels of the same width, so the rows fill the same width with no
+    empty canvas; each panel has the physical aspect of its row's ``(width, height)`` extent in
+    mm, and the shortest side of any panel is at least ``min_px``.
+
+    >>> mosaic_layout([(150.0, 200.0), (150.0, 150.0), (200.0, 150.0)], 6)
+    [(267, 356), (267, 267), (267, 200)]
+    """
+    ratios = [h / w for w, h in extents_mm]
+    width = max(min_px, *(min_px / r for r in ratios))
+    return [(int(np.ceil(width - 1e-9)), int(np.ceil(width * r - 1e-9))) for r in ratios]
+
+
+def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndarray | None = None,
+                voxel_size: Sequence[float] = (1.0, 1.0, 1.0), vmin: float | None = None,
+                vmax: float | None = None, percentile: float = 99.0, symmetric: bool = True,
+                n_slices: int = 7, title: str = "", label: str = "", unit: str = "ppm",
+                cmap: str = "gray", outline: bool = False, min_px: int = 200,
+                axial_slices: Sequence[int] | None = None) -> str:
+    """Axial, coronal and sagittal slices of a volume, one row of ``n_slices`` per view, drawn
+    at their physical aspect ratio, cropped to the brain, with a labelled colour bar.
+
+    Parameters
+    ----------
+    volume : (X, Y, Z) ndarray — in ``unit``
+    out_png : the PNG to write (through a temporary file and a rename)
+    mask : (X, Y, Z) brain mask: the display window and the crop come from it
+    voxel_size : (3,) float — mm, the NIfTI voxel sizes (``header.get_zooms()[:3]``)
+    vmin, vmax : the display window; by default ``±`` the ``percentile`` of ``|volume|``
+        inside the mask (``symmetric``), or its ``100 − percentile`` … ``percentile``
+        percentiles (not ``symmetric``: maps without sign, such as R2*)
+    n_slices : slices per view (spread over the middle 70 % of the brain)
+    label : what the volume is, for the colour bar (``χ``, ``local field``)
+    outline : draw the mask's outline on every panel
+    min_px : the shortest side of a panel, pixels
+    axial_slices : axial slice indices to show instead (kept when all lie in the volume)
+
+    The window and how it was chosen are written on the colour bar and into the PNG's
+    ``Description`` text chunk (which the HTML report quotes).
     """
     plt = _pyplot()
     vol = np.asarray(volume, dtype=np.float32)
-    inside = vol[mask > 0] if mask is not None and np.any(mask) else vol[vol != 0]
+    mk = None if mask is None else np.asarray(mask) > 0
+    inside = vol[mk] if mk is not None and np.any(mk) else vol[vol != 0]
+    name = label or "value"
     if vmin is None or vmax is None:
-        lo, hi = (np.percentile(inside, [1, 99]) if inside.size else (-1.0, 1.0))
-        bound = max(abs(lo), abs(hi)) or 1.0
-        vmin, vmax = (-bound, bound) if lo < 0 < hi else (lo, hi)
-    if mask is not None and np.any(mask):
-        idx = np.nonzero(mask)
-        bounds = [(int(i.min()), int(i.max())) for i in idx]
+        if symmetric:
+            bound = symmetric_window(vol, mk, percentile=percentile)
+            vmin, vmax = -bound, bound
+            how = f"±{bound:.3g} {unit} = ±p{percentile:g} of |{name}| inside the brain mask"
+        else:
+            lo, hi = (np.percentile(inside, [100 - percentile, percentile])
+                      if inside.size else (0.0, 1.0))
+            vmin, vmax = float(lo), (float(hi) if hi > lo else float(lo) + 1.0)
+            how = (f"{vmin:.3g}…{vmax:.3g} {unit} = p{100 - percentile:g}…p{percentile:g} "
+                   "inside the brain mask")
     else:
-        bounds = [(0, n - 1) for n in vol.shape]
-
-    def spread(axis):
-        lo, hi = bounds[axis]
-        return np.linspace(lo + 0.15 * (hi - lo), hi - 0.15 * (hi - lo), n_slices).astype(int)
-
-    wanted = [int(z) for z in (axial_slices or (52, 72, 92, 112))]
-    lo_z, hi_z = bounds[2]
-    ax_slices = wanted if all(lo_z <= z <= hi_z for z in wanted) else spread(2)
-    rows = [("axial", 2, ax_slices), ("coronal", 1, spread(1)), ("sagittal", 0, spread(0))]
+        how = f"{vmin:.3g}…{vmax:.3g} {unit} (fixed)"
+    vox = [float(v) for v in voxel_size]
+    bounds = _box(mk, vol, vox, margin_mm=4.0)
+    rows = []
+    for view, axis in VIEWS:
+        slices = mosaic_slices(*bounds[axis], n_slices)
+        if axis == 2 and axial_slices and all(0 <= int(z) < vol.shape[2] for z in axial_slices):
+            slices = [int(z) for z in axial_slices]
+        a, b = (i for i in range(3) if i != axis)
+        extent = ((bounds[a][1] - bounds[a][0] + 1) * vox[a],
+                  (bounds[b][1] - bounds[b][0] + 1) * vox[b])
+        rows.append((view, axis, slices, extent))
     ncol = max(len(r[2]) for r in rows)
-    fig, axes = plt.subplots(3, ncol, figsize=(2.0 * ncol, 6.4), squeeze=False)
-    for r, (name, axis, slices) in enumerate(rows):
-        for c in range(ncol):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c >= len(slices):
-                continue
-            img = np.take(vol, int(slices[c]), axis=axis)
-            im = ax.imshow(np.rot90(img), cmap="gray", vmin=vmin, vmax=vmax)
-            ax.set_title(f"{name} {int(slices[c])}", fontsize=7)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label=unit)
+    sizes = mosaic_layout([r[3] for r in rows], ncol, min_px=min_px)
+
+    gap, left, bar_w, top = 4, 4, 120, (36 if title else 6)
+    width = left + ncol * sizes[0][0] + (ncol - 1) * gap + bar_w
+    height = top + sum(h for _, h in sizes) + len(rows) * gap + 2
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="black")
+    crop = tuple(slice(lo, hi + 1) for lo, hi in bounds)
+    sub = vol[crop]
+    sub_mask = None if mk is None else mk[crop]
+    y = top
+    im = None
+    for (view, axis, slices, _), (w, h) in zip(rows, sizes):
+        for c, s in enumerate(slices):
+            x = left + c * (w + gap)
+            ax = fig.add_axes((x / width, 1 - (y + h) / height, w / width, h / height))
+            ax.set_axis_off()
+            k = int(s) - bounds[axis][0]
+            img = np.rot90(np.take(sub, k, axis=axis))
+            im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
+                           aspect=panel_aspect(vox, axis))
+            if outline and sub_mask is not None:
+                ring = np.rot90(np.take(sub_mask, k, axis=axis)).astype(np.float32)
+                if ring.min() < 0.5 < ring.max():
+                    ax.contour(ring, levels=[0.5], colors="black", linewidths=1.0)
+                ax.set_xlim(-0.5, img.shape[1] - 0.5)
+                ax.set_ylim(img.shape[0] - 0.5, -0.5)
+            ax.text(0.03, 0.97, f"{view} {int(s)}", transform=ax.transAxes, color="white",
+                    fontsize=9, va="top", ha="left",
+                    bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5, "linewidth": 0})
+        y += h + gap
+    grid_h = height - top - 2
+    cax = fig.add_axes(((width - bar_w + 14) / width, 1 - (top + 0.85 * grid_h) / height,
+                        18 / width, 0.7 * grid_h / height))
+    bar = fig.colorbar(im, cax=cax)
+    bar.set_label(f"{name} ({unit}); window {how}", color="white", fontsize=10)
+    bar.ax.tick_params(colors="white", labelsize=9)
+    bar.outline.set_edgecolor("white")
     if title:
-        fig.suptitle(title, fontsize=9)
-    return _savefig_atomic(fig, out_png, dpi=72)
+        fig.text(left / width, 1 - 8 / height, title, color="white", fontsize=13, va="top")
+    return _savefig_atomic(fig, out_png, dpi=dpi,
+                           metadata={"Title": title or name,
+                                     "Description": f"{name} ({unit}), window {how}"})
+
+
+#: how :func:`make_mosaics` draws each kind: (title, colour-bar label, colour map, outline,
+#: unit, window symmetric about 0)
+MOSAIC_STYLES = {
+    "field": ("Input local field", "local field", "RdBu_r", True, "ppm", True),
+    "chimap": ("Susceptibility χ", "χ", "gray", False, "ppm", True),
+    "r2star": ("R2*", "R2*", "inferno", False, "1/s", False),
+}
 
 
 def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
                  entities: dict, r2star_file: str | None = None) -> list[str]:
-    """Slice mosaics (PNG) of the input field and the χ map under ``sub-*/figures/``, and of
-    the R2* map (1/s, window 0 to its 99th percentile in the mask) when ``r2star_file`` is
-    given."""
+    """Slice mosaics (PNG) of the input field (with the mask's outline) and the χ map under
+    ``sub-*/figures/``, each in a window ±p99 of its magnitude inside the mask, and of the R2*
+    map (1/s, window p1…p99 inside the mask) when ``r2star_file`` is given; at the voxel
+    sizes of the χ map's NIfTI header."""
     from ..bids.derivatives import MOSAIC_KINDS, mosaic_paths
     from ..io.nifti import load_volume
 
     field, _ = load_volume(field_file, what="local field")
-    chi, _ = load_volume(chi_file, what="χ map")
+    chi, chi_img = load_volume(chi_file, what="χ map")
     mask, _ = load_volume(mask_file, what="brain mask")
-    volumes = {"field": (field, "local field (ppm)", (None, None), "ppm"),
-               "chimap": (chi, "susceptibility χ (ppm)", (-0.1, 0.2), "ppm")}
+    voxel_size = tuple(float(v) for v in chi_img.header.get_zooms()[:3])
+    brain = mask > 0
+    volumes = {"field": field, "chimap": np.where(brain, chi, 0)}
     if r2star_file:
         r2star, _ = load_volume(r2star_file, what="R2* map")
-        inside = r2star[mask > 0]
-        top = float(np.percentile(inside, 99)) if inside.size else 0.0
-        volumes["r2star"] = (r2star, "R2* (1/s)", (0.0, top or 1.0), "1/s")
+        volumes["r2star"] = np.where(brain, r2star, 0)
     outs = mosaic_paths(out_dir, entities, r2star=bool(r2star_file))
     for kind, png in zip(MOSAIC_KINDS, outs):
-        vol, title, window, unit = volumes[kind]
+        title, label, cmap, outline, unit, symmetric = MOSAIC_STYLES[kind]
         os.makedirs(os.path.dirname(png), exist_ok=True)
-        # plot_mosaic writes through a hidden temporary file and a rename
-        plot_mosaic(np.where(mask > 0, vol, 0), png, mask=mask > 0, vmin=window[0],
-                    vmax=window[1], title=title, unit=unit)
+        plot_mosaic(volumes[kind], png, mask=brain, voxel_size=voxel_size, title=title,
+                    label=label, cmap=cmap, outline=outline, unit=unit, symmetric=symmetric)
     return outs

@@ -15,7 +15,7 @@ from ..errors import CLIError
 
 LOGGER = logging.getLogger("bids_qsmnet")
 
-__all__ = ["validate_dataset", "select_subjects", "discover_runs", "run_steps",
+__all__ = ["validate_dataset", "select_subjects", "discover_runs", "dataset_runs", "run_steps",
            "build_participant_workflow", "build_group_workflow"]
 
 
@@ -103,6 +103,22 @@ def _check_run(run, b0_strength: float | None) -> list[str]:
     return []
 
 
+def dataset_runs(opts, layout) -> list:
+    """Every run of every subject of the dataset (no file read; subjects whose inputs cannot
+    be found are left out): what a participant run's methods text describes, so that runs of
+    different participants sharing one output folder (a job array) write the same text."""
+    from ..bids.discovery import DiscoveryError, collect_runs
+
+    runs = []
+    for subject in layout.get_subjects():
+        try:
+            runs += collect_runs(layout, subject, sessions=opts.session_label,
+                                 filters=opts.bids_filter_file)
+        except DiscoveryError:
+            continue
+    return runs
+
+
 def run_steps(opts, runs: list) -> list:
     """The methods steps (:func:`~bids_qsmnet.reports.boilerplate.steps_for_run`) of a
     participant run over ``runs`` with the options and model of ``opts``."""
@@ -156,15 +172,14 @@ def _refuse(opts, errors: dict, subject: str, message: str, line: str) -> None:
         raise CLIError(f"{message} (stopped there: --stop-on-first-crash)")
 
 
-def _participant_runs(opts, layout, errors: dict, warnings: dict, found: list) -> list:
+def _participant_runs(opts, layout, errors: dict, warnings: dict) -> list:
     """The runs of the selected subjects still to process, each through the pre-flight
-    (:func:`_check_run`); the problems of the others go into ``errors``, the pre-flight's
-    warnings into ``warnings`` (subject → messages) and every run found into ``found``."""
+    (:func:`_check_run`); the problems of the others go into ``errors`` and the pre-flight's
+    warnings into ``warnings`` (subject → messages)."""
     from ..errors import UserError
 
     runs = []
-    found += discover_runs(opts, layout, errors)
-    for run in found:
+    for run in discover_runs(opts, layout, errors):
         subject = run.subject
         if not _needs_processing(run, opts):
             continue
@@ -180,13 +195,11 @@ def _participant_runs(opts, layout, errors: dict, warnings: dict, found: list) -
     return runs
 
 
-def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None = None,
-                               found: list | None = None):
+def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None = None):
     """Collect every run of the selected subjects and build the participant workflow.
 
     Subjects or runs that cannot be processed are recorded in ``errors`` (subject → messages)
-    and skipped; the pre-flight's warnings go into ``warnings`` and every run found (done,
-    to do or refused) into ``found``.  Returns ``(workflow or None,
+    and skipped; the pre-flight's warnings go into ``warnings``.  Returns ``(workflow or None,
     model file, runs)``: no workflow when every run is done already (or every remaining run
     of a subject whose others are complete was refused).
 
@@ -198,8 +211,7 @@ def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None
     from ..workflows.base import init_participant_wf
 
     model = _check_model(opts)
-    runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings,
-                             [] if found is None else found)
+    runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings)
     if not runs:
         selected = select_subjects(layout, opts.participant_label)
         if errors and all(s in errors for s in selected):

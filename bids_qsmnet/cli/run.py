@@ -86,7 +86,7 @@ def _summary(errors: dict, subjects) -> int:
 
 
 def _participant(opts, layout, work_dir: Path) -> int:
-    from .build import run_steps, select_subjects
+    from .build import dataset_runs, run_steps, select_subjects
     from .crashes import failed_runs
     from .execution import run_workflow
 
@@ -94,12 +94,11 @@ def _participant(opts, layout, work_dir: Path) -> int:
         return _documents_only(opts, layout, work_dir)
     errors: dict = {}
     warnings: dict = {}
-    found: list = []
     subjects = select_subjects(layout, opts.participant_label)
     t0 = time.time()
     runs, failed = [], []
     try:
-        wf, _model, runs = build_participant_workflow(opts, layout, errors, warnings, found)
+        wf, _model, runs = build_participant_workflow(opts, layout, errors, warnings)
         if wf is not None:
             try:
                 run_workflow(wf, opts, work_dir)
@@ -111,7 +110,9 @@ def _participant(opts, layout, work_dir: Path) -> int:
             errors.setdefault(run.subject, []).append(message)
     finally:
         reported = _reported(Path(opts.output_dir), subjects, runs, errors, warnings)
-        steps = run_steps(opts, found)
+        # the methods text covers the whole dataset: runs of other participants that share
+        # this output folder write the same text
+        steps = run_steps(opts, dataset_runs(opts, layout))
         _write_participant_outputs(opts, subjects, reported, errors, warnings, work_dir, t0,
                                    steps)
     LOGGER.info("wrote %d χ map(s) to %s in %.0f s", len(runs) - len(failed), opts.output_dir,

@@ -159,17 +159,26 @@ def forward_run(tmp_path_factory):
 
 
 def test_qsm_forward_compartments_within_ten_percent(forward_run):
-    """Median relative R2* error ≤ 10 % in every tissue label with 20 voxels or more."""
+    """In every tissue label the compartment's median R2* is within 10 % of the truth; in
+    every label of 20 voxels or more, also the median of the voxels' relative errors (in the
+    4-voxel calcification, R2* 120 1/s at proton density 0.3, single voxels are too noisy for
+    that: 12 %, against 6 % for its median R2*)."""
     r2, t2 = fit_r2star(forward_run["mags"], forward_run["tes"], forward_run["mask"])
-    rel = np.abs(r2 - forward_run["r2s"]) / np.maximum(forward_run["r2s"], 1e-6)
+    truth = forward_run["r2s"]
+    rel = np.abs(r2 - truth) / np.maximum(truth, 1e-6)
     labels = forward_run["labels"]
-    checked = {}
+    checked, of_median = {}, {}
     for lab in np.unique(labels[labels > 0]):
         inside = labels == lab
+        name = forward_run["names"][int(lab)]
+        true = float(np.median(truth[inside]))
+        of_median[name] = abs(float(np.median(r2[inside])) - true) / true
         if inside.sum() >= 20:
-            checked[forward_run["names"][int(lab)]] = float(np.median(rel[inside]))
+            checked[name] = float(np.median(rel[inside]))
     assert {"csf", "cortical_gm", "white_matter"} <= set(checked)
     assert all(err <= 0.10 for err in checked.values()), checked
+    assert {"calcification", "hemorrhage", "red_nucleus", "substantia_nigra"} <= set(of_median)
+    assert all(err <= 0.10 for err in of_median.values()), of_median
     assert np.all(np.isfinite(t2)) and not t2[~forward_run["mask"]].any()
 
 

@@ -125,22 +125,25 @@ def _participant(opts, layout, work_dir: Path) -> int:
 
 
 def _documents_only(opts, layout, work_dir: Path) -> int:
-    """``--boilerplate-only``: the methods text and references of the runs found;
-    ``--reports-only``: those and every selected subject's report, from its outputs."""
-    from .build import discover_runs, run_steps, select_subjects
+    """``--boilerplate-only``: the methods text and references of the selected subjects'
+    runs; ``--reports-only``: every selected subject's report from its outputs, and the
+    methods text a participant run writes (every run of the dataset)."""
+    from .build import dataset_runs, discover_runs, run_steps, select_subjects
 
     errors: dict = {}
     subjects = select_subjects(layout, opts.participant_label)
     if opts.reports_only and not (Path(opts.output_dir) / "dataset_description.json").exists():
         raise CLIError(f"{opts.output_dir}: no bids_qsmnet outputs to report on (no "
                        "dataset_description.json); run without --reports-only first")
-    steps = run_steps(opts, discover_runs(opts, layout, errors))
     if opts.boilerplate_only:
         from ..reports.html import write_citations
 
+        steps = run_steps(opts, discover_runs(opts, layout, errors))
         md, bib = write_citations(str(opts.output_dir), steps)
         LOGGER.info("wrote the methods text to %s and its references to %s", md, bib)
         return 0
+    # the same methods text as the participant runs that wrote these outputs
+    steps = run_steps(opts, dataset_runs(opts, layout))
     _write_participant_outputs(opts, subjects, set(subjects), errors, {}, work_dir,
                                time.time(), steps)
     LOGGER.info("rebuilt %d report(s) in %s from its outputs", len(subjects), opts.output_dir)

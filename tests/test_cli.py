@@ -93,6 +93,15 @@ def test_defaults_are_resolved(bids):
     assert opts.omp_nthreads == min(opts.nprocs, 8)
 
 
+def test_threads_per_process_stay_within_the_cpus_of_a_local_run(bids):
+    """MultiProc: ``--nprocs`` bounds every node's threads (no node demands more than the
+    plugin has); a cluster plugin's jobs get the threads asked for."""
+    root, out = bids
+    args = [str(root), str(out), "participant", "--nprocs", "1", "--omp-nthreads", "2"]
+    assert parse_args(args).omp_nthreads == 1
+    assert parse_args([*args, "--plugin", "SLURM"]).omp_nthreads == 2
+
+
 def test_nonexistent_bids_dir_exits_2(tmp_path, capsys):
     code, err = _exit_code([tmp_path / "missing", tmp_path / "out", "participant"], capsys)
     assert code == 2 and "does not exist" in err

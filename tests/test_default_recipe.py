@@ -163,8 +163,8 @@ def test_stage3_plan_and_hashes():
     r = Recipe()
     assert _stage_plan(r, 3) == (r.chain_seed, r.chain_brains + r.chain_plain_brains,
                                  r.chain_sources, "chain-")
-    with pytest.raises(ValueError, match="stages 1, 2 and 3"):
-        _stage_plan(r, 4)
+    with pytest.raises(ValueError, match="stages 1, 2, 3 and 4"):
+        _stage_plan(r, 5)
     assert dataclasses.replace(r, chain_brains=3).chain_hash() != r.chain_hash()
     assert dataclasses.replace(r, p_blur=0.1).chain_hash() != r.chain_hash()  # stage 2 data
     assert dataclasses.replace(r, chain_brains=3).finetune_hash() == r.finetune_hash()
@@ -223,3 +223,41 @@ def test_stage3_patch_size_names_its_own_store_and_cuts_patches_of_that_size(tmp
     assert info.patch_size == 24 and info.n_patches > 0
     info1 = _patch_store(str(tmp_path / "one.h5"), [vol], small, "test")  # stages 1-2
     assert info1.patch_size == 16 and info1.n_patches > info.n_patches
+
+
+def test_stage4_plan_and_hash():
+    """Stage 4 (real-anatomy structure): its own seed and volumes; its store's hash follows its
+    own fields and the shared field model, not the earlier stages' phantom counts."""
+    from bids_qsmnet.training.default_recipe import _stage_plan
+
+    r = Recipe()
+    assert _stage_plan(r, 4) == (r.tissue_seed, r.tissue_brains + r.tissue_plain_brains,
+                                 r.tissue_sources, "tissue-")
+    for change in ({"tissue_brains": 3}, {"tissue_p_blur": 0.0}, {"tissue_patch_size": 48},
+                   {"noise_ppm": (0.001, 0.002)}, {"tissue_seed": 1}):
+        assert dataclasses.replace(r, **change).tissue_hash() != r.tissue_hash()
+    for same in ({"n_brains": 3}, {"chain_brains": 3}, {"ft_seed": 1}, {"tissue_epochs": 9}):
+        assert dataclasses.replace(r, **same).tissue_hash() == r.tissue_hash()
+
+
+def test_stage4_volumes_template_brains_first_then_procedural():
+    """Stage 4's first ``tissue_brains`` volumes are INIA19-template brains with exact,
+    physically consistent fields; then procedural brains and source phantoms."""
+    from bids_qsmnet.data.anatomy import AnatomyUnavailable
+    from bids_qsmnet.training.default_recipe import training_volume
+
+    r = dataclasses.replace(Recipe(), tissue_brains=1, tissue_plain_brains=1, tissue_sources=1,
+                            brain_shape=(96, 112, 80), source_shape=(32, 32, 32),
+                            p_linearity=0.0, p_texture=0.0, tissue_p_blur=0.0,
+                            p_background=0.0, max_erosion=0)
+    try:
+        vol = training_volume(r, 4, 0)
+    except AnatomyUnavailable as exc:
+        pytest.skip(str(exc))
+    assert vol.subject == "tissue-template-000" and vol.mask.sum() > 50_000
+    noise = vol.sources["noise_ppm"]
+    exact = simulate_local_field(vol.chi, vol.mask)
+    resid = (vol.field - exact)[vol.mask]
+    assert abs(np.std(resid) - noise) < 0.2 * noise  # the field is the label's, plus noise
+    assert training_volume(r, 4, 1).subject == "tissue-brain-001"
+    assert training_volume(r, 4, 2).subject == "tissue-sources-000"

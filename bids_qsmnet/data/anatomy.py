@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["ANATOMIES", "AnatomyPhantom", "AnatomyUnavailable", "anatomy_phantom",
-           "mricron_templates"]
+           "mricron_templates", "tissue_fractions"]
 
 #: anatomies this module can build
 ANATOMIES = ("mni152", "colin27")
@@ -131,9 +131,10 @@ def _resample_labels(path, affine, shape) -> np.ndarray:
     return np.rint(out).astype(np.int16)
 
 
-def _colin27_tissues(t1: np.ndarray, brain: np.ndarray):
-    """Grey/white-matter fractions of the Colin27 T1 from its intensity modes in the brain:
-    linear between the CSF, GM and WM peaks of the histogram."""
+def tissue_fractions(t1: np.ndarray, brain: np.ndarray):
+    """Grey/white-matter fractions ``(p_gm, p_wm)`` of a T1-weighted image from its intensity
+    modes in the brain mask: linear between the CSF, GM and WM peaks of the histogram (the
+    Colin27 anatomy; the INIA19 training anatomy of :mod:`bids_qsmnet.data.texture`)."""
     from scipy import ndimage as ndi
 
     v = t1[brain]
@@ -168,7 +169,7 @@ def _images(name: str):
         bet = _load(os.path.join(d, "ch2bet.nii.gz"))[0]
         brain = ndi.binary_fill_holes(ndi.binary_opening(bet > 0, iterations=1))
         brain = ndi.binary_erosion(brain, iterations=2)
-        gm, wm = _colin27_tissues(t1, brain)
+        gm, wm = tissue_fractions(t1, brain)
         return t1, gm, wm, brain, affine
     raise ValueError(f"unknown anatomy {name!r}; choose one of {', '.join(ANATOMIES)}")
 

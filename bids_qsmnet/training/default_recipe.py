@@ -78,7 +78,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -159,6 +159,19 @@ class Recipe:
     chain_mask_erode_mm: float = 0.0
     chain_learning_rate: float = 2e-4
     chain_ema_decay: float = 0.995
+    # ---- stage 4: fine-tuning on real-anatomy structure (see the module docstring)
+    tissue_seed: int = 20261207
+    #: brains made from the INIA19 primate template (:mod:`bids_qsmnet.data.texture`)
+    tissue_brains: int = 32
+    #: procedural brains and source phantoms, so veins and strong sources are not forgotten
+    tissue_plain_brains: int = 8
+    tissue_sources: int = 8
+    #: probability of blurring a volume's χ in stage 4 (stages 2-3: ``p_blur``)
+    tissue_p_blur: float = 0.3
+    tissue_patch_size: int = 64
+    tissue_epochs: int = 2
+    tissue_learning_rate: float = 2e-4
+    tissue_ema_decay: float = 0.995
     extra: dict = field(default_factory=dict)
 
     def _hash(self, keys, previous: dict | None = None) -> str:
@@ -188,6 +201,16 @@ class Recipe:
         if self.chain_mask_erode_mm:  # (likewise)
             keys += ("chain_mask_erode_mm",)
         return self._hash(keys, {"stage2": self.finetune_hash()})
+
+    def tissue_hash(self) -> str:
+        """Hash of everything that determines the stage-4 patch store (its volumes do not
+        depend on the earlier stages' data)."""
+        return self._hash(("tissue_seed", "tissue_brains", "tissue_plain_brains",
+                           "tissue_sources", "tissue_p_blur", "tissue_patch_size",
+                           "brain_shape", "source_shape", "max_erosion", "noise_ppm",
+                           "background_ppm", "p_background", "p_linearity", "linearity_range",
+                           "p_texture", "texture_ppm", "texture_mm", "blur_sigma_mm",
+                           "max_stride", "min_mask_fraction"))
 
 
 def _smooth_background(shape, rng, std_ppm: float) -> np.ndarray:
@@ -308,12 +331,16 @@ def _stage_plan(recipe: Recipe, stage: int):
     if stage == 3:
         return (recipe.chain_seed, recipe.chain_brains + recipe.chain_plain_brains,
                 recipe.chain_sources, "chain-")
-    raise ValueError(f"the recipe has stages 1, 2 and 3, not {stage}")
+    if stage == 4:
+        return (recipe.tissue_seed, recipe.tissue_brains + recipe.tissue_plain_brains,
+                recipe.tissue_sources, "tissue-")
+    raise ValueError(f"the recipe has stages 1, 2, 3 and 4, not {stage}")
 
 
 def training_volume(recipe: Recipe, stage: int, index: int):
     """Training volume ``index`` of a stage (brains first, then source phantoms; in stage 3
-    the first ``chain_brains`` brains go through the phase chain).
+    the first ``chain_brains`` brains go through the phase chain; in stage 4 the first
+    ``tissue_brains`` brains are made from the INIA19 template).
 
     Each volume draws from its own child of the stage's ``SeedSequence``, so a volume is the
     same whether it is made alone, in order, or in a worker process."""
@@ -323,6 +350,14 @@ def training_volume(recipe: Recipe, stage: int, index: int):
     if not 0 <= index < n_brains + n_sources:
         raise IndexError(f"stage {stage} has {n_brains + n_sources} volumes, not {index + 1}")
     rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(n_brains + n_sources)[index])
+    if stage == 4:
+        recipe = replace(recipe, p_blur=recipe.tissue_p_blur)
+        if index < recipe.tissue_brains:
+            from ..data.texture import texture_phantom
+
+            chi, mask = texture_phantom(recipe.brain_shape, rng)
+            return _make_pair(chi, mask, rng, recipe, f"{prefix}template-{index:03d}",
+                              variety=True)
     if index < n_brains:
         ph = make_brain_phantom(recipe.brain_shape, rng=rng)
         return _make_pair(ph.chi, ph.mask, rng, recipe, f"{prefix}brain-{index:03d}",
@@ -391,6 +426,20 @@ def validation_volumes(recipe: Recipe, *, stage: int = 1):
     return out
 
 
+def anatomy_validation_volumes(recipe: Recipe):
+    """Stage 4's validation: the MNI152 anatomy's exact field with 1 ppb noise
+    (:mod:`bids_qsmnet.data.anatomy`, never used in training; its truth less its in-mask
+    mean, which no field determines), then stage 1's held-out procedural brain."""
+    from ..data.anatomy import anatomy_phantom
+    from ..data.evaluation import make_case
+    from .trainer import ValidationVolume
+
+    case = make_case(anatomy_phantom("mni152"), "exact", seed=recipe.tissue_seed)
+    m = case["mask"]
+    chi = np.where(m, case["chi"] - case["chi"][m].mean(), 0).astype(np.float32)
+    return [ValidationVolume("mni152", case["field"], chi, m), *validation_volumes(recipe)]
+
+
 def _patch_store(path: str, volumes, recipe: Recipe, what: str, *, patch_size: int = 0):
     from .patches import extract_patches, read_store_info
 
@@ -407,10 +456,14 @@ def _patch_store(path: str, volumes, recipe: Recipe, what: str, *, patch_size: i
 
 def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
                threads: int | None = None, device: str = "cpu",
-               stages: tuple = (1, 2, 3), workers: int = 1, loader_workers: int = 0,
-               amp: bool = False) -> str:
-    """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train`` and
-    fine-tune it (stage 2) into ``out_dir/finetune``; returns the last stage's model path.
+               stages: tuple = (1, 2, 3, 4), workers: int = 1, loader_workers: int = 0,
+               amp: bool = False, from_model: str | None = None) -> str:
+    """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train``, fine-tune
+    it (stage 2) into ``out_dir/finetune``, (stage 3) into ``out_dir/chain`` and (stage 4) into
+    ``out_dir/tissue``; returns the last stage's model path.
+
+    ``from_model``: the model file stage 4 starts from (default: stage 3's last one), e.g. the
+    shipped default, which is stage 3 of ``--preset gpu``.
 
     ``workers``: processes that simulate the training volumes (same volumes for any number);
     ``loader_workers``: DataLoader processes reading patches; ``amp``: bf16 autocast (CUDA).
@@ -484,6 +537,37 @@ def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps:
         model_path = train(cfg, validation_volumes(recipe, stage=3)).model_path
         LOGGER.info("stage 3 (%d epochs) took %.0f s this run", recipe.chain_epochs,
                     time.time() - t0)
+    if 4 in stages:
+        model_path = _stage4(out_dir, recipe, common, info, workers=workers,
+                             init=from_model or os.path.join(
+                                 out_dir, "chain",
+                                 f"model_epoch-{recipe.chain_epochs:03d}.safetensors"))
+    return model_path
+
+
+def _stage4(out_dir, recipe: Recipe, common: dict, info: dict, *, workers: int, init: str):
+    from ..models.modelfile import file_sha256
+    from .trainer import TrainingConfig, train
+
+    if not os.path.exists(init):
+        raise FileNotFoundError(f"stage 4 starts from {init}, which does not exist: run "
+                                "stage 3 first or give --from-model")
+    store = os.path.join(out_dir, f"patches-tissue-{recipe.tissue_hash()}.h5")
+    _patch_store(store, training_volumes(recipe, stage=4, workers=workers), recipe,
+                 f"{recipe.tissue_brains} INIA19-template brains, {recipe.tissue_plain_brains} "
+                 f"procedural brains and {recipe.tissue_sources} source phantoms, patches of "
+                 f"{recipe.tissue_patch_size}³", patch_size=recipe.tissue_patch_size)
+    cfg = TrainingConfig(patches=store, out_dir=os.path.join(out_dir, "tissue"),
+                         learning_rate=recipe.tissue_learning_rate,
+                         epochs=recipe.tissue_epochs, ema_decay=recipe.tissue_ema_decay,
+                         init_model=init,
+                         training_info={**info, "stage": 4, "init_model": os.path.basename(init),
+                                        "init_model_sha256": file_sha256(init)},
+                         **common)
+    t0 = time.time()
+    model_path = train(cfg, anatomy_validation_volumes(recipe)).model_path
+    LOGGER.info("stage 4 (%d epochs) took %.0f s this run", recipe.tissue_epochs,
+                time.time() - t0)
     return model_path
 
 
@@ -532,6 +616,15 @@ def set_fields(recipe: Recipe, assignments) -> Recipe:
     return recipe
 
 
+def _model_file(name: str | None) -> str | None:
+    """A model file path, or the shipped model of that name."""
+    if name is None or os.path.exists(name):
+        return name
+    from ..models.modelfile import resolve_model
+
+    return str(resolve_model(name))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bids_qsmnet.training.default_recipe",
                                 description=__doc__.split("\n\n")[0])
@@ -542,8 +635,11 @@ def main(argv=None) -> int:
                    help="override the recipe's stage-1 epochs")
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="override the recipe's stage-2 (fine-tuning) epochs")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), default=None,
-                   help="run only this stage (default: all three in turn)")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None,
+                   help="run only this stage (default: all four in turn)")
+    p.add_argument("--from-model", default=None,
+                   help="model file (or shipped name, e.g. default) that stage 4 starts from "
+                        "(default: stage 3's last model file)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="recipe size: cpu (fits a session on 2 cores) or gpu (the shipped "
                         "weights: 2-6.4x the data, batch 8, qsmnet-mid; minutes on a GPU)")
@@ -580,8 +676,9 @@ def main(argv=None) -> int:
         recipe.channels_last = False
     print(run_recipe(args.out_dir, recipe, resume=args.resume, max_steps=args.max_steps,
                      threads=args.threads, device=args.device,
-                     stages=(args.stage,) if args.stage else (1, 2, 3), workers=args.workers,
-                     loader_workers=args.loader_workers, amp=args.amp))
+                     stages=(args.stage,) if args.stage else (1, 2, 3, 4),
+                     workers=args.workers, loader_workers=args.loader_workers, amp=args.amp,
+                     from_model=_model_file(args.from_model)))
     return 0
 
 

@@ -79,3 +79,23 @@ def test_group_level_without_labels_fails_clearly(tmp_path):
     proc = _run(bids, tmp_path / "out", "group", "--model", "toy", "-w", tmp_path / "w")
     assert proc.returncode == 1
     assert "no subject" in proc.stderr and "Chimap" in proc.stderr
+
+
+@pytest.mark.parametrize("arch,given,expected", [
+    ("toy", {}, {"patch_size": 32, "batch_size": 20, "learning_rate": 1e-3, "epochs": 25,
+                 "save_step": 5}),
+    ("qsmnet", {}, {"patch_size": 64, "batch_size": 12, "learning_rate": 1e-3, "epochs": 25,
+                    "save_step": 5}),
+    ("toy", {"batch_size": 4, "patch_size": 48}, {"patch_size": 48, "batch_size": 4}),
+])
+def test_training_settings_default_per_architecture(arch, given, expected):
+    """Group level: the toy trains as the tutorial does (32³ patches, batch 20), the QSMnet
+    family as the paper does (64³, batch 12); an option given on the command line wins."""
+    from bids_qsmnet.cli.build import _training_settings
+    from bids_qsmnet.cli.parser import parse_args
+
+    argv = [str(EXAMPLE), "/tmp/bids_qsmnet_settings_out", "group", "--model", arch]
+    for k, v in given.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    settings = _training_settings(parse_args(argv), arch)
+    assert {k: settings[k] for k in expected} == expected

@@ -299,6 +299,18 @@ def _set_training_inputs(wf, train_runs: list, val_runs: list, b0_strength) -> N
         fill("val_", val_runs)
 
 
+def _training_settings(opts, arch: str) -> dict:
+    """Patch size, batch size, learning rate, epochs and save step: the options given, else
+    the architecture's defaults (:func:`bids_qsmnet.training.config.architecture_defaults`)."""
+    from ..training.config import architecture_defaults
+
+    settings = {k: (getattr(opts, k) if getattr(opts, k) is not None else v)
+                for k, v in architecture_defaults(arch).items()}
+    LOGGER.info("training %s: %s", arch, ", ".join(f"{k.replace('_', ' ')} {v}"
+                                                   for k, v in settings.items()))
+    return settings
+
+
 def build_group_workflow(opts, layout):
     """Collect runs with labels, split off validation subjects, build ``init_training_wf``.
 
@@ -326,12 +338,10 @@ def build_group_workflow(opts, layout):
     LOGGER.info("training on %d run(s) of %s; validating on %s", len(train_runs),
                 ", ".join(sorted({f"sub-{r.subject}" for r in train_runs})),
                 ", ".join(sorted(f"sub-{s}" for s in val_subjects)) or "none")
-    patch = opts.patch_size or (32 if arch == "toy" else 64)
+    settings = _training_settings(opts, arch)
     name = opts.model_name or arch
-    wf = init_training_wf(architecture=arch, model_name=name, patch_size=patch,
+    wf = init_training_wf(architecture=arch, model_name=name, **settings,
                           linearity_factor=opts.linearity_factor, sign_flip=opts.sign_flip,
-                          batch_size=opts.batch_size, epochs=opts.epochs,
-                          learning_rate=opts.learning_rate, save_step=opts.save_step,
                           ema_decay=opts.ema_decay, seed=opts.seed, device=opts.device,
                           max_steps=opts.max_steps,
                           omp_nthreads=opts.omp_nthreads, with_validation=bool(val_runs),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..__about__ import __version__
 from ..training.config import TRAINING_DEFAULTS as _D
+from ..training.config import architecture_defaults
 
 __all__ = ["get_parser", "parse_args"]
 
@@ -191,18 +192,27 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--validation-fraction", type=float, default=0.0,
                    help="fraction of subjects held out when --validation-participant is absent")
     g.add_argument("--model-name", default=None, help="name of the trained model")
+    per_arch = " (default: per architecture; toy: {}, others: {})"
+    toy, other = architecture_defaults("toy"), architecture_defaults("qsmnet")
     g.add_argument("--epochs", type=partial(_positive_int, parser=parser, what="--epochs"),
-                   default=_D.epochs)
+                   default=None, help="training epochs" + per_arch.format(toy["epochs"],
+                                                                          other["epochs"]))
     g.add_argument("--batch-size", type=partial(_positive_int, parser=parser,
-                                                what="--batch-size"), default=_D.batch_size)
+                                                what="--batch-size"), default=None,
+                   help="patches per step" + per_arch.format(toy["batch_size"],
+                                                             other["batch_size"]))
     g.add_argument("--patch-size", type=partial(_positive_int, parser=parser,
                                                 what="--patch-size"), default=None,
-                   help="patch edge in voxels (default: 32 for toy, 64 otherwise)")
+                   help="patch edge in voxels" + per_arch.format(toy["patch_size"],
+                                                                 other["patch_size"]))
     g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
-                                                   what="--learning-rate"),
-                   default=_D.learning_rate)
+                                                   what="--learning-rate"), default=None,
+                   help="Adam's initial learning rate" + per_arch.format(
+                       toy["learning_rate"], other["learning_rate"]))
     g.add_argument("--save-step", type=partial(_positive_int, parser=parser,
-                                               what="--save-step"), default=_D.save_step)
+                                               what="--save-step"), default=None,
+                   help="write a model file every this many epochs" + per_arch.format(
+                       toy["save_step"], other["save_step"]))
     g.add_argument("--ema-decay", type=partial(_ema_decay, parser=parser), default=_D.ema_decay,
                    help="validate and save an exponential moving average of the weights with "
                         "this decay per step (e.g. 0.999; 0: the last weights)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["TrainingConfig", "TRAINING_DEFAULTS"]
+__all__ = ["ARCHITECTURE_DEFAULTS", "TrainingConfig", "TRAINING_DEFAULTS", "architecture_defaults"]
 
 
 @dataclass
@@ -98,3 +98,28 @@ class TrainingConfig:
 
 #: a configuration with every default (its ``patches`` and ``out_dir`` are empty)
 TRAINING_DEFAULTS = TrainingConfig(patches="", out_dir="")
+
+
+#: settings that differ by architecture (the group level and ``init_training_wf`` callers
+#: take them unless told otherwise): the toy network trains as the tutorial trains it
+#: (``Training_params.py``: 32³ patches, batch 20, learning rate 1e-3, 25 epochs, a model
+#: file every 5); the QSMnet family on 64³ patches, batch 12 (the paper's)
+ARCHITECTURE_DEFAULTS = {
+    "toy": {"patch_size": 32, "batch_size": 20, "learning_rate": 1e-3, "epochs": 25,
+            "save_step": 5},
+}
+#: the patch edge (voxels) of every other architecture
+DEFAULT_PATCH_SIZE = 64
+
+
+def architecture_defaults(architecture: str) -> dict:
+    """``patch_size``, ``batch_size``, ``learning_rate``, ``epochs`` and ``save_step`` for
+    training ``architecture``.
+
+    >>> architecture_defaults("toy")["patch_size"], architecture_defaults("qsmnet")["patch_size"]
+    (32, 64)
+    """
+    base = {"patch_size": DEFAULT_PATCH_SIZE, "batch_size": TRAINING_DEFAULTS.batch_size,
+            "learning_rate": TRAINING_DEFAULTS.learning_rate,
+            "epochs": TRAINING_DEFAULTS.epochs, "save_step": TRAINING_DEFAULTS.save_step}
+    return {**base, **ARCHITECTURE_DEFAULTS.get(architecture, {})}

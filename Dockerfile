@@ -31,7 +31,8 @@
 #   PIP_INDEX_URL     a PyPI mirror for everything else (PIP_TRUSTED_HOST for plain http)
 #   secret ca_bundle  a PEM bundle that pip and apt trust instead of their defaults:
 #                     docker build --secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt
-#                     (a secret, not a build argument: it stays out of the image and its history)
+#                     (a secret, not a build argument: it stays out of the image and its history;
+#                     RUN --mount needs BuildKit, Docker's default builder since 23, or Podman)
 
 ARG BASE_IMAGE=python:3.12.8-slim-bookworm
 

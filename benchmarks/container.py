@@ -564,7 +564,7 @@ def benchmark_row(base: dict, build: dict, checks: dict, env: dict) -> dict:
     runs = checks["runs"]
     return {
         "bench": "container", **build, **{k: v for k, v in base.items() if k != "base"},
-        "base": base["base"], "podman": podman_version(env),
+        "podman": podman_version(env),
         "machine": platform.machine(), "cpus": os.cpu_count(),
         "runs_s": {k: v["seconds"] for k, v in runs.items() if "seconds" in v},
         "max_abs_diff_ppm": max(v["max_abs_diff_ppm"] for v in runs.values()
@@ -580,10 +580,7 @@ def record(row: dict, json_path: Path, md_path: Path, notes: Path) -> None:
 
     data = json.loads(json_path.read_text())
     data["rows"] = [r for r in data["rows"] if r["bench"] != "container"] + [row]
-    data["meta"].setdefault("updates", []).append(
-        {"command": "benchmarks/container.py all --record", "benches": ["container"],
-         "date": row["date"]})
-    json_path.write_text(json.dumps(data, indent=1) + "\n")
+    json_path.write_text(json.dumps(data, indent=1))  # as benchmarks/speed.py writes it
     spec = importlib.util.spec_from_file_location("speed", Path(__file__).with_name("speed.py"))
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)

@@ -520,9 +520,10 @@ def _container_lines(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         runs = r["runs_s"]
-        lines += ["", f"## Container image ({r['variant'].upper()}, `benchmarks/container.py all "
-                      f"--record`, {r['date']})", "",
-                  f"Podman {r['podman']}, {r['cpus']} CPU cores ({r['machine']}); base image: "
+        lines += ["", f"## Container image ({r['variant'].upper()})", "",
+                  f"Measured by `benchmarks/container.py all --record` ({r['date']}, "
+                  f"`tests/test_container_image.py` runs the same steps): Podman {r['podman']}, "
+                  f"{r['cpus']} CPU cores ({r['machine']}); base image: "
                   f"{r['base_from']} ({r['base_mb']} MB"
                   + (f", made in {r['base_s']} s" if r.get("base_s") else "") + "); torch from "
                   f"{r['torch_index']}.  The build has no layer cache (a whole build).  Runs: "
@@ -533,10 +534,22 @@ def _container_lines(rows: list[dict]) -> list[str]:
                   f"| image size (MB, as podman counts) | {r['image_mb']} |",
                   f"| of which the virtual environment (MB) | {r['venv_mb']} |"]
         for name, seconds in runs.items():
-            lines.append(f"| participant run, {name} (s) | {seconds} |")
-        lines.append(f"| max abs χ difference to the native run (ppm) | "
-                     f"{r['max_abs_diff_ppm']:.1e} |")
+            lines.append(f"| participant run, {_CONTAINER_RUNS.get(name, name)} (s) | "
+                         f"{seconds} |")
+        diff = r["max_abs_diff_ppm"]
+        lines.append("| max abs χ difference to the native run (ppm) | "
+                     + ("0 (identical maps)" if diff == 0 else f"{diff:.1e}") + " |")
     return lines
+
+
+#: what each container run of benchmarks/container.py is
+_CONTAINER_RUNS = {
+    "native": "native (this machine's virtual environment)",
+    "image user": "the image's user (uid 1000) on folders it owns",
+    "--user": "`--user` with the caller's ids on the caller's folders",
+    "apptainer-like": "the Singularity recipe's archive, run as Apptainer runs a SIF "
+                      "(read-only, the caller's uid)",
+}
 
 
 def main(argv=None) -> int:

@@ -120,9 +120,10 @@ def test_runs_match_the_native_run(checks):
     assert checks["version"] == f"bids_qsmnet {__version__}"
     for name in ("image user", "--user", "apptainer-like"):
         assert runs[name]["max_abs_diff_ppm"] <= bench.CHI_TOLERANCE_PPM, (name, runs[name])
-        # no warning of podman (level=warning) or of Python's warnings module on the console
+        # no message of podman (level=warning/error: e.g. about health checks without systemd)
+        # and no warning of Python's warnings module on the console
         stderr = runs[name]["stderr"]
-        assert "level=warning" not in stderr and "Warning:" not in stderr, stderr[-2000:]
+        assert "level=" not in stderr and "Warning:" not in stderr, stderr[-2000:]
     assert runs["apptainer-like"]["container"]["Type"] == "singularity"
 
 

@@ -25,9 +25,10 @@ steps and checks their results):
 3. **Runs**, all with ``--network none`` (nothing is fetched at run time): ``--version``; the
    example dataset's participant level as the image's user (uid 1000) on folders it owns, and
    as ``--user`` on folders of the caller (a uid the image does not know when the caller is
-   root); a root-owned output folder as the image's user (one error line, exit 2); the
+   root); a root-owned output folder as the image's user (one error line, exit 1); the
    Singularity recipe's path: the image saved with ``podman save --format docker-archive`` to
-   the file the recipe's ``From:`` names, loaded back, and run the way Apptainer runs a SIF
+   the file the recipe's ``From:`` names, removed, loaded back from that archive, and run the
+   way Apptainer runs a SIF
    (read-only root file system, the caller's uid, the recipe's ``%environment`` and
    ``%runscript``); and the same dataset natively with this interpreter.  The χ maps of every
    container run are compared with the native ones.
@@ -35,8 +36,8 @@ steps and checks their results):
 Podman settings that some machines need (a ``CONTAINERS_CONF`` file written for the session
 unless one is set): the ``runc`` runtime where installed (``crun`` refuses hybrid cgroup
 hierarchies), the ``cgroupfs`` manager without systemd, and ``nofile``/``nproc`` limits of at
-most 32768 within this process's hard limits (Podman's defaults exceed what runc may set
-where the caller lacks ``CAP_SYS_RESOURCE``).
+most 32768 within this process's hard limits (on some hosts runc may not set Podman's
+defaults: "error setting rlimits … operation not permitted").
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ def make_base(tag: str, work: Path, env: dict, *, suite: str = "bookworm",
 
 
 def given_base(image: str, env: dict) -> dict:
-    """The figures of a base image that exists (``--base``)."""
+    """The figures of a base image given by name (``--base``), pulled where missing."""
+    if subprocess.run(["podman", "image", "exists", image], env=env).returncode != 0:
+        _run(["podman", "pull", image], env, timeout=1800, what="podman pull")
     return {"base": image, "base_from": image, "base_s": None,
             "base_mb": round(image_size(image, env) / 1e6)}
 
@@ -320,7 +323,7 @@ def build_image(tag: str, base: str, work: Path, env: dict, *, variant: str = "c
                 torch_index_url: str | None = None, vcs_ref: str | None = None) -> dict:
     """``podman build`` of the Dockerfile on ``base``; returns the build's figures."""
     conf = host_pip_config()
-    cmd = ["podman", "build", "--format", "docker", "--layers=false", "--pull=never",
+    cmd = ["podman", "build", "--format", "docker", "--layers=false", "--pull=missing",
            "-f", str(DOCKERFILE), "-t", tag, "--build-arg", f"BASE_IMAGE={base}",
            "--build-arg", f"VARIANT={variant}"]
     index_note = "pytorch.org"
@@ -335,9 +338,11 @@ def build_image(tag: str, base: str, work: Path, env: dict, *, variant: str = "c
         cmd += ["--build-arg", f"TORCH_INDEX_URL={torch_index_url}"]
         if index_note == "pytorch.org":
             index_note = torch_index_url
-    for key, arg in (("index-url", "PIP_INDEX_URL"), ("trusted-host", "PIP_TRUSTED_HOST")):
-        if conf.get(key, "").split() and not conf[key].startswith("file:"):
-            cmd += ["--build-arg", f"{arg}={conf[key].split()[0]}"]
+    index = conf.get("index-url", "").split()
+    if index and not index[0].startswith("file:"):  # a local folder is not in the build
+        cmd += ["--build-arg", f"PIP_INDEX_URL={index[0]}"]
+        if conf.get("trusted-host"):
+            cmd += ["--build-arg", f"PIP_TRUSTED_HOST={conf['trusted-host']}"]
     ca = ca_bundle(conf)
     if ca is not None:
         cmd += ["--secret", f"id=ca_bundle,src={ca}"]
@@ -386,12 +391,21 @@ def _podman_run(image: str, args: list[str], env: dict, *, mounts=(), user: str 
     cmd = ["podman", "run", "--rm", "--network", "none"]
     if user:
         cmd += ["--user", user]
+        if os.geteuid() != 0:  # rootless: the caller's uid is itself inside, not a sub-uid
+            cmd.append("--userns=keep-id")
     for src, dst in mounts:
         cmd += ["--volume", f"{src}:{dst}"]
     cmd += [*extra, image, *args]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return res, time.perf_counter() - t0
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove ``folder``, also what containers of a rootless Podman wrote there (sub-uids)."""
+    if os.geteuid() != 0 and shutil.which("podman"):
+        subprocess.run(["podman", "unshare", "rm", "-rf", str(folder)], capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _checked(res: subprocess.CompletedProcess, what: str) -> subprocess.CompletedProcess:
@@ -600,7 +614,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-index-url", default=None,
                    help="TORCH_INDEX_URL for the build (default: see the module docstring)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
-    p.add_argument("--keep", action="store_true", help="keep the images afterwards")
+    p.add_argument("--keep", action="store_true",
+                   help="all: keep the base and the image afterwards")
     p.add_argument("--record", action="store_true",
                    help="write the figures into --json and regenerate --md")
     p.add_argument("--json", default=str(ROOT / "docs" / "benchmarks.json"))
@@ -611,8 +626,8 @@ def main(argv=None) -> int:
 
     tag = args.tag or f"localhost/bids_qsmnet:{__version__}-cpu"
     base_tag = f"localhost/bids_qsmnet-base:{args.suite}"
-    with tempfile.TemporaryDirectory(prefix="bids_qsmnet_container_", dir=args.work) as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="bids_qsmnet_container_", dir=args.work))
+    try:
         env = podman_conf(work / "conf")
         problem = podman_problem(env)
         if problem:
@@ -643,10 +658,12 @@ def main(argv=None) -> int:
             print(f"container.py: {exc}", file=sys.stderr)
             return 1
         finally:
-            if not args.keep:
+            if args.step == "all" and not args.keep:  # `base` and `build` make images to keep
                 for image in reversed(made):
                     subprocess.run(["podman", "rmi", "--force", image], env=env,
                                    capture_output=True)
+    finally:
+        remove_tree(work)
     return 0
 
 

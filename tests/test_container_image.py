@@ -46,7 +46,9 @@ bench = _load_bench()
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("container")
+    folder = tmp_path_factory.mktemp("container")
+    yield folder
+    bench.remove_tree(folder)  # what the containers wrote, rootless Podman's sub-uids too
 
 
 @pytest.fixture(scope="module")

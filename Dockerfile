@@ -81,7 +81,7 @@ RUN --mount=type=secret,id=ca_bundle \
     esac; \
     index="${TORCH_INDEX_URL:-$index}"; \
     python3 -m venv /opt/venv \
-    && pip install pip==24.3.1 setuptools==75.6.0 wheel==0.45.1 \
+    && pip install --no-compile pip==24.3.1 setuptools==75.6.0 wheel==0.45.1 \
     && pip install --no-compile "torch==${TORCH_VERSION}" --index-url "${index}"
 
 WORKDIR /src

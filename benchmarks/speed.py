@@ -376,6 +376,10 @@ PLAN = [
 ]
 
 
+#: the benches this script measures (other rows of the JSON are recorded by other scripts)
+BENCHES = {argv[0] for argv in PLAN} | {"compile"}
+
+
 def bench_all(args) -> list[dict]:
     t = str(args.threads)
     rows = []
@@ -501,12 +505,51 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "| subject | seconds | peak RSS (MB) |", "| --- | ---: | ---: |"]
         for r in part:
             lines.append(f"| sub-{r['subject']} | {r['seconds']} | {r['peak_rss_mb']} |")
+    lines += _container_lines([r for r in rows if r["bench"] == "container"])
     extra = meta.get("notes_file")
     if extra and os.path.exists(extra):
         with open(extra) as fh:
             lines += ["", fh.read().rstrip()]
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
+
+
+def _container_lines(rows: list[dict]) -> list[str]:
+    """The container image section: rows that ``benchmarks/container.py all --record`` adds
+    to the JSON (kept when the speed rows are measured again)."""
+    lines = []
+    for r in rows:
+        runs = r["runs_s"]
+        lines += ["", f"## Container image ({r['variant'].upper()})", "",
+                  f"Measured by `benchmarks/container.py all --record` ({r['date']}, "
+                  f"`tests/test_container_image.py` runs the same steps): Podman {r['podman']}, "
+                  f"{r['cpus']} CPU cores ({r['machine']}); base image: "
+                  f"{r['base_from']} ({r['base_mb']} MB"
+                  + (f", made in {r['base_s']} s" if r.get("base_s") else "") + "); torch from "
+                  f"{r['torch_index']}.  The build has no layer cache (a whole build).  Runs: "
+                  "the example dataset's participant level, `--network none`; the χ maps of "
+                  "every container run against the native run's.", "",
+                  "| figure | value |", "| --- | ---: |",
+                  f"| build time (s) | {r['build_s']} |",
+                  f"| image size (MB, as podman counts) | {r['image_mb']} |",
+                  f"| of which the virtual environment (MB) | {r['venv_mb']} |"]
+        for name, seconds in runs.items():
+            lines.append(f"| participant run, {_CONTAINER_RUNS.get(name, name)} (s) | "
+                         f"{seconds} |")
+        diff = r["max_abs_diff_ppm"]
+        lines.append("| max abs χ difference to the native run (ppm) | "
+                     + ("0 (identical maps)" if diff == 0 else f"{diff:.1e}") + " |")
+    return lines
+
+
+#: what each container run of benchmarks/container.py is
+_CONTAINER_RUNS = {
+    "native": "native (this machine's virtual environment)",
+    "image user": "the image's user (uid 1000) on folders it owns",
+    "--user": "`--user` with the caller's ids on the caller's folders",
+    "apptainer-like": "the Singularity recipe's archive, run as Apptainer runs a SIF "
+                      "(read-only, the caller's uid)",
+}
 
 
 def main(argv=None) -> int:
@@ -583,6 +626,10 @@ def main(argv=None) -> int:
                 json.dump({"meta": meta, "rows": rows}, fh, indent=1)
             write_markdown(meta, rows, args.md)
             return 0
+        # rows that other scripts record in the same file (benchmarks/container.py) stay
+        if os.path.exists(args.json):
+            with open(args.json) as fh:
+                rows += [r for r in json.load(fh)["rows"] if r["bench"] not in BENCHES]
         meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
                 "python": platform.python_version(), "command": " ".join(sys.argv),
                 "notes_file": args.notes}

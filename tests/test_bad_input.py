@@ -567,3 +567,214 @@ def test_inference_beyond_memory_is_tiled(ds, tmp_path, model, capsys, caplog, m
     chi = nib.load(out / "sub-01/anat/sub-01_Chimap.nii.gz").get_fdata()
     inside = nib.load(ds / MASK).get_fdata() > 0
     assert np.all(np.isfinite(chi)) and np.count_nonzero(chi[inside]) > 0.99 * inside.sum()
+
+
+# --------------------------------------------------------------------------- folders
+#
+# An output or work folder the user cannot write ends the run before anything is read or
+# written: one line naming the folder, with what to do where the command runs (a container's
+# user against a bind mount: ``--user``; Apptainer: bind a folder you can write), exit 1.
+# As root every folder is writable, so the in-process cases make ``os.access`` refuse the
+# folder and ``os.getuid`` report the image's user; the subprocess cases run the command as a
+# real unprivileged user (``setpriv`` when the tests run as root).
+
+IMAGE_UID = 1000
+
+
+def _refuse(monkeypatch, *refused: Path) -> None:
+    """``os.access`` (as the folder check sees it) fails for ``refused``; the uid is 1000."""
+    import bids_qsmnet.cli.folders as folders
+
+    real = os.access
+    denied = {str(p) for p in refused}
+    monkeypatch.setattr(folders.os, "access",
+                        lambda path, mode: str(path) not in denied and real(path, mode))
+    monkeypatch.setattr(folders.os, "getuid", lambda: IMAGE_UID)
+
+
+FOLDER_CASES = {
+    # name: (what is refused, which option names it, the expected start of the message)
+    "output-dir": ("out", "output_dir", "output_dir {out} is not writable by uid 1000"),
+    "output-dir-parent": ("parent", "output_dir",
+                          "output_dir {parent}/out cannot be created: {parent} is not writable"),
+    "work-dir": ("work", "-w", "the work dir (-w) {work} is not writable by uid 1000"),
+}
+
+
+@pytest.mark.parametrize("container", [None, "docker", "singularity"])
+@pytest.mark.parametrize("name", list(FOLDER_CASES))
+def test_unwritable_folder_is_one_line(name, container, ds, tmp_path, model, capsys,
+                                       monkeypatch):
+    refused_key, _, expected = FOLDER_CASES[name]
+    parent = tmp_path / "parent"
+    out = parent / "out" if name == "output-dir-parent" else tmp_path / "out"
+    work = tmp_path / "work"
+    for folder in (parent, work, out) if name != "output-dir-parent" else (parent, work):
+        folder.mkdir(exist_ok=True)
+    refused = {"out": out, "parent": parent, "work": work}[refused_key]
+    _refuse(monkeypatch, refused)
+    if container:
+        monkeypatch.setenv("BIDS_QSMNET_CONTAINER", container)
+    else:
+        monkeypatch.delenv("BIDS_QSMNET_CONTAINER", raising=False)
+    before = {p: sorted(p.iterdir()) for p in (parent, work) if p.exists()}
+    code, lines, err = _run(_argv(ds, out, work, model), capsys)
+    assert code == 1, err
+    assert err.splitlines() == lines and len(lines) == 1, err  # nothing else on the console
+    line = lines[0]
+    assert line.startswith("bids_qsmnet: error: " + expected.format(
+        out=out, parent=parent, work=work)), line
+    hint = {None: "choose a folder you can write",
+            "docker": 'run --user "$(id -u):$(id -g)"',
+            "singularity": "bind (-B) a folder you can write"}[container]
+    assert hint in line, line
+    if container == "docker":
+        assert "a folder that uid 1000 can write" in line, line
+    # nothing was written: no output folder content, no work dir content
+    assert {p: sorted(p.iterdir()) for p in before} == before
+    if out.exists():
+        assert not list(out.iterdir())
+
+
+def test_default_work_dir_names_the_way_out(ds, tmp_path, model, capsys, monkeypatch):
+    """Without ``-w`` the work dir is a folder in the temporary directory named after the
+    output folder (another user's run may have made it): the line says to give one."""
+    from bids_qsmnet.cli.folders import default_work_dir
+
+    out = tmp_path / "out"
+    work = default_work_dir(out.resolve())
+    _refuse(monkeypatch, work, work.parent)
+    argv = _argv(ds, out, tmp_path / "unused", model)
+    del argv[argv.index("-w"):argv.index("-w") + 2]
+    code, lines, err = _run(argv, capsys)
+    assert code == 1 and len(lines) == 1 and err.splitlines() == lines, err
+    assert f"the default work dir (give one with -w) {work}" in lines[0], lines[0]
+
+
+def test_output_dir_that_is_a_file(ds, tmp_path, model, capsys):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    code, lines, err = _run(_argv(ds, out / "derivatives", tmp_path / "work", model), capsys)
+    assert code == 1 and len(lines) == 1 and err.splitlines() == lines, err
+    assert lines[0] == (f"bids_qsmnet: error: output_dir {out}/derivatives: {out} is a file, "
+                        "not a folder"), lines[0]
+
+
+def _as_unprivileged() -> list[str] | None:
+    """The command prefix that runs as an unprivileged user: nothing when the tests do not
+    run as root, ``setpriv`` to nobody when they do (None where that cannot run this
+    interpreter and package, e.g. from a folder only root may enter)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import bids_qsmnet.cli.run"],
+                           capture_output=True, timeout=120)
+    return prefix if probe.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def unprivileged():
+    prefix = _as_unprivileged()
+    if prefix is None:
+        pytest.skip("cannot run this interpreter and package as an unprivileged user "
+                    "(setpriv missing, or the virtual environment is in a folder only root "
+                    "may enter)")
+    return prefix
+
+
+def _cli_as(prefix, *args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([*prefix, sys.executable, "-m", "bids_qsmnet", *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, cwd="/")
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """A folder any user may enter (pytest's temporary folders are root's alone)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="bids_qsmnet_shared_"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _world_readable_dataset(shared: Path, volumes) -> Path:
+    """The good dataset where any user can read it."""
+    root = make_dataset(shared / "ds", derivative=True)
+    _subject(root, "01", volumes)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return root
+
+
+def test_unwritable_output_dir_for_a_real_user(shared, volumes, unprivileged):
+    """A root-owned output folder (what a bind mount of a host folder is to the image's
+    user): one line, exit 1, no traceback, nothing written."""
+    ds = _world_readable_dataset(shared, volumes)
+    out = shared / "out"
+    out.mkdir()
+    out.chmod(0o755 if unprivileged else 0o555)  # not root: a folder of ours we may not write
+    res = _cli_as(unprivileged, ds, out, "participant", "-w", shared / "work",
+                  env={"BIDS_QSMNET_CONTAINER": "docker"})
+    assert res.returncode == 1, res.stderr
+    assert res.stdout == "" and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"bids_qsmnet: error: output_dir {out} is not writable by uid ")
+    assert '--user "$(id -u):$(id -g)"' in res.stderr
+    assert not list(out.iterdir())
+    assert not (shared / "work").exists()
+
+
+def test_lock_file_of_another_user_is_one_line(shared, volumes, unprivileged):
+    """A shared output folder (mode 1777) holding another user's lock file: the folder is
+    writable, the lock file is not; the line names the file and says what to do."""
+    if not unprivileged:
+        pytest.skip("needs a file of another user: run the tests as root")
+    ds = _world_readable_dataset(shared, volumes)
+    out = shared / "out"
+    out.mkdir()
+    out.chmod(0o1777)
+    lock = out / ".bids_qsmnet.lock"
+    lock.touch(mode=0o644)
+    work = shared / "work"
+    work.mkdir()
+    work.chmod(0o1777)
+    res = _cli_as(unprivileged, ds, out, "participant", "-w", work,
+                  env={"BIDS_QSMNET_CONTAINER": "docker"})
+    assert res.returncode == 1, res.stderr
+    assert res.stdout == "" and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"bids_qsmnet: error: {lock}: permission denied (uid 65534); "
+                                 "run the container as the folder's owner"), res.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".bids_qsmnet.lock"]
+
+
+def test_unreadable_bids_dir_for_a_real_user(shared, volumes, unprivileged):
+    """An input folder this user may not read, or not even reach: a command-line error
+    (exit 2) that names it, nothing written."""
+    ds = _world_readable_dataset(shared, volumes)
+    if not unprivileged:
+        pytest.skip("needs a folder of another user: run the tests as root")
+    out = shared / "out"
+    ds.chmod(0o700)
+    res = _cli_as(unprivileged, ds, out, "participant")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1] == f"bids_qsmnet: error: not readable by uid 65534: {ds}"
+    ds.chmod(0o755)
+    (ds / "sub-01").chmod(0o700)
+    res = _cli_as(unprivileged, ds / "sub-01" / "anat", out, "participant")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines()[-1] == (
+        "bids_qsmnet: error: path not accessible to uid 65534 (permission denied): "
+        f"{ds / 'sub-01' / 'anat'}")
+    assert "Traceback" not in res.stderr and not out.exists()

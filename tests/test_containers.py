@@ -1,10 +1,13 @@
-"""The container recipes (top-level ``Dockerfile`` and ``Singularity``): they install this
-package, at this version, the way the README does, expose the ``bids_qsmnet`` entry point, copy
-only files that exist, and pass hadolint.
+"""The container recipes (top-level ``Dockerfile`` and ``Singularity``): the Dockerfile installs
+this package, at this version, the way the README does, on a base image and from package
+indexes that build arguments choose; the Singularity recipe converts the image the Dockerfile
+builds (nothing is installed there); both expose the ``bids_qsmnet`` entry point, copy only files
+that exist, and pass hadolint.
 
-Nothing is built here (no Docker daemon in CI): the recipes are parsed with ``dockerfile-parse``
-and ``spython`` (test extra) plus a small section splitter for the parts of a definition file
-that spython folds into comments (``%arguments``, ``%help``).
+Nothing is built here: the recipes are parsed with ``dockerfile-parse`` and ``spython`` (test
+extra) plus a small section splitter for the parts of a definition file that spython folds
+into comments (``%arguments``, ``%help``).  ``tests/test_container_image.py`` (slow) builds the
+image with Podman and runs it.
 """
 
 from __future__ import annotations
@@ -183,16 +186,39 @@ def test_dockerignore_matcher_follows_docker_rules():
     assert _dockerignored("pkg/mod.pyc", rules)
 
 
-def test_dockerfile_is_multistage_on_one_pinned_base(dockerfile, singularity):
-    header, _, _ = singularity
-    bases = dockerfile.parent_images
+def test_dockerfile_is_multistage_on_one_pinned_base(dockerfile):
+    """One base image for both stages, chosen by the build argument BASE_IMAGE, whose
+    default is a Python image pinned to a release."""
+    bases = dockerfile.parent_images  # with the build arguments' defaults
     assert len(bases) == 2, bases
     assert len(set(bases)) == 1, "builder and final stage should share the base image"
     assert PINNED_PYTHON.match(bases[0]), f"base image not pinned to a release: {bases[0]}"
-    first_from = _stages(dockerfile)[0][0]["value"]
-    assert re.search(r"\bAS builder$", first_from, re.IGNORECASE), first_from
-    assert header["bootstrap"] == "docker"
-    assert header["from"] == bases[0], "Singularity and Dockerfile should use the same base"
+    froms = [i["value"] for i in dockerfile.structure if i["instruction"] == "FROM"]
+    assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE}"], froms
+    # declared before the first FROM (a global argument), with the pinned default
+    first_from = next(i for i, item in enumerate(dockerfile.structure)
+                      if item["instruction"] == "FROM")
+    globals_ = [i["value"] for i in dockerfile.structure[:first_from]
+                if i["instruction"] == "ARG"]
+    assert globals_ == [f"BASE_IMAGE={bases[0]}"], globals_
+
+
+def test_singularity_converts_the_docker_image(dockerfile, singularity):
+    """The definition file bootstraps from the image the Dockerfile builds, saved as a
+    docker-archive named after the image tag the docs use; it installs nothing itself."""
+    header, sections, _ = singularity
+    assert header["bootstrap"] == "docker-archive"
+    assert header["from"] == f"{SCRIPT}-{__version__}-{{{{ VARIANT }}}}.tar", header["from"]
+    assert not {"post", "files", "setup"} & set(sections), sorted(sections)
+    sargs = _kv_lines(sections["arguments"], "=")
+    assert sargs == {"VARIANT": _args(_stages(dockerfile)[0])["VARIANT"]}
+    # the README and docs/containers.md save the tested image under that name and build it
+    docs = README.read_text() + (ROOT / "docs" / "containers.md").read_text()
+    for variant in ("cpu", "cuda"):
+        tar = f"{SCRIPT}-{__version__}-{variant}.tar"
+        assert re.search(rf"save --format docker-archive -o {re.escape(tar)} "
+                         rf"{SCRIPT}:{__version__}-{variant}\b", docs), tar
+    assert re.search(r"apptainer build (--build-arg VARIANT=cuda )?\S+\.sif Singularity", docs)
 
 
 def test_labels_carry_the_package_version(dockerfile, singularity):
@@ -210,10 +236,13 @@ def test_labels_carry_the_package_version(dockerfile, singularity):
         assert labels["org.opencontainers.image.description"].startswith("BIDS-App")
         assert labels["org.opencontainers.image.source"].startswith("https://")
     assert sing["org.opencontainers.image.source"] == docker["org.opencontainers.image.source"]
-    assert docker["org.opencontainers.image.base.name"].endswith(dockerfile.parent_images[-1])
+    # the base the image was built on, whichever BASE_IMAGE chose
+    base_label = next(i["value"] for i in _stages(dockerfile)[-1] if i["instruction"] == "LABEL")
+    assert 'org.opencontainers.image.base.name="${BASE_IMAGE}"' in base_label
+    assert docker["org.opencontainers.image.base.name"] == dockerfile.parent_images[-1]
 
 
-def test_torch_then_package_installed_as_the_readme_says(dockerfile, singularity):
+def test_torch_then_package_installed_as_the_readme_says(dockerfile):
     torch_version = _readme_torch_version()
     cpu_index = "https://download.pytorch.org/whl/cpu"
     assert f"--index-url {cpu_index}" in README.read_text()  # the README's CPU advice
@@ -223,29 +252,57 @@ def test_torch_then_package_installed_as_the_readme_says(dockerfile, singularity
     assert args["TORCH_VERSION"] == torch_version
     assert args["VARIANT"] == "cpu"
     assert re.fullmatch(r"cu\d{3}", args["TORCH_CUDA"]), args["TORCH_CUDA"]
-    _, sections, _ = singularity
-    sargs = _kv_lines(sections["arguments"], "=")
-    assert sargs == {k: args[k] for k in ("VARIANT", "TORCH_VERSION", "TORCH_CUDA")}
+    cmds = _run_commands(builder)
+    text = "\n".join(cmds)
+    assert f'cpu) index="{cpu_index}"' in text
+    assert 'cuda) index="https://download.pytorch.org/whl/${TORCH_CUDA}"' in text
+    # a mirror of the pytorch.org index replaces it when given
+    assert 'index="${TORCH_INDEX_URL:-$index}"' in text
+    # the README's commands, without byte code (a run compiles what it imports)
+    installs = [[w for w in shlex.split(c) if w != "--no-compile"]
+                for c in cmds if c.startswith("pip install ")]
+    torch_at = [i for i, c in enumerate(installs) if c[2] == "torch==${TORCH_VERSION}"]
+    package_at = [i for i, c in enumerate(installs) if c == ["pip", "install", "."]]
+    assert len(torch_at) == 1 and len(package_at) == 1, installs
+    assert torch_at[0] < package_at[0], "torch must be installed before the package"
+    assert installs[torch_at[0]][3:] == ["--index-url", "${index}"]
+    for i in (torch_at[0], package_at[0]):
+        assert "--no-compile" in cmds[[j for j, c in enumerate(cmds)
+                                       if c.startswith("pip install ")][i]]
+    # everything else pip installs is build tooling, pinned
+    for i, c in enumerate(installs):
+        if i not in (torch_at[0], package_at[0]):
+            assert all("==" in spec for spec in c[2:]), c
 
-    docker_cmds = _run_commands(builder)
-    post = [c for c in sections["post"] if not c.startswith("#")]
-    for cmds, torch_spec, var in (
-        (docker_cmds, "torch==${TORCH_VERSION}", "${TORCH_CUDA}"),
-        (post, "torch=={{ TORCH_VERSION }}", "{{ TORCH_CUDA }}"),
-    ):
-        text = "\n".join(cmds)
-        assert f'cpu) index="{cpu_index}"' in text
-        assert f'cuda) index="https://download.pytorch.org/whl/{var}"' in text
-        installs = [shlex.split(c) for c in cmds if c.startswith("pip install ")]
-        torch_at = [i for i, c in enumerate(installs) if c[2] == torch_spec]
-        package_at = [i for i, c in enumerate(installs) if c == ["pip", "install", "."]]
-        assert len(torch_at) == 1 and len(package_at) == 1, installs
-        assert torch_at[0] < package_at[0], "torch must be installed before the package"
-        assert installs[torch_at[0]][3:] in (["--index-url", "${index}"], ["--index-url", "$index"])
-        # everything else pip installs is build tooling, pinned
-        for i, c in enumerate(installs):
-            if i not in (torch_at[0], package_at[0]):
-                assert all("==" in spec for spec in c[2:]), c
+
+def test_mirrors_and_ca_bundle_are_build_settings(dockerfile):
+    """Sites with their own mirrors or a TLS-intercepting proxy build without editing the
+    Dockerfile: the indexes are build arguments whose empty defaults mean pip's and
+    pytorch.org's own, and a CA bundle comes as a build secret (never a layer) that every step
+    reaching the network uses."""
+    builder = _stages(dockerfile)[0]
+    args = _args(builder)
+    for name in ("TORCH_INDEX_URL", "PIP_INDEX_URL", "PIP_TRUSTED_HOST"):
+        assert args.get(name) == "", (name, args.get(name))
+    network = [i["value"] for i in builder if i["instruction"] == "RUN"
+               and re.search(r"\bapt-get\b|\bpip install\b", i["value"])]
+    assert len(network) == 3, network  # compilers, torch, the package
+    for value in network:
+        assert value.startswith("--mount=type=secret,id=ca_bundle "), value[:80]
+        if "pip install" in value:
+            assert "export PIP_CERT=/run/secrets/ca_bundle" in value
+            # an empty argument must not reach pip as an empty index URL
+            assert '[ -n "${PIP_INDEX_URL}" ] || unset PIP_INDEX_URL' in value
+        else:
+            assert 'Acquire::https::CAInfo=$ca' in value
+    assert "ca_bundle" not in " ".join(i["value"] for i in _stages(dockerfile)[-1])
+    # the README shows such a build
+    builds = re.findall(r"(?:docker|podman) build (?:[^\n]*\\\n)*[^\n]*", README.read_text())
+    mirrored = [b for b in builds if "BASE_IMAGE=" in b]
+    assert mirrored, "README should show a build behind a mirror"
+    for option in ("--build-arg BASE_IMAGE=", "--build-arg TORCH_INDEX_URL=",
+                   "--build-arg PIP_INDEX_URL=", "--secret id=ca_bundle,src="):
+        assert option in mirrored[0], (option, mirrored[0])
 
 
 def test_entry_point_is_the_console_script(dockerfile, singularity, capsys):
@@ -258,16 +315,13 @@ def test_entry_point_is_the_console_script(dockerfile, singularity, capsys):
     _, sections, recipe = singularity
     assert sections["runscript"] == [f'exec {SCRIPT} "$@"']
     assert recipe.cmd == f'exec {SCRIPT} "$@"'
-    # every bids_qsmnet call in the recipes is one the parser accepts (here: --version)
+    # every bids_qsmnet --version in the recipes is one the parser accepts
     calls = [
         c
-        for c in _run_commands(_stages(dockerfile)[0])
-        + _run_commands(final)
-        + sections["post"]
-        + sections["test"]
-        if c.startswith(SCRIPT)
+        for c in _run_commands(_stages(dockerfile)[0]) + _run_commands(final) + sections["test"]
+        if c.startswith(SCRIPT) and "--version" in c
     ]
-    assert calls, "the recipes should smoke-test the installed command"
+    assert len(calls) >= 3, "the recipes should smoke-test the installed command"
     from bids_qsmnet.cli.parser import get_parser
 
     for call in calls:
@@ -275,6 +329,12 @@ def test_entry_point_is_the_console_script(dockerfile, singularity, capsys):
             get_parser().parse_args(call.split()[1:])
         assert info.value.code == 0, call
         assert capsys.readouterr().out.strip() == f"bids_qsmnet {__version__}"
+    # and the builder runs the example dataset (a test of the installed app)
+    runs = [c for c in _run_commands(_stages(dockerfile)[0])
+            if c.startswith(SCRIPT) and " participant" in c]
+    assert runs == [f"{SCRIPT} /tmp/ds /tmp/out participant -w /tmp/work --device cpu"], runs
+    opts = get_parser().parse_args(["/", *runs[0].split()[2:]])
+    assert opts.analysis_level == "participant"
 
 
 def test_copied_files_exist_and_reach_the_build_context(dockerfile, singularity):
@@ -305,11 +365,10 @@ def test_copied_files_exist_and_reach_the_build_context(dockerfile, singularity)
             assert not _dockerignored(rel, patterns), f"{rel} is excluded by .dockerignore"
     assert _dockerignored("runs/default/checkpoint.pt", patterns)
     assert _dockerignored(".venv/bin/python", patterns)
+    assert _dockerignored("examples/ds-synthetic/dataset_description.json", patterns)
+    # the Singularity recipe copies nothing: everything comes from the converted image
     _, sections, recipe = singularity
-    sing_sources = [line.split()[0] for line in sections["files"]]
-    assert sorted(sing_sources) == sorted(sources)
-    assert all((ROOT / s).exists() for s in sing_sources)
-    assert recipe.files == sections["files"]
+    assert "files" not in sections and recipe.files == []
 
 
 def test_container_is_recorded_through_the_environment(
@@ -319,7 +378,7 @@ def test_container_is_recorded_through_the_environment(
 
     _, sections, recipe = singularity
     docker_env = dockerfile.envs
-    sing_env = dict(e.split("=", 1) for e in recipe.environ)
+    sing_env = dict(e.split("=", 1) for e in recipe.environ if "=" in e)
     assert docker_env["BIDS_QSMNET_CONTAINER"] == "docker"
     assert sing_env["BIDS_QSMNET_CONTAINER"] == "singularity"
     assert "export BIDS_QSMNET_CONTAINER=singularity" in sections["environment"]
@@ -331,6 +390,11 @@ def test_container_is_recorded_through_the_environment(
     # the venv's bin folder comes first on PATH in both images
     assert docker_env["PATH"].startswith("/opt/venv/bin:")
     assert sing_env["PATH"].strip('"').startswith("/opt/venv/bin:")
+    # the SIF is read-only, and so is the Docker image's matplotlib folder to other uids:
+    # Apptainer drops the variable, so that the app keeps matplotlib's cache in its work dir
+    assert "unset MPLCONFIGDIR" in sections["environment"]
+    run_py = (ROOT / "bids_qsmnet" / "cli" / "run.py").read_text()
+    assert 'os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))' in run_py
 
 
 def test_final_stage_is_slim_and_runs_as_a_user(dockerfile):
@@ -339,9 +403,14 @@ def test_final_stage_is_slim_and_runs_as_a_user(dockerfile):
     final_cmds = _run_commands(final)
     assert not any(re.search(r"\b(apt-get|apt|apk|yum|dnf) install\b", c) for c in final_cmds)
     assert not any(re.search(r"\b(gcc|g\+\+|build-essential|make)\b", c) for c in final_cmds)
+    assert not any(re.search(r"\bpip\b", c) for c in final_cmds)
+    # only the virtual environment comes from the builder
+    copies = [i["value"] for i in final if i["instruction"] == "COPY"]
+    assert copies == ["--from=builder /opt/venv /opt/venv"], copies
     users = [i["value"] for i in final if i["instruction"] == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), users
-    assert [i["value"] for i in final if i["instruction"] == "HEALTHCHECK"] == ["NONE"]
+    # a batch command: no health check (HEALTHCHECK NONE makes podman look for systemd)
+    assert not [i for i in final if i["instruction"] == "HEALTHCHECK"]
     env = dockerfile.envs
     assert env["MPLCONFIGDIR"].startswith(env["HOME"] + "/")
     made = " ".join(c for c in final_cmds if c.startswith("mkdir"))
@@ -352,13 +421,35 @@ def test_final_stage_is_slim_and_runs_as_a_user(dockerfile):
 
 def test_singularity_sections(singularity):
     header, sections, recipe = singularity
-    for name in ("labels", "help", "files", "post", "environment", "runscript", "test"):
+    for name in ("arguments", "labels", "help", "environment", "runscript", "test"):
         assert sections.get(name), f"%{name} missing or empty"
     help_text = "\n".join(sections["help"])
     assert "--nv" in help_text and "--cleanenv" in help_text
     assert re.search(r"-B \S+:/bids:ro", help_text)
-    # spython reads the same script lines as the splitter (it appends its own tests.sh lines)
-    assert recipe.install[: len(sections["post"])] == sections["post"]
+    # spython reads the same %test lines as the splitter (as its own tests.sh lines)
+    assert recipe.install == [f'echo "{line}" >> /tests.sh' for line in sections["test"]] + [
+        "chmod u+x /tests.sh"]
+
+
+def test_pruned_venv_keeps_what_runs(dockerfile):
+    """The builder's last step removes what a run never uses; nothing it removes is a
+    module the package or its workers import (checked against this environment)."""
+    step = _run_commands(_stages(dockerfile)[0])
+    text = "\n".join(step)
+    assert "pip uninstall -y -q wheel pip" in text
+    assert 'find "$site" -depth -type d -name tests -prune -exec rm -rf {} +' in text
+    removed = re.search(r'rm -rf ("\$site/torch/\w+" ?)+', text)[0]
+    torch_dirs = re.findall(r'"\$site/torch/(\w+)"', removed)
+    assert sorted(torch_dirs) == ["include", "share", "test"], torch_dirs
+    import importlib.util
+
+    torch_root = Path(importlib.util.find_spec("torch").origin).parent
+    for name in torch_dirs:  # data folders (headers, C++ test programs, CMake), not packages
+        assert not (torch_root / name / "__init__.py").exists(), name
+    # byte code is compiled by the example run (and bids_qsmnet whole), not by pip
+    assert ('python3 -m compileall -q -f --invalidation-mode unchecked-hash "$site/bids_qsmnet"'
+            in text)
+    assert "python3 -m compileall -q -f --invalidation-mode unchecked-hash -i -" in text
 
 
 def test_version_tags_in_docs_match_the_package():

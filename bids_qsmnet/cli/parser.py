@@ -25,9 +25,21 @@ PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS
 
 def _path_exists(value, *, parser):
     p = Path(value).expanduser()
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except PermissionError:  # a folder on the way that this user may not enter
+        raise parser.error(f"path not accessible to uid {os.getuid()} (permission denied): "
+                           f"{value}") from None
+    if not exists:
         raise parser.error(f"path does not exist: {value}")
     return p.absolute()
+
+
+def _readable_dir(value, *, parser):
+    p = _path_exists(value, parser=parser)
+    if p.is_dir() and not os.access(p, os.R_OK | os.X_OK):
+        raise parser.error(f"not readable by uid {os.getuid()}: {value}")
+    return p
 
 
 def _is_file(value, *, parser):
@@ -272,9 +284,9 @@ def get_parser() -> argparse.ArgumentParser:
                     "every subject/session/run; group: train a model on every subject that "
                     "has a Chimap label.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    PathExists = partial(_path_exists, parser=parser)
+    ReadableDir = partial(_readable_dir, parser=parser)
 
-    parser.add_argument("bids_dir", type=PathExists,
+    parser.add_argument("bids_dir", type=ReadableDir,
                         help="BIDS dataset (raw or derivative) holding the local field maps")
     parser.add_argument("output_dir", type=Path,
                         help="output folder (BIDS-Derivatives)")

@@ -3,6 +3,7 @@
 run succeeded, 1 when any failed (with a one-line cause), 2 for bad arguments.
 
 The steps live in their own modules: :mod:`~bids_qsmnet.cli.parser` (arguments),
+:mod:`~bids_qsmnet.cli.folders` (output and work folders this user can write),
 :mod:`~bids_qsmnet.cli.build` (inputs and workflows), :mod:`~bids_qsmnet.cli.execution`
 (Nipype plugins, SLURM), :mod:`~bids_qsmnet.cli.crashes` (what failed) and
 :mod:`bids_qsmnet.io.locks` (one run per output folder).
@@ -10,11 +11,10 @@ The steps live in their own modules: :mod:`~bids_qsmnet.cli.parser` (arguments),
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +33,6 @@ def _setup_logging(verbose: int) -> None:
     # Nipype's own loggers are chatty at INFO; keep them at WARNING unless -vv
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "bidsschematools"):
         logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.WARNING)
-
-
-def _default_work_dir(out_dir: Path) -> Path:
-    digest = hashlib.sha1(str(out_dir).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"bids_qsmnet_work_{digest}"
 
 
 #: exit code when some subjects failed or were skipped and the others have their χ maps
@@ -191,17 +186,41 @@ def _group(opts, layout, work_dir: Path) -> int:
     return 0
 
 
+def _permission_message(exc: OSError, opts, work_dir: Path) -> str:
+    """``<file>: <reason> (uid N)``, with what to do when the file is one the run writes."""
+    from .folders import write_hint
+
+    path = Path(os.path.abspath(exc.filename))
+    message = f"{path}: {exc.strerror.lower()} (uid {os.getuid()})"
+    if any(folder == path or folder in path.parents
+           for folder in (Path(opts.output_dir), Path(work_dir))):
+        message += f"; {write_hint(opts.container)}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``bids_qsmnet`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     from .parser import parse_args
 
     opts = parse_args(argv)
+    from .folders import check_writable_folder, default_work_dir
+
+    work_dir = opts.work_dir or default_work_dir(opts.output_dir)
+    # before anything is read or written: a folder this user cannot write is one line
+    try:
+        check_writable_folder(opts.output_dir, "output_dir", container=opts.container)
+        if not opts.boilerplate_only:
+            check_writable_folder(work_dir, "the work dir (-w)" if opts.work_dir else
+                                  "the default work dir (give one with -w)",
+                                  container=opts.container)
+    except UserError as exc:
+        print(f"bids_qsmnet: error: {exc}", file=sys.stderr)
+        return 1
     from ..bids.discovery import build_layout
     from ..io.locks import output_lock
     from .build import validate_dataset
 
     _setup_logging(opts.verbose)
-    work_dir = opts.work_dir or _default_work_dir(opts.output_dir)
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
     # as in containers): the app writes into its output and work folders only
     os.environ.setdefault("MPLCONFIGDIR", str(Path(work_dir) / "matplotlib"))
@@ -227,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
             return _group(opts, layout, work_dir)
     except UserError as exc:
         print(f"bids_qsmnet: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # e.g. a file that another user's run left in a shared output folder: one line, as
+        # for the folders themselves
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not exc.filename:
+            raise
+        print(f"bids_qsmnet: error: {_permission_message(exc, opts, work_dir)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("bids_qsmnet: interrupted", file=sys.stderr)

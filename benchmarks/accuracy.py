@@ -126,6 +126,24 @@ def network_map(loaded, case):
     return predict_chi(loaded, np.where(m, f, 0), m), f, m, frame
 
 
+def refined_maps(net, f, m, lams, *, tv: float, tv_iterations: int, geom: dict):
+    """(ρ₀, maps, relative data residuals) of the network's map refined with each prior weight
+    of ``lams``: one shifted-CG path for the plain refinement, one ADMM run per λ for the TV
+    refinement (``tv`` > 0), in the network frame."""
+    from bids_qsmnet.physics.dc_path import data_residual, refine_path
+    from bids_qsmnet.physics.inversion import tv_admm
+
+    w = m.astype(np.float32)
+    if not tv:
+        path = refine_path(net, f, w, lams, n_iter=30, **geom)
+        return path.residual_prior, list(path.chis), list(path.residuals)
+    chis = [np.where(m, tv_admm(f, m, lam=tv, chi0=net, prior_weight=float(lam),
+                                n_iter=tv_iterations, tol=0.0, pad=8, **geom), 0)
+            for lam in lams]
+    return (data_residual(net, f, w, pad=8, **geom), chis,
+            [data_residual(x, f, w, pad=8, **geom) for x in chis])
+
+
 def model_maps(loaded, case, dc):
     """The model's maps of a case on its grid: default (the app's refinement), network only
     and the best fixed λ on the truth; plus the refinement's report."""

@@ -42,22 +42,26 @@ CASES = (("exact", 0.5, 0.0), ("exact", 1.0, 0.0), ("exact", 2.0, 0.0),
          ("measured", 1.0, 0.2), ("measured", 1.0, 0.4), ("measured", 1.0, 0.7),
          ("raw", 0.0, 0.0))
 SEED = 31337
+#: prior weights of the TV refinement's curves (each costs a full ADMM run)
+TV_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
-def lambda_curve(loaded, case, lams=A.FIXED_GRID) -> dict:
-    """NRMSE (%) of the refined map for every λ, of the network alone, and ρ₀."""
+def lambda_curve(loaded, case, lams=A.FIXED_GRID, *, tv: float = 0.0,
+                 tv_iterations: int = 60) -> dict:
+    """NRMSE (%) of the refined map for every λ, of the network alone, and ρ₀; with ``tv`` > 0
+    the maps of the TV refinement (:func:`bids_qsmnet.inference.refine.refine_tv`)."""
     from bids_qsmnet.inference.frame import from_frame
     from bids_qsmnet.metrics import nrmse
-    from bids_qsmnet.physics.dc_path import refine_path
 
     net, f, m, frame = A.network_map(loaded, case)
-    path = refine_path(net, f, m.astype(np.float32), lams, n_iter=30,
-                       voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
+    rho0, chis, residuals = A.refined_maps(net, f, m, lams, tv=tv, tv_iterations=tv_iterations,
+                                           geom=dict(voxel_size=loaded.spec.voxel_size,
+                                                     b0_dir=loaded.spec.b0_dir))
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
     score = lambda x: nrmse(back(x), case["chi"], case["mask"], demean=True)  # noqa: E731
-    return {"case": case["name"], "rho0": path.residual_prior, "network": score(net),
-            "lambdas": [float(x) for x in lams], "nrmse": [score(x) for x in path.chis],
-            "residuals": [float(r) for r in path.residuals]}
+    return {"case": case["name"], "rho0": rho0, "network": score(net),
+            "lambdas": [float(x) for x in lams], "nrmse": [score(x) for x in chis],
+            "residuals": [float(r) for r in residuals]}
 
 
 def nrmse_at(curve: dict, lam: float | None) -> float:
@@ -90,14 +94,14 @@ def fit(curves: list[dict]) -> tuple[dict, float]:
     return best[0].to_dict(), best[1]
 
 
-def write_model(path: str, auto: dict) -> None:
+def write_model(path: str, auto: dict, *, tv: float = 0.0, tv_iterations: int = 60) -> None:
     import dataclasses
 
     from bids_qsmnet.models.modelfile import load_model, save_model
 
     loaded = load_model(path)
     inference = {**(loaded.spec.inference or {}), "dc_auto": auto, "dc_edge_mm": 0.0,
-                 "dc_highpass_mm": 0.0}
+                 "dc_highpass_mm": 0.0, "dc_tv": float(tv), "dc_tv_iterations": int(tv_iterations)}
     save_model(path, loaded.network, dataclasses.replace(loaded.spec, inference=inference))
 
 
@@ -108,6 +112,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--write-model", metavar="PATH", default=None,
                    help="store the fitted rule in this model file's inference.dc_auto")
+    p.add_argument("--tv", type=float, default=0.0,
+                   help="calibrate the TV refinement with this TV weight (ppm·mm; 0: the plain "
+                        "conjugate-gradient refinement)")
+    p.add_argument("--tv-iterations", type=int, default=60,
+                   help="ADMM iterations of the TV refinement")
     p.add_argument("--refit", action="store_true",
                    help="fit again from the curves in --out without running the network")
     args = p.parse_args(argv)
@@ -130,7 +139,8 @@ def main(argv=None) -> int:
         curves = []
         for kind, noise, nd in CASES:
             case = make_case(phantom, kind, seed=SEED, noise_ppm=noise / 1000, nondipolar=nd)
-            curves.append(lambda_curve(loaded, case))
+            curves.append(lambda_curve(loaded, case, TV_GRID if args.tv else A.FIXED_GRID,
+                                       tv=args.tv, tv_iterations=args.tv_iterations))
             c = curves[-1]
             LOGGER.info("%s: ρ0 %.3f, network %.1f %%, best %.1f %%", c["case"], c["rho0"],
                         c["network"], best_of(c))
@@ -145,14 +155,15 @@ def main(argv=None) -> int:
         LOGGER.info("%-40s ρ0 %.3f → λ %-8s NRMSE %.1f (best %.1f)", c["case"], c["rho0"],
                     "off" if lam is None else f"{lam:.4f}", c["chosen_nrmse"], best_of(c))
     result = {"command": "python " + " ".join(sys.argv), "input_model_sha256": loaded.sha256,
-              "anatomy": "mni152", "dc_auto": auto, "mean_excess_nrmse": round(excess, 2),
+              "anatomy": "mni152", "dc_auto": auto, "dc_tv": args.tv,
+              "dc_tv_iterations": args.tv_iterations, "mean_excess_nrmse": round(excess, 2),
               "curves": curves, "seconds": round(time.time() - t0)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(json.dumps({"dc_auto": auto, "mean_excess_nrmse": round(excess, 2)}))
     if args.write_model:
-        write_model(args.write_model, auto)
+        write_model(args.write_model, auto, tv=args.tv, tv_iterations=args.tv_iterations)
         LOGGER.info("stored the rule in %s", args.write_model)
     return 0
 

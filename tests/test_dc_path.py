@@ -107,3 +107,47 @@ def test_a_converging_single_weight_is_solved_by_pcg_to_the_exact_solution():
     assert np.abs(early.chis[0] - want).max() < 1e-5 * np.abs(want).max()
     solved = data_consistency(prior, field, mask, lam=0.001, n_iter=300, pad=8)
     assert np.abs(early.chis[0] - solved).max() > 1e-2 * np.abs(solved).max()
+
+
+def _piecewise(shape=(40, 44, 36), seed=3):
+    """Ellipsoids of constant χ (ppm) in an ellipsoidal brain, its field with 1 ppb noise."""
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing="ij")
+    ell = lambda c, r: sum(((x - ci) / ri) ** 2 for x, ci, ri in zip(g, c, r)) < 1  # noqa: E731
+    mask = ell((0, 0, 0), (16, 18, 14))
+    chi = np.where(mask, -0.02, 0.0)
+    for c, r, v in (((-5, 4, 0), (5, 3, 4), 0.12), ((6, -3, 2), (4, 5, 3), 0.08),
+                    ((0, 8, -6), (3, 3, 3), -0.06), ((2, -7, 5), (2.5, 2.5, 6), 0.2)):
+        chi[ell(c, r)] = v
+    chi = chi * mask
+    field = (forward_field(chi, pad=8) + rng.normal(0, 0.001, shape)) * mask
+    return chi, field, mask
+
+
+def test_tv_refinement_is_admm_from_the_network_map_with_the_chosen_weight():
+    """With a TV weight the refinement runs ``tv_iterations`` ADMM iterations from the
+    network's map (the plain TV-ADMM with ``chi0`` and the prior weight the rule chose),
+    restores contrast a shrunk map lost, and reports solver, λ, ρ₀ and the residual after."""
+    from bids_qsmnet.metrics import nrmse
+    from bids_qsmnet.physics.inversion import tv_admm
+
+    chi, field, mask = _piecewise()
+    rule = AutoLambda(floor=0.0, e_ref=0.05, lambda_ref=0.01, power=1.0)
+    settings = dc_settings({"dc_auto": rule.to_dict(), "dc_tv": 1e-4, "dc_tv_iterations": 40})
+    assert (settings.tv, settings.tv_iterations) == (1e-4, 40)
+    prior = 0.6 * chi
+    out, report = refine_adaptive(prior, field, mask, settings)
+    rho0 = data_residual(prior * mask, field * mask, mask.astype(float))
+    assert report["solver"] == "tv-admm" and report["iterations_run"] == 40
+    assert report["tv"] == 1e-4 and report["lambda"] == pytest.approx(rule.choose(rho0))
+    assert report["residual"] < report["rho0"]
+    want = tv_admm(field * mask, mask, lam=1e-4, chi0=prior * mask,
+                   prior_weight=report["lambda"], n_iter=40, tol=0.0, pad=8)
+    assert np.abs(out - want).max() < 1e-6
+    assert nrmse(out, chi, mask, demean=True) < 0.6 * nrmse(prior, chi, mask, demean=True)
+    # the plain refinement when asked for (tv 0), and a high-pass it cannot honour refused
+    assert dc_settings({"dc_tv": 1e-4}, tv=0.0).tv == 0.0
+    with pytest.raises(ValueError, match="high-pass"):
+        dc_settings({"dc_tv": 1e-4, "dc_highpass_mm": 4.0})
+    with pytest.raises(ValueError, match="non-negative"):
+        dc_settings({"dc_tv": -1.0})

@@ -71,7 +71,7 @@ from ..physics.dc_path import AutoLambda
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
-           "refine_adaptive", "residual_passes"]
+           "refine_adaptive", "refine_tv", "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
@@ -82,13 +82,18 @@ class DCSettings:
     """The refinement's settings: prior weight λ (0: no refinement), CG iterations, the
     width (mm) of the mask-edge ramp of the data weight (0: binary mask), the radius (mm)
     of the data term's spherical-mean-value high-pass (0: none), and, when ``auto`` is set,
-    the rule that chooses λ per input instead (``lam`` is then ignored)."""
+    the rule that chooses λ per input instead (``lam`` is then ignored).  With ``tv`` > 0
+    the refinement adds a total-variation term of that weight (ppm·mm) and runs
+    ``tv_iterations`` ADMM iterations from the network's map (:func:`refine_tv`) instead of
+    ``n_iter`` conjugate-gradient iterations."""
 
     lam: float = 0.0
     n_iter: int = 30
     edge_mm: float = 0.0
     highpass_mm: float = 0.0
     auto: AutoLambda | None = None
+    tv: float = 0.0
+    tv_iterations: int = 60
 
     @property
     def active(self) -> bool:
@@ -101,17 +106,21 @@ class DCSettings:
         if self.auto is not None and self.active:
             out["lambda"] = "auto"
             out["auto"] = self.auto.to_dict()
+        if self.tv > 0 and self.active:
+            out.update(tv=float(self.tv), iterations=int(self.tv_iterations))
         return out
 
 
 def dc_settings(defaults: Mapping | None, *, lam: float | str | None = None,
                 n_iter: int | None = None, edge_mm: float | None = None,
-                highpass_mm: float | None = None) -> DCSettings:
+                highpass_mm: float | None = None, tv: float | None = None) -> DCSettings:
     """The settings to use: explicit values where given, else the model file's defaults.
 
     ``lam``: a number (a fixed λ; 0 turns the refinement off), ``"auto"`` (λ chosen per input
     by the model file's ``dc_auto`` rule) or None (the model file's choice: ``dc_auto`` when it
-    has one, else its ``dc_lambda``)."""
+    has one, else its ``dc_lambda``).  ``tv``: the total-variation weight (0: the plain
+    refinement; None: the model file's ``dc_tv``); its iterations are the file's
+    ``dc_tv_iterations`` (60 when absent)."""
     d = dict(defaults or {})
     auto = None
     if lam == "auto" or (lam is None and d.get("dc_auto")):
@@ -124,10 +133,15 @@ def dc_settings(defaults: Mapping | None, *, lam: float | str | None = None,
     n_iter = int(d.get("dc_iterations", 30) if n_iter is None else n_iter)
     edge_mm = float(d.get("dc_edge_mm", 0.0) if edge_mm is None else edge_mm)
     highpass_mm = float(d.get("dc_highpass_mm", 0.0) if highpass_mm is None else highpass_mm)
-    if lam < 0 or n_iter < 0 or edge_mm < 0 or highpass_mm < 0:
+    tv = float(d.get("dc_tv", 0.0) if tv is None else tv)
+    tv_iterations = int(d.get("dc_tv_iterations", 60))
+    if min(lam, n_iter, edge_mm, highpass_mm, tv, tv_iterations) < 0:
         raise ValueError(f"data-consistency settings must be non-negative (λ {lam}, "
-                         f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm)")
-    return DCSettings(lam, n_iter, edge_mm, highpass_mm, auto)
+                         f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm, "
+                         f"TV {tv}, TV iterations {tv_iterations})")
+    if tv > 0 and highpass_mm > 0:
+        raise ValueError("the TV refinement has no high-pass data term: set dc_highpass_mm 0")
+    return DCSettings(lam, n_iter, edge_mm, highpass_mm, auto, tv, tv_iterations)
 
 
 def pass_count(defaults: Mapping | None, n: int | None = None) -> int:
@@ -194,6 +208,9 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
         return chi, report
     field = np.where(mask, field, 0.0).astype(np.float32)
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
+    if settings.tv > 0:
+        return refine_tv(chi, field, mask, w, settings, report, voxel_size=voxel_size,
+                         b0_dir=b0_dir)
     geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
                 device=device)
     chosen = {}
@@ -215,6 +232,44 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4),
                    "solver": path.solver, "iterations_run": path.iterations})
     return path.chis[0].astype(np.float32), report
+
+
+def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.ndarray,
+              settings: DCSettings, report: dict, *,
+              voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+              b0_dir: Sequence[float] = (0.0, 0.0, 1.0)) -> tuple[np.ndarray, dict]:
+    """The TV refinement: ``settings.tv_iterations`` ADMM iterations on
+
+    .. math:: \\tfrac12 \\|W (D \\ast \\chi - f)\\|^2 + \\alpha \\|\\nabla\\chi\\|_1
+              + \\tfrac{\\lambda}{2} \\|\\chi - \\chi_{net}\\|^2
+
+    started from the network's map (:func:`bids_qsmnet.physics.inversion.tv_admm` with
+    ``chi0``), α = ``settings.tv``, λ fixed or chosen per input from ρ₀ as for the plain
+    refinement.  The fixed iteration count is part of the method: from the network's map,
+    60 iterations keep its content in the magic-angle cone, which the converged TV solution
+    loses on fields with a non-dipolar part.  Returns the map and ``report`` updated with λ,
+    ρ₀, the relative data residual after, the solver and its iterations."""
+    from ..physics.dc_path import data_residual
+    from ..physics.inversion import tv_admm
+
+    geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir))
+    rho0 = float(data_residual(chi, field, weight, pad=8, **geom))
+    lam = settings.auto.choose(rho0) if settings.auto is not None else settings.lam
+    if settings.auto is not None:
+        report.update(rho0=round(rho0, 4), lambda_rule="auto")
+        LOGGER.info("data consistency (TV %.3g): the network leaves %.1f %% of the field "
+                    "unexplained → λ %s", settings.tv, 100 * rho0,
+                    "none (network kept)" if lam is None else f"{lam:.4g}")
+    if lam is None:
+        report.update({"lambda": 0.0, "residual": round(rho0, 4)})
+        return chi, report
+    out = tv_admm(field, mask, lam=settings.tv, chi0=chi, prior_weight=float(lam),
+                  n_iter=settings.tv_iterations, tol=0.0, weight=weight, pad=8, **geom)
+    out = np.where(mask, out, 0.0).astype(np.float32)
+    resid = float(data_residual(out, field, weight, pad=8, **geom))
+    report.update({"lambda": float(lam), "residual": round(resid, 4), "solver": "tv-admm",
+                   "iterations_run": int(settings.tv_iterations)})
+    return out, report
 
 
 def residual_passes(predict: Callable[[np.ndarray], np.ndarray], chi: np.ndarray,

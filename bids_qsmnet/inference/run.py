@@ -59,6 +59,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                device: str = "auto", tile: int | None = None, overlap: float | None = None,
                dc_lambda: float | str | None = None, dc_iterations: int | None = None,
                dc_edge_mm: float | None = None, dc_highpass_mm: float | None = None,
+               dc_tv: float | None = None,
                flip_axes: list[int] | None = None, residual_passes: int | None = None,
                num_threads: int | None = None,
                newpath: str | None = None) -> tuple[str, dict]:
@@ -82,6 +83,8 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
         model default / 0), see :mod:`bids_qsmnet.inference.refine`
     dc_highpass_mm : radius (mm) of the spherical-mean-value high-pass of the refinement's
         data term (None: model default / 0: fields compared as they are)
+    dc_tv : total-variation weight of the refinement, ppm·mm (None: the model file's
+        ``dc_tv``; 0: the plain conjugate-gradient refinement)
     flip_axes : axes of the flip ensemble (:func:`bids_qsmnet.inference.predict.predict_chi`;
         None: the model file's ``inference.flip_axes``, none if it has none; []: off)
     residual_passes : residual-field passes before the refinement
@@ -151,7 +154,7 @@ def run_qsmnet(field_file: str, mask_file: str, *, model: str | None = None,
                           f"{'x'.join(map(str, field.shape))} field {os.path.basename(field_file)}"
                           f"; {advice}") from None
     dc = dc_settings(loaded.spec.inference, lam=dc_lambda, n_iter=dc_iterations,
-                     edge_mm=dc_edge_mm, highpass_mm=dc_highpass_mm)
+                     edge_mm=dc_edge_mm, highpass_mm=dc_highpass_mm, tv=dc_tv)
     chi, dc_report = refine_adaptive(chi, field, mask, dc, voxel_size=voxel_size,
                                      b0_dir=loaded.spec.b0_dir, device=dev)
     out = fname_presuffix(field_file, suffix="_chi", newpath=newpath or os.getcwd(),

@@ -35,6 +35,8 @@ class _InferenceInputSpec(BaseInterfaceInputSpec):
     dc_edge_mm = traits.Float(desc="data-consistency mask-edge ramp, mm (default: model's)")
     dc_highpass_mm = traits.Float(desc="data-consistency SMV high-pass radius, mm "
                                        "(default: model's)")
+    dc_tv = traits.Float(desc="total-variation weight of the refinement, ppm·mm (0: plain "
+                              "CG refinement; default: the model's)")
     flip_axes = traits.List(traits.Int, desc="axes of the flip ensemble ([]: off; default: "
                                              "the model's)")
     residual_passes = traits.Range(low=0, desc="residual-field passes before the refinement "
@@ -67,6 +69,7 @@ class QSMnetInference(SimpleInterface):
                                dc_iterations=opt("dc_iterations"),
                                dc_edge_mm=opt("dc_edge_mm"),
                                dc_highpass_mm=opt("dc_highpass_mm"),
+                               dc_tv=opt("dc_tv"),
                                flip_axes=opt("flip_axes"),
                                residual_passes=opt("residual_passes"),
                                num_threads=opt("num_threads"), newpath=runtime.cwd)

@@ -396,7 +396,7 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 
 #: inference defaults the app reads from a model file, and what each must be
-_INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm")
+_INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm", "dc_tv")
 
 
 def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
@@ -408,7 +408,7 @@ def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
             v = inference[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"inference.{key} must be a non-negative number, got {v!r}")
-    for key in ("dc_iterations", "residual_passes"):
+    for key in ("dc_iterations", "dc_tv_iterations", "residual_passes"):
         if key in inference:
             v = inference[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

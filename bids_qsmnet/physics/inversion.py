@@ -300,6 +300,8 @@ def tv_admm(
     voxel_size: _Vec3 = (1.0, 1.0, 1.0),
     b0_dir: _Vec3 = (0.0, 0.0, 1.0),
     pad: int = 0,
+    chi0: np.ndarray | None = None,
+    prior_weight: float = 0.0,
 ) -> np.ndarray:
     """Total-variation-regularised dipole inversion by ADMM (weighted linear data term).
 
@@ -321,6 +323,12 @@ def tv_admm(
     voxel_size : (3,) float — mm
     b0_dir : (3,) float — main-field direction in voxel space
     pad : int — zero voxels added on every side (weight 0 there); cropped afterwards
+    chi0 : (X, Y, Z) ndarray, optional — ppm; the iterations start from it (every split
+        variable consistent with it: ``z = ∇χ₀``, ``v = D ∗ χ₀``) instead of from 0, and, with
+        ``prior_weight`` μ > 0, the term ``(μ/2) ‖χ − χ₀‖²`` joins the objective.  With a fixed
+        ``n_iter`` and ``tol = 0`` the result then depends on χ₀ also through the early stop
+        (how the app refines a network's map: :mod:`bids_qsmnet.inference.refine`).
+    prior_weight : float — μ, dimensionless (as the data term); needs ``chi0``
 
     Returns
     -------
@@ -331,14 +339,17 @@ def tv_admm(
     Solves
 
     .. math:: \\min_\\chi \\tfrac12 \\|W (D \\ast \\chi - f)\\|_2^2
-       + \\lambda \\|\\nabla \\chi\\|_1, \\qquad W = \\text{weight} \\cdot M,
+       + \\lambda \\|\\nabla \\chi\\|_1
+       + \\tfrac{\\mu}{2} \\|\\chi - \\chi_0\\|_2^2, \\qquad W = \\text{weight} \\cdot M,
 
     with anisotropic TV (``‖∇χ‖₁ = Σ_i Σ_n |∂_i χ[n]|``), by splitting ``z = ∇χ`` and
     ``v = D ∗ χ`` (scaled-form ADMM, duals ``u``, ``s``):
 
     .. math::
-       \\hat\\chi &= \\frac{\\rho\\, E^H \\widehat{(z - u)} + \\rho_d\\, D\\, \\widehat{(v - s)}}
-                        {\\rho |E|^2 + \\rho_d D^2} \\quad \\text{(in k-space; 0 at k = 0)} \\\\
+       \\hat\\chi &= \\frac{\\rho\\, E^H \\widehat{(z - u)} + \\rho_d\\, D\\, \\widehat{(v - s)}
+                        + \\mu \\hat\\chi_0}
+                        {\\rho |E|^2 + \\rho_d D^2 + \\mu} \\quad
+                        \\text{(in k-space; 0 at k = 0 when μ = 0)} \\\\
        z &= \\operatorname{shrink}(\\nabla\\chi + u,\\ \\lambda/\\rho) \\\\
        v &= \\frac{W^2 f + \\rho_d (D \\ast \\chi + s)}{W^2 + \\rho_d} \\\\
        u &\\leftarrow u + \\nabla\\chi - z, \\qquad s \\leftarrow s + D \\ast \\chi - v
@@ -374,13 +385,20 @@ def tv_admm(
     p = _check_pad(pad)
     vs = tuple(float(v) for v in voxel_size)
 
+    mu = _check_positive(prior_weight, "prior_weight", allow_zero=True)
+    if mu > 0 and chi0 is None:
+        raise ValueError("prior_weight > 0 needs chi0, the map it pulls towards")
+    if chi0 is not None and np.shape(chi0) != f.shape:
+        raise ValueError(f"chi0 has shape {np.shape(chi0)}, the field {f.shape}")
+    x0 = None if chi0 is None else _pad(_as_volume(chi0, "chi0") * m, p)
     f_p, w2 = _pad(f * m, p), _pad(w, p) ** 2
     chi = _tv_admm_iterations(f_p, w2, lam=lam, rho=rho, rho_d=rho_d, n_iter=n_iter, tol=tol,
-                              voxel_size=vs, b0_dir=b0_dir)
+                              voxel_size=vs, b0_dir=b0_dir, chi0=x0, mu=mu)
     return _crop(chi, p) * m
 
 
-def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0_dir):
+def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0_dir,
+                        chi0=None, mu=0.0):
     """The ADMM iterations of :func:`tv_admm` on the padded grid, in float32 with real FFTs
     on torch's CPU threads; returns χ (float64 ndarray).
 
@@ -393,8 +411,9 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     half = (slice(None), slice(None), slice(0, shape[2] // 2 + 1))
     D = torch.as_tensor(dipole_kernel(shape, vs, b0_dir)[half], dtype=torch.float32)
     denom = rho * torch.as_tensor(gradient_kernel_sq(shape, vs)[half], dtype=torch.float32) \
-        + rho_d * D**2
-    denom[0, 0, 0] = 1.0  # numerator is 0 there too: the mean of chi stays 0
+        + rho_d * D**2 + mu
+    if mu == 0:
+        denom[0, 0, 0] = 1.0  # numerator is 0 there too: the mean of chi stays 0
     f_t = torch.as_tensor(f_p, dtype=torch.float32)
     w2_t = torch.as_tensor(w2, dtype=torch.float32)
     w2f = w2_t * f_t
@@ -411,14 +430,22 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     def grad_adjoint(g):
         return sum((torch.roll(g[a], 1, a) - g[a]) / vs[a] for a in range(3))
 
-    chi = torch.zeros(shape, dtype=torch.float32)
-    z = torch.zeros((3, *shape), dtype=torch.float32)
+    if chi0 is None:
+        chi = torch.zeros(shape, dtype=torch.float32)
+        z = torch.zeros((3, *shape), dtype=torch.float32)
+        v = torch.where(w2_t > 0, f_t, 0.0)  # unweighted data must not enter, not even at first
+        prior = 0.0
+    else:  # warm start: every split variable consistent with χ₀
+        chi = torch.as_tensor(chi0, dtype=torch.float32)
+        z = grad(chi)
+        v = irfft(D * rfft(chi))
+        prior = mu * rfft(chi) if mu > 0 else 0.0
     u = torch.zeros_like(z)
-    v = torch.where(w2_t > 0, f_t, 0.0)  # unweighted data must not enter, not even at first
     s = torch.zeros(shape, dtype=torch.float32)
     change = 0.0
     for it in range(1, n_iter + 1):
-        chi_new = irfft((rho * rfft(grad_adjoint(z - u)) + rho_d * D * rfft(v - s)) / denom)
+        chi_new = irfft((rho * rfft(grad_adjoint(z - u)) + rho_d * D * rfft(v - s) + prior)
+                        / denom)
         g = grad(chi_new) + u
         z = torch.sign(g) * torch.clamp(torch.abs(g) - lam / rho, min=0.0)
         u = g - z
@@ -436,8 +463,9 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
             logger.debug("tv_admm converged after %d iterations", it)
             break
     else:
-        logger.info("tv_admm stopped at n_iter=%d (relative change %.2e > tol %.1e)", n_iter,
-                    change, tol)
+        if tol > 0:  # (tol 0: a fixed number of iterations was asked for)
+            logger.info("tv_admm stopped at n_iter=%d (relative change %.2e > tol %.1e)",
+                        n_iter, change, tol)
     return chi.numpy().astype(np.float64)
 
 

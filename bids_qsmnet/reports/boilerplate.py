@@ -85,6 +85,9 @@ REFERENCES: dict[str, Reference] = {
     "pdf": _ref("Liu T; Khalidov I; de Rochefort L; Spincemaille P; Liu J; Tsiouris AJ; Wang Y",
                 "A novel background field removal method for MRI using projection onto dipole "
                 "fields (PDF)", "NMR Biomed", 2011, "24", "1129-1136", "10.1002/nbm.1670"),
+    "fansi": _ref("Milovic C; Bilgic B; Zhao B; Acosta-Cabronero J; Tejos C",
+                  "Fast nonlinear susceptibility inversion with variational regularization",
+                  "Magn Reson Med", 2018, "80", "814-821", "10.1002/mrm.27073"),
     "cg": _ref("Hestenes MR; Stiefel E", "Methods of conjugate gradients for solving linear "
                "systems", "J Res Natl Bur Stand", 1952, "49", "409-436", "10.6028/jres.049.044"),
     "nipype": _ref("Gorgolewski K; Burns CD; Madison C; Clark D; Halchenko YO; Waskom ML; "
@@ -104,7 +107,7 @@ REFERENCES: dict[str, Reference] = {
 
 def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
                   bgremoval: str = "vsharp", network: str = "qsmnet", model_name: str = "",
-                  refinement: str = "auto",
+                  refinement: str = "auto", tv: float = 0.0, tv_iterations: int = 60,
                   relaxometry: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """The steps of a participant run, each ``(sentence, reference keys)``.
 
@@ -115,6 +118,8 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
     unwrapping : ``laplacian`` or ``path``; bgremoval : ``vsharp`` or ``pdf`` (raw runs)
     network : the model's family (``qsmnet`` or ``qsmnet+``); model_name : its name
     refinement : ``auto`` (λ chosen per input), ``off``, or a fixed λ as text
+    tv, tv_iterations : weight (ppm·mm) and ADMM iterations of the refinement's
+        total-variation term (0: the plain conjugate-gradient refinement)
     """
     steps: list[tuple[str, tuple[str, ...]]] = []
     if raw:
@@ -146,10 +151,18 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
     if refinement != "off":
         how = ("with a weight chosen per input from the part of the field the network leaves "
                "unexplained" if refinement == "auto" else f"with weight λ = {refinement}")
-        steps.append((
-            "The network's χ was refined towards the measured field by conjugate-gradient "
-            "minimisation of ‖M(D∗χ − f)‖² + λ‖χ − χ_net‖² " + how + ", and resampled back "
-            "onto the input grid (χ in ppm).", ("cg",)))
+        if tv:
+            steps.append((
+                f"The network's χ was refined towards the measured field by {tv_iterations} "
+                "iterations of the alternating direction method of multipliers, started from "
+                "the network's map, on ½‖M(D∗χ − f)‖² + α‖∇χ‖₁ + (λ/2)‖χ − χ_net‖² with "
+                f"α = {tv:g} ppm·mm " + how + ", and resampled back onto the input grid "
+                "(χ in ppm).", ("fansi",)))
+        else:
+            steps.append((
+                "The network's χ was refined towards the measured field by conjugate-gradient "
+                "minimisation of ‖M(D∗χ − f)‖² + λ‖χ − χ_net‖² " + how + ", and resampled "
+                "back onto the input grid (χ in ppm).", ("cg",)))
     else:
         steps.append(("χ was resampled back onto the input grid (ppm).", ()))
     steps.append(("The workflow ran in Nipype, and inputs were found with PyBIDS.",
@@ -228,4 +241,6 @@ def steps_for_run(runs: Sequence, spec, *, unwrapping: str = "laplacian",
                          unwrapping=unwrapping, bgremoval=bgremoval, network=_family(spec),
                          model_name=spec.name,
                          refinement=_refinement(dict(spec.inference or {}), dc_lambda),
+                         tv=float((spec.inference or {}).get("dc_tv", 0.0)),
+                         tv_iterations=int((spec.inference or {}).get("dc_tv_iterations", 60)),
                          relaxometry=any(r.fits_r2star for r in runs))

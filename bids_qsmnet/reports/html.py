@@ -87,14 +87,17 @@ def dc_summary(dc) -> str:
     'λ = 0.05 (fixed); 30 CG iterations'
     >>> dc_summary({"lambda": 0.01, "iterations": 30, "solver": "pcg", "iterations_run": 12})
     'λ = 0.01 (fixed); solved by 12 preconditioned CG iterations'
+    >>> dc_summary({"lambda": 0.02, "iterations": 60, "solver": "tv-admm", "tv": 1e-4})
+    'λ = 0.02 (fixed); TV weight 0.0001 ppm·mm, 60 ADMM iterations from the network’s map'
     >>> dc_summary({"lambda": 0.0, "iterations": 0})
     'off (the network’s χ)'
     """
     if not isinstance(dc, dict):
         return str(dc)
     lam, its = dc.get("lambda"), dc.get("iterations", 0)
-    how = (f"solved by {dc.get('iterations_run')} preconditioned CG iterations"
-           if dc.get("solver") == "pcg" else f"{its} CG iterations")
+    how = {"pcg": f"solved by {dc.get('iterations_run')} preconditioned CG iterations",
+           "tv-admm": f"TV weight {dc.get('tv', 0):g} ppm·mm, {its} ADMM iterations from the "
+                      "network’s map"}.get(dc.get("solver"), f"{its} CG iterations")
     if dc.get("lambda_rule") == "auto":
         why = (f" (the network left {100 * float(dc['rho0']):.1f} % of the field unexplained)"
                if dc.get("rho0") is not None else "")
@@ -110,7 +113,7 @@ def _settings(meta: dict, chi_rel: str) -> list[tuple[str, object]]:
     """The settings table of a run, from its χ sidecar."""
     model = meta.get("Model", {})
     dc = meta.get("DataConsistency")
-    shown = ("lambda", "lambda_rule", "rho0", "solver", "iterations_run")
+    shown = ("lambda", "lambda_rule", "rho0", "solver", "iterations_run", "tv")
     extra = ({k: v for k, v in dc.items() if k not in shown} if isinstance(dc, dict) else {})
     rows = (("χ map", chi_rel),
             ("Sources", ", ".join(meta.get("Sources", [])) or None),

@@ -29,10 +29,12 @@ make_brain_phantom`, seeds disjoint from training): in distribution, so they fla
 Methods
 -------
 * ``default``: the model as the app runs it with no flags — resampling into the network frame,
-  the network, the model file's data-consistency refinement (λ chosen per input), and back;
+  the network, the model file's data-consistency refinement (λ chosen per input; with the
+  file's ``dc_tv`` the TV refinement, ADMM from the network's map), and back;
 * ``network only``: no refinement;
-* ``best fixed λ*``: the network refined with the best of 19 fixed λ (10^-3.5 … 10) for this
-  case, chosen on the truth — the reference the per-input choice is judged against;
+* ``best fixed λ*``: the network refined with the best fixed λ for this case, chosen on the
+  truth — the reference the per-input choice is judged against: of 19 (10^-3.5 … 10) for the
+  plain refinement, of 5 (10^-4 … 1, one per decade) for the TV refinement;
 * ``TKD*`` and ``L2*``: TKD and closed-form L2 with the best parameter per case chosen on the
   truth (oracles: upper bounds of what they can do);
 * ``TV-ADMM``: λ tuned once on the MNI152 exact field;
@@ -67,6 +69,8 @@ TKD_GRID = (0.06, 0.1, 0.14, 0.19, 0.25)
 L2_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 TV_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 FIXED_GRID = np.logspace(-3.5, 1.0, 19)
+#: the fixed prior weights of the TV refinement's "best fixed λ*" (one ADMM run each)
+TV_FIXED_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 # --------------------------------------------------------------------------- cases
@@ -126,31 +130,12 @@ def network_map(loaded, case):
     return predict_chi(loaded, np.where(m, f, 0), m), f, m, frame
 
 
-def refined_maps(net, f, m, lams, *, tv: float, tv_iterations: int, geom: dict):
-    """(ρ₀, maps, relative data residuals) of the network's map refined with each prior weight
-    of ``lams``: one shifted-CG path for the plain refinement, one ADMM run per λ for the TV
-    refinement (``tv`` > 0), in the network frame."""
-    from bids_qsmnet.physics.dc_path import data_residual, refine_path
-    from bids_qsmnet.physics.inversion import tv_admm
-
-    w = m.astype(np.float32)
-    if not tv:
-        path = refine_path(net, f, w, lams, n_iter=30, **geom)
-        return path.residual_prior, list(path.chis), list(path.residuals)
-    chis = [np.where(m, tv_admm(f, m, lam=tv, chi0=net, prior_weight=float(lam),
-                                n_iter=tv_iterations, tol=0.0, pad=8, **geom), 0)
-            for lam in lams]
-    return (data_residual(net, f, w, pad=8, **geom), chis,
-            [data_residual(x, f, w, pad=8, **geom) for x in chis])
-
-
 def model_maps(loaded, case, dc):
     """The model's maps of a case on its grid: default (the app's refinement), network only
     and the best fixed λ on the truth; plus the refinement's report."""
     from bids_qsmnet.inference.frame import from_frame
-    from bids_qsmnet.inference.refine import refine_adaptive
+    from bids_qsmnet.inference.refine import refine_adaptive, refine_grid
     from bids_qsmnet.metrics import nrmse
-    from bids_qsmnet.physics.dc_path import refine_path
 
     geom = dict(voxel_size=loaded.spec.voxel_size, b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
@@ -159,12 +144,14 @@ def model_maps(loaded, case, dc):
     t_net = time.time() - t
     chi, report = refine_adaptive(net, f, m, dc, **geom)
     t_default = time.time() - t
-    path = refine_path(net, f, m.astype(np.float32), FIXED_GRID, n_iter=dc.n_iter, **geom)
-    fixed = [back(x) for x in path.chis]
+    grid = TV_FIXED_GRID if dc.tv else FIXED_GRID
+    _, chis, _ = refine_grid(net, f, m, grid, tv=dc.tv, tv_iterations=dc.tv_iterations,
+                             **geom)
+    fixed = [back(x) for x in chis]
     errs = [nrmse(x, case["chi"], case["mask"], demean=True) for x in fixed]
     i = int(np.argmin(errs))
     return {"default": (back(chi), t_default, report), "network only": (back(net), t_net, {}),
-            "best fixed λ*": (fixed[i], float("nan"), {"lambda": float(FIXED_GRID[i])})}
+            "best fixed λ*": (fixed[i], float("nan"), {"lambda": float(grid[i])})}
 
 
 def oracle(case, fn, grid, param):
@@ -385,7 +372,9 @@ def write_markdown(result: dict, path: str) -> None:
         f"Model: `{result['model']}` (sha256 `{result['model_sha256'][:16]}…`); refinement: "
         f"λ {ref['lambda']}" + (" (chosen per input from the field the network leaves "
                                 "unexplained, `inference.dc_auto`)" if ref.get("auto") else "")
-        + f", {ref['iterations']} CG iterations; TV-ADMM λ = {result['tv_lambda']:g} (tuned "
+        + (f", TV weight {ref['tv']:g} ppm·mm, {ref['iterations']} ADMM iterations from the "
+           "network's map" if ref.get("tv") else f", {ref['iterations']} CG iterations")
+        + f"; TV-ADMM λ = {result['tv_lambda']:g} (tuned "
         "on the MNI152 exact field). `*`: oracle, the best parameter per case chosen on the "
         "truth. NRMSE and HFEN in % (lower is better), SSIM and slope (1 = contrast kept) "
         "inside the mask after removing the in-mask mean. Times: wall seconds on "

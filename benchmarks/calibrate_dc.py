@@ -51,12 +51,13 @@ def lambda_curve(loaded, case, lams=A.FIXED_GRID, *, tv: float = 0.0,
     """NRMSE (%) of the refined map for every λ, of the network alone, and ρ₀; with ``tv`` > 0
     the maps of the TV refinement (:func:`bids_qsmnet.inference.refine.refine_tv`)."""
     from bids_qsmnet.inference.frame import from_frame
+    from bids_qsmnet.inference.refine import refine_grid
     from bids_qsmnet.metrics import nrmse
 
     net, f, m, frame = A.network_map(loaded, case)
-    rho0, chis, residuals = A.refined_maps(net, f, m, lams, tv=tv, tv_iterations=tv_iterations,
-                                           geom=dict(voxel_size=loaded.spec.voxel_size,
-                                                     b0_dir=loaded.spec.b0_dir))
+    rho0, chis, residuals = refine_grid(net, f, m, lams, tv=tv, tv_iterations=tv_iterations,
+                                        voxel_size=loaded.spec.voxel_size,
+                                        b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
     score = lambda x: nrmse(back(x), case["chi"], case["mask"], demean=True)  # noqa: E731
     return {"case": case["name"], "rho0": rho0, "network": score(net),

@@ -151,3 +151,23 @@ def test_tv_refinement_is_admm_from_the_network_map_with_the_chosen_weight():
         dc_settings({"dc_tv": 1e-4, "dc_highpass_mm": 4.0})
     with pytest.raises(ValueError, match="non-negative"):
         dc_settings({"dc_tv": -1.0})
+
+
+@pytest.mark.parametrize("tv", [0.0, 1e-4])
+def test_refine_grid_gives_the_fixed_weight_refinements(tv):
+    """``refine_grid``: for every λ the map the refinement makes with that fixed λ (plain or
+    TV), with ρ₀ and the residual of each."""
+    from bids_qsmnet.inference.refine import refine_grid
+
+    chi, field, mask = _piecewise()
+    prior = 0.6 * chi
+    rho0, chis, residuals = refine_grid(prior, field, mask, [0.01, 0.1], tv=tv,
+                                        tv_iterations=20)
+    assert rho0 == pytest.approx(data_residual(prior, field, mask.astype(float)), abs=1e-6)
+    for lam, x, r in zip([0.01, 0.1], chis, residuals):
+        want, report = refine_adaptive(prior, field, mask,
+                                       DCSettings(lam, 30, tv=tv, tv_iterations=20))
+        # (a single plain λ may be solved by PCG, the grid by shifted CG: to 1e-3 of the map)
+        tol = 1e-6 if tv else 1e-3 * np.abs(want).max()
+        assert np.abs(x - want).max() < tol and r == pytest.approx(report["residual"], abs=1e-3)
+    assert residuals[0] < residuals[1] < rho0  # more trust in the field, less left of it

@@ -71,7 +71,7 @@ from ..physics.dc_path import AutoLambda
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
-           "refine_adaptive", "refine_tv", "residual_passes"]
+           "refine_adaptive", "refine_grid", "refine_tv", "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
@@ -270,6 +270,37 @@ def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.n
     report.update({"lambda": float(lam), "residual": round(resid, 4), "solver": "tv-admm",
                    "iterations_run": int(settings.tv_iterations)})
     return out, report
+
+
+def refine_grid(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, lams: Sequence[float],
+                *, tv: float = 0.0, tv_iterations: int = 60, n_iter: int = 30,
+                voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
+                b0_dir: Sequence[float] = (0.0, 0.0, 1.0)):
+    """The network's map refined with each fixed prior weight of ``lams`` (binary mask, no
+    high-pass): one shifted-CG path for the plain refinement (``n_iter`` iterations), one
+    ADMM run of ``tv_iterations`` per λ for the TV refinement (``tv`` > 0) — for choosing λ
+    on data with a known truth (``benchmarks/calibrate_dc.py``, ``benchmarks/accuracy.py``).
+
+    Returns
+    -------
+    rho0 : float — the relative data residual of ``chi``
+    chis : list of (X, Y, Z) float32 ndarray — ppm, one per λ
+    residuals : list of float — their relative data residuals
+    """
+    from ..physics.dc_path import data_residual, refine_path
+    from ..physics.inversion import tv_admm
+
+    mask = np.asarray(mask).astype(bool)
+    w = mask.astype(np.float32)
+    geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir))
+    if not tv:
+        path = refine_path(chi, field, w, lams, n_iter=n_iter, **geom)
+        return path.residual_prior, list(path.chis), [float(r) for r in path.residuals]
+    chis = [np.where(mask, tv_admm(field, mask, lam=tv, chi0=chi, prior_weight=float(lam),
+                                   n_iter=tv_iterations, tol=0.0, pad=8, **geom),
+                     0).astype(np.float32) for lam in lams]
+    return (float(data_residual(chi, field, w, pad=8, **geom)), chis,
+            [float(data_residual(x, field, w, pad=8, **geom)) for x in chis])
 
 
 def residual_passes(predict: Callable[[np.ndarray], np.ndarray], chi: np.ndarray,

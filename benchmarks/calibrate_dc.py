@@ -132,9 +132,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     loaded = load_model(resolve_model(args.model))
+    previous = {}
     if args.refit:
         with open(args.out) as fh:
-            curves = json.load(fh)["curves"]
+            previous = json.load(fh)
+        curves = previous["curves"]
     else:
         phantom = anatomy_phantom("mni152")
         curves = []
@@ -155,10 +157,16 @@ def main(argv=None) -> int:
         c["chosen_nrmse"] = nrmse_at(c, lam)
         LOGGER.info("%-40s ρ0 %.3f → λ %-8s NRMSE %.1f (best %.1f)", c["case"], c["rho0"],
                     "off" if lam is None else f"{lam:.4f}", c["chosen_nrmse"], best_of(c))
-    result = {"command": "python " + " ".join(sys.argv), "input_model_sha256": loaded.sha256,
+    command = "python " + " ".join(sys.argv)
+    if previous:  # the curves' command stays; the fit's is added
+        command = previous["command"]
+    result = {"command": command, **({"refit_command": "python " + " ".join(sys.argv)}
+                                      if previous else {}),
+              "input_model_sha256": previous.get("input_model_sha256", loaded.sha256),
               "anatomy": "mni152", "dc_auto": auto, "dc_tv": args.tv,
               "dc_tv_iterations": args.tv_iterations, "mean_excess_nrmse": round(excess, 2),
-              "curves": curves, "seconds": round(time.time() - t0)}
+              "curves": curves,
+              "seconds": previous.get("seconds", round(time.time() - t0))}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)

@@ -467,7 +467,7 @@ def _patch_store(path: str, volumes, recipe: Recipe, what: str, *, patch_size: i
 
 def run_recipe(out_dir: str, recipe: Recipe, *, resume: bool = False, max_steps: int = 0,
                threads: int | None = None, device: str = "cpu",
-               stages: tuple = (1, 2, 3, 4), workers: int = 1, loader_workers: int = 0,
+               stages: tuple = (1, 2, 3), workers: int = 1, loader_workers: int = 0,
                amp: bool = False, from_model: str | None = None) -> str:
     """Make (or reuse) the patch stores, then train stage 1 into ``out_dir/train``, fine-tune
     it (stage 2) into ``out_dir/finetune``, (stage 3) into ``out_dir/chain`` and (stage 4) into
@@ -647,7 +647,8 @@ def main(argv=None) -> int:
     p.add_argument("--ft-epochs", type=int, default=None,
                    help="override the recipe's stage-2 (fine-tuning) epochs")
     p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), default=None,
-                   help="run only this stage (default: all four in turn)")
+                   help="run only this stage (default: stages 1-3 in turn, which made the "
+                        "shipped weights; stage 4 runs only when asked for)")
     p.add_argument("--from-model", default=None,
                    help="model file (or shipped name, e.g. default) that stage 4 starts from "
                         "(default: stage 3's last model file)")
@@ -687,7 +688,7 @@ def main(argv=None) -> int:
         recipe.channels_last = False
     print(run_recipe(args.out_dir, recipe, resume=args.resume, max_steps=args.max_steps,
                      threads=args.threads, device=args.device,
-                     stages=(args.stage,) if args.stage else (1, 2, 3, 4),
+                     stages=(args.stage,) if args.stage else (1, 2, 3),
                      workers=args.workers, loader_workers=args.loader_workers, amp=args.amp,
                      from_model=_model_file(args.from_model)))
     return 0

@@ -1,6 +1,6 @@
 """The recipe of the shipped default model: synthetic training data → patches → training.
 
-One seeded command trains a default model, in four stages::
+One seeded command trains a default model, in three stages (a fourth on request)::
 
     python -m bids_qsmnet.training.default_recipe --out-dir runs/default            # CPU
     python -m bids_qsmnet.training.default_recipe --out-dir runs/gpu --preset gpu \

@@ -674,8 +674,10 @@ def _as_unprivileged() -> list[str] | None:
     if setpriv is None:
         return None
     prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # from "/", as _cli_as runs it: the source folder in the working directory must not stand
+    # in for an installed package the other user cannot reach
     probe = subprocess.run([*prefix, sys.executable, "-c", "import bids_qsmnet.cli.run"],
-                           capture_output=True, timeout=120)
+                           capture_output=True, timeout=120, cwd="/")
     return prefix if probe.returncode == 0 else None
 
 

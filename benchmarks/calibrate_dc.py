@@ -9,14 +9,19 @@ The rule (:class:`bids_qsmnet.inference.refine.AutoLambda`) maps the fraction ρ
 field that the network's map leaves unexplained to λ.  This command fits its constants on the
 **MNI152** anatomy only (:mod:`bids_qsmnet.data.anatomy`; the Colin27 anatomy, on which the
 accuracy benchmark reports, is never used here): exact fields with 0.5, 1 and 2 ppb noise,
-fields with a non-dipolar part of 20, 40 and 70 % of the dipole field's rms (background
-residue and a white-matter offset, :mod:`bids_qsmnet.data.measured`), and the field the app's
-raw-GRE chain makes of a simulated acquisition.  For each, the network runs once, the
-refinement runs for a grid of λ at the cost of one (shifted conjugate gradients,
-:mod:`bids_qsmnet.physics.dc_path`), and NRMSE against the truth is recorded for every λ
-(and for no refinement).  The constants minimise the mean NRMSE excess over each case's best
-λ (NRMSE interpolated linearly in log λ between grid points).  ``--write-model`` stores them
-in the model file's ``inference.dc_auto`` (weights unchanged).
+fields with a non-dipolar part of 20 to 70 % of the dipole field's rms (background residue and
+a white-matter offset, :mod:`bids_qsmnet.data.measured`), and the field the app's raw-GRE
+chain makes of a simulated acquisition; the noise and the non-dipolar part are drawn with two
+seeds, so that the rule fits what a kind of field needs rather than one draw of it.  For each,
+the network runs once, the refinement runs for a grid of λ (shifted conjugate gradients for
+the plain refinement, :mod:`bids_qsmnet.physics.dc_path`; one ADMM run per λ for the TV
+refinement), and NRMSE against the truth is recorded for every λ (and for no refinement),
+with the rule's inputs ρ₀ and the noise share ν.  The constants minimise the mean NRMSE excess
+over each case's best λ (NRMSE interpolated linearly in log λ between grid points).
+``--write-model`` stores them in the model file's ``inference.dc_auto`` (weights unchanged).
+
+A run keeps the curves already in ``--out`` that were made with the same model, refinement
+and λ grid, and computes only the missing cases, so an interrupted calibration resumes.
 """
 
 from __future__ import annotations
@@ -37,30 +42,36 @@ import accuracy as A  # noqa: E402  (the accuracy benchmark's λ grid and networ
 
 LOGGER = logging.getLogger("calibrate_dc")
 
-#: (kind, noise ppb, non-dipolar fraction) of the calibration cases
-CASES = (("exact", 0.5, 0.0), ("exact", 1.0, 0.0), ("exact", 2.0, 0.0),
-         ("measured", 1.0, 0.2), ("measured", 1.0, 0.4), ("measured", 1.0, 0.7),
-         ("raw", 0.0, 0.0))
-SEED = 31337
+#: (kind, noise ppb, non-dipolar fraction, seed) of the calibration cases
+CASES = (("exact", 0.5, 0.0, 31337), ("exact", 1.0, 0.0, 31337), ("exact", 2.0, 0.0, 31337),
+         ("measured", 1.0, 0.2, 31337), ("measured", 1.0, 0.4, 31337),
+         ("measured", 1.0, 0.7, 31337), ("raw", 0.0, 0.0, 31337),
+         ("exact", 2.0, 0.0, 4242), ("measured", 1.0, 0.2, 4242),
+         ("measured", 1.0, 0.3, 4242), ("measured", 1.0, 0.4, 4242),
+         ("measured", 1.0, 0.55, 4242), ("measured", 1.0, 0.7, 4242))
 #: prior weights of the TV refinement's curves (each costs a full ADMM run)
 TV_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 def lambda_curve(loaded, case, lams=A.FIXED_GRID, *, tv: float = 0.0,
                  tv_iterations: int = 60) -> dict:
-    """NRMSE (%) of the refined map for every λ, of the network alone, and ρ₀; with ``tv`` > 0
-    the maps of the TV refinement (:func:`bids_qsmnet.inference.refine.refine_tv`)."""
+    """NRMSE (%) of the refined map for every λ, of the network alone, ρ₀ and the noise share
+    ν; with ``tv`` > 0 the maps of the TV refinement
+    (:func:`bids_qsmnet.inference.refine.refine_tv`)."""
     from bids_qsmnet.inference.frame import from_frame
     from bids_qsmnet.inference.refine import refine_grid
     from bids_qsmnet.metrics import nrmse
+    from bids_qsmnet.physics.noise import noise_share, noise_sigma
 
     net, f, m, frame = A.network_map(loaded, case)
+    nu, sigma = noise_share(f, m), noise_sigma(f, m)
     rho0, chis, residuals = refine_grid(net, f, m, lams, tv=tv, tv_iterations=tv_iterations,
                                         voxel_size=loaded.spec.voxel_size,
                                         b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
     score = lambda x: nrmse(back(x), case["chi"], case["mask"], demean=True)  # noqa: E731
-    return {"case": case["name"], "rho0": rho0, "network": score(net),
+    return {"case": case["name"], "rho0": rho0, "noise_share": nu, "noise_ppb": 1000 * sigma,
+            "network": score(net),
             "lambdas": [float(x) for x in lams], "nrmse": [score(x) for x in chis],
             "residuals": [float(r) for r in residuals]}
 
@@ -84,12 +95,13 @@ def fit(curves: list[dict]) -> tuple[dict, float]:
 
     e_ref = 0.05
     best = None
-    for floor, power, lam_ref in itertools.product(
-            np.arange(0.0, 0.5, 0.005), np.arange(0.2, 3.01, 0.1), np.logspace(-3, 0, 31)):
+    for noise, floor, power, lam_ref in itertools.product(
+            (0.0, 0.5, 1.0), np.arange(0.0, 0.5, 0.005), np.arange(0.2, 3.01, 0.1),
+            np.logspace(-3, 0, 31)):
         rule = AutoLambda(floor=float(floor), e_ref=e_ref, lambda_ref=float(lam_ref),
-                          power=float(power))
-        excess = float(np.mean([nrmse_at(c, rule.choose(c["rho0"])) - best_of(c)
-                                for c in curves]))
+                          power=float(power), noise=float(noise))
+        excess = float(np.mean([nrmse_at(c, rule.choose(c["rho0"], c["noise_share"]))
+                                - best_of(c) for c in curves]))
         if best is None or excess < best[1] - 1e-9:
             best = (rule, excess)
     return best[0].to_dict(), best[1]
@@ -104,6 +116,41 @@ def write_model(path: str, auto: dict, *, tv: float = 0.0, tv_iterations: int = 
     inference = {**(loaded.spec.inference or {}), "dc_auto": auto, "dc_edge_mm": 0.0,
                  "dc_highpass_mm": 0.0, "dc_tv": float(tv), "dc_tv_iterations": int(tv_iterations)}
     save_model(path, loaded.network, dataclasses.replace(loaded.spec, inference=inference))
+
+
+def weights_digest(network) -> str:
+    """sha256 of the network's parameters and buffers (names, dtypes, shapes, values): the
+    same for model files that differ only in their inference settings."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(network.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _reusable(path: str, sha256: str, tv: float, tv_iterations: int, grid) -> list[dict]:
+    """The curves in ``path`` made with these weights (:func:`weights_digest`), refinement
+    and λ grid (none if absent)."""
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    if (old.get("weights_sha256"), old.get("dc_tv"), old.get("dc_tv_iterations")) != (
+            sha256, tv, tv_iterations):
+        return []
+    return [c for c in old.get("curves", []) if c.get("lambdas") == [float(x) for x in grid]
+            and "noise_share" in c]
+
+
+def _save(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
@@ -138,24 +185,39 @@ def main(argv=None) -> int:
             previous = json.load(fh)
         curves = previous["curves"]
     else:
-        phantom = anatomy_phantom("mni152")
+        grid = TV_GRID if args.tv else A.FIXED_GRID
+        weights = weights_digest(loaded.network)
+        done = _reusable(args.out, weights, args.tv, args.tv_iterations, grid)
+        phantom = None
         curves = []
-        for kind, noise, nd in CASES:
-            case = make_case(phantom, kind, seed=SEED, noise_ppm=noise / 1000, nondipolar=nd)
-            curves.append(lambda_curve(loaded, case, TV_GRID if args.tv else A.FIXED_GRID,
-                                       tv=args.tv, tv_iterations=args.tv_iterations))
+        for kind, noise, nd, seed in CASES:
+            key = {"kind": kind, "noise": noise, "nondipolar": nd, "seed": seed}
+            hit = [c for c in done if all(c.get(k) == v for k, v in key.items())]
+            if hit:
+                curves.append(hit[0])
+                continue
+            phantom = phantom or anatomy_phantom("mni152")
+            case = make_case(phantom, kind, seed=seed, noise_ppm=noise / 1000, nondipolar=nd)
+            curves.append({**lambda_curve(loaded, case, grid, tv=args.tv,
+                                          tv_iterations=args.tv_iterations), **key})
             c = curves[-1]
-            LOGGER.info("%s: ρ0 %.3f, network %.1f %%, best %.1f %%", c["case"], c["rho0"],
-                        c["network"], best_of(c))
+            LOGGER.info("%s (seed %d): ρ0 %.3f, noise %.2f ppb (ν %.3f), network %.1f %%, "
+                        "best %.1f %%", c["case"], seed, c["rho0"], c["noise_ppb"],
+                        c["noise_share"], c["network"], best_of(c))
+            _save(args.out, {"command": "python " + " ".join(sys.argv),
+                             "input_model_sha256": loaded.sha256, "weights_sha256": weights,
+                             "dc_tv": args.tv,
+                             "dc_tv_iterations": args.tv_iterations, "curves": curves})
     auto, excess = fit(curves)
     from bids_qsmnet.inference.refine import AutoLambda
 
     rule = AutoLambda.from_dict(auto)
     for c in curves:
-        lam = rule.choose(c["rho0"])
+        lam = rule.choose(c["rho0"], c["noise_share"])
         c["chosen_lambda"] = lam
         c["chosen_nrmse"] = nrmse_at(c, lam)
-        LOGGER.info("%-40s ρ0 %.3f → λ %-8s NRMSE %.1f (best %.1f)", c["case"], c["rho0"],
+        LOGGER.info("%-32s seed %5d ρ0 %.3f ν %.3f → λ %-8s NRMSE %.1f (best %.1f)", c["case"],
+                    c["seed"], c["rho0"], c["noise_share"],
                     "off" if lam is None else f"{lam:.4f}", c["chosen_nrmse"], best_of(c))
     command = "python " + " ".join(sys.argv)
     if previous:  # the curves' command stays; the fit's is added
@@ -163,13 +225,12 @@ def main(argv=None) -> int:
     result = {"command": command, **({"refit_command": "python " + " ".join(sys.argv)}
                                       if previous else {}),
               "input_model_sha256": previous.get("input_model_sha256", loaded.sha256),
+              "weights_sha256": previous.get("weights_sha256", weights_digest(loaded.network)),
               "anatomy": "mni152", "dc_auto": auto, "dc_tv": args.tv,
               "dc_tv_iterations": args.tv_iterations, "mean_excess_nrmse": round(excess, 2),
               "curves": curves,
               "seconds": previous.get("seconds", round(time.time() - t0))}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    _save(args.out, result)
     print(json.dumps({"dc_auto": auto, "mean_excess_nrmse": round(excess, 2)}))
     if args.write_model:
         write_model(args.write_model, auto, tv=args.tv, tv_iterations=args.tv_iterations)

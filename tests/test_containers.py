@@ -5,9 +5,9 @@ builds (nothing is installed there); both expose the ``bids_qsmnet`` entry point
 that exist, and pass hadolint.
 
 Nothing is built here: the recipes are parsed with ``dockerfile-parse`` and ``spython`` (test
-extra) plus a small section splitter for the parts of a definition file that spython folds
-into comments (``%arguments``, ``%help``).  ``tests/test_container_image.py`` (slow) builds the
-image with Podman and runs it.
+extra) plus the section splitter of ``benchmarks/container.py`` for the parts of a definition
+file that spython folds into comments (``%arguments``, ``%help``).
+``tests/test_container_image.py`` (slow) builds the image with Podman and runs it.
 """
 
 from __future__ import annotations
@@ -84,27 +84,18 @@ def _run_commands(stage: list[dict]) -> list[str]:
 
 
 def definition_sections(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Split an Apptainer definition file into its header (``Key: value``) and sections.
-
-    Sections start with ``%name`` at the beginning of a line and run to the next one; their
-    lines are stripped, blank lines dropped.  Comments are kept inside sections (they belong
-    to the script) and dropped in the header.
+    """The header (``Key: value``) and sections of an Apptainer definition file, by the
+    splitter ``benchmarks/container.py`` renders the recipe with, section lines stripped.
+    Comments are kept inside sections (they belong to the script) and dropped in the header.
     """
-    header: dict[str, str] = {}
-    sections: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if line.startswith("%"):
-            current = line[1:].split()[0].lower()
-            sections.setdefault(current, [])
-        elif current is None:
-            s = line.strip()
-            if s and not s.startswith("#"):
-                key, _, value = s.partition(":")
-                header[key.strip().lower()] = value.strip()
-        elif line.strip():
-            sections[current].append(line.strip())
-    return header, sections
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("container_bench",
+                                                  ROOT / "benchmarks" / "container.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    header, sections, _ = bench.singularity_sections(text)
+    return header, {k: [line.strip() for line in v] for k, v in sections.items()}
 
 
 @pytest.fixture(scope="module")

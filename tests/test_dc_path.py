@@ -60,6 +60,22 @@ def test_the_rule_trusts_fields_the_map_explains_and_keeps_the_map_otherwise():
         AutoLambda.from_dict({**rule.to_dict(), "power": "high"})
 
 
+def test_the_rule_discounts_the_fields_white_noise():
+    """With ``noise`` 1 the share ν of the field's energy that is white noise is taken off ρ₀²
+    before λ is chosen: a field whose extra unexplained part is all noise gets the λ of an
+    accurate one; without the key (older model files) the rule is ρ₀'s alone."""
+    rule = AutoLambda(floor=0.3, e_ref=0.05, lambda_ref=0.01, power=2.0, noise=1.0)
+    assert rule.choose(np.sqrt(0.45**2 + 0.1), nu=0.1) == pytest.approx(rule.choose(0.45))
+    assert rule.choose(0.5, nu=0.1) < rule.choose(0.5, nu=0.0)
+    assert rule.excess(0.5, 0.1) == pytest.approx(0.5**2 - 0.1 - 0.3**2)
+    plain = {k: v for k, v in rule.to_dict().items() if k != "noise"}
+    assert AutoLambda.from_dict(plain).noise == 0.0
+    assert AutoLambda.from_dict(plain).choose(0.5, nu=0.1) == AutoLambda.from_dict(
+        plain).choose(0.5)
+    with pytest.raises(ValueError, match="impossible"):
+        AutoLambda.from_dict({**rule.to_dict(), "noise": -1.0})
+
+
 def test_settings_choose_auto_from_the_model_file_and_numbers_override_it():
     auto = AutoLambda(floor=0.3, e_ref=0.05, lambda_ref=0.01, power=2.0).to_dict()
     d = {"dc_lambda": 0.1, "dc_auto": auto}
@@ -130,6 +146,7 @@ def test_tv_refinement_is_admm_from_the_network_map_with_the_chosen_weight():
     restores contrast a shrunk map lost, and reports solver, λ, ρ₀ and the residual after."""
     from bids_qsmnet.metrics import nrmse
     from bids_qsmnet.physics.inversion import tv_admm
+    from bids_qsmnet.physics.noise import noise_share
 
     chi, field, mask = _piecewise()
     rule = AutoLambda(floor=0.0, e_ref=0.05, lambda_ref=0.01, power=1.0)
@@ -145,6 +162,15 @@ def test_tv_refinement_is_admm_from_the_network_map_with_the_chosen_weight():
                    prior_weight=report["lambda"], n_iter=40, tol=0.0, pad=8)
     assert np.abs(out - want).max() < 1e-6
     assert nrmse(out, chi, mask, demean=True) < 0.6 * nrmse(prior, chi, mask, demean=True)
+    # the field's 1 ppb noise is measured and, with a rule that discounts it, taken off
+    noisy_rule = AutoLambda(floor=0.0, e_ref=0.05, lambda_ref=0.01, power=1.0, noise=1.0)
+    _, report = refine_adaptive(prior, field, mask, dc_settings(
+        {"dc_auto": noisy_rule.to_dict(), "dc_tv": 1e-4, "dc_tv_iterations": 5}))
+    # (sharp 0.2 ppm edges touch many of this small volume's blocks: σ̂ reads a little high)
+    assert report["noise_ppb"] == pytest.approx(1.0, rel=0.25)
+    assert report["noise_share"] == pytest.approx(noise_share(field * mask, mask), abs=1e-4)
+    assert report["lambda"] == pytest.approx(noisy_rule.choose(rho0, report["noise_share"]),
+                                             rel=1e-3)
     # the plain refinement when asked for (tv 0), and a high-pass it cannot honour refused
     assert dc_settings({"dc_tv": 1e-4}, tv=0.0).tv == 0.0
     with pytest.raises(ValueError, match="high-pass"):

@@ -97,6 +97,9 @@ def test_dc_summary_states_the_lambda_and_how_it_was_chosen():
                        "iterations": 30})
     assert auto == ("λ = 0.0123, chosen per input (the network left 24.7 % of the field "
                     "unexplained); 30 CG iterations")
+    noisy = dc_summary({"lambda": 0.0123, "lambda_rule": "auto", "rho0": 0.2468,
+                        "noise_ppb": 1.034, "iterations": 30})
+    assert "(the network left 24.7 % of the field unexplained; field noise 1.03 ppb)" in noisy
     assert dc_summary({"lambda": 0.0, "lambda_rule": "auto", "rho0": 0.01,
                        "iterations": 30}).startswith("none, chosen per input")
     assert dc_summary({"lambda": 0.0, "iterations": 0}) == "off (the network’s χ)"

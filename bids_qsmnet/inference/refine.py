@@ -32,16 +32,20 @@ leaves unexplained,
 
 .. math:: \\rho_0 = \\|M (D \\ast \\chi_{net} - f)\\| / \\|M f\\|,
 
-and subtracts the part of it that the network leaves even on an accurate field of a brain
-(``floor``, a property of the network measured on a tuning anatomy): the excess
-``e = max(ρ₀² − floor², ρ_min²)`` estimates the field's non-dipolar and noise content
-relative to the field, and the prior weight follows a power law of it,
-``λ = lambda_ref · (e / e_ref)^power`` (the Bayesian weight ``σ_data² / σ_prior²`` grows with
-the data's error variance).  λ above ``lambda_max`` means "trust the network": no refinement.
-The constants are fitted on simulated fields of the MNI152 anatomy (exact fields with 0.5–2
-ppb noise, fields with a non-dipolar part, fields from the raw-GRE chain) by
-``benchmarks/calibrate_dc.py`` and stored in the model file; the chosen λ, ρ₀ and the data
-residual after the refinement go into the χ map's sidecar.
+and subtracts from its square two parts that do not call for trusting the network more: the
+field's white noise, whose share ``ν = N σ̂² / ‖M f‖²`` of the field's energy is estimated from
+the field alone (σ̂ from its finest diagonal wavelet detail, :mod:`bids_qsmnet.physics.noise`;
+the TV term of the refinement deals with noise), and the part the network leaves even on an
+accurate field of a brain (``floor``, a property of the network measured on a tuning
+anatomy).  The excess ``e = max(ρ₀² − noise·ν − floor², ρ_min²)`` estimates the field's
+structured content that no susceptibility inside the brain explains, relative to the field,
+and the prior weight follows a power law of it, ``λ = lambda_ref · (e / e_ref)^power`` (the
+Bayesian weight ``σ_data² / σ_prior²`` grows with the data's error variance).  λ above
+``lambda_max`` means "trust the network": no refinement.  The constants are fitted on
+simulated fields of the MNI152 anatomy (exact fields with 0.5–2 ppb noise, fields with a
+non-dipolar part, fields from the raw-GRE chain; two random draws of each) by
+``benchmarks/calibrate_dc.py`` and stored in the model file; the chosen λ, ρ₀, σ̂ and ν and
+the data residual after the refinement go into the χ map's sidecar.
 
 Before the refinement, the app may also run **residual-field passes**
 (:func:`residual_passes`): the network maps what its map leaves unexplained of the field,
@@ -195,7 +199,8 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     -------
     chi : (X, Y, Z) float32 ndarray — ppm, zero outside the mask
     report : dict — ``settings.to_dict()`` with the λ used (``lambda``; 0 when no refinement
-        ran), the rule's input ``rho0``, the relative data residual ``residual`` after it, and
+        ran), the rule's inputs ``rho0``, ``noise_ppb`` (σ̂) and ``noise_share`` (ν), the
+        relative data residual ``residual`` after it, and
         the ``solver`` with the ``iterations_run`` (see
         :func:`bids_qsmnet.physics.dc_path.refine_path`)
     """
@@ -214,24 +219,49 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
                 device=device)
     chosen = {}
+    noise = _noise(field, mask) if settings.auto is not None else None
 
     def choose(rho0: float) -> list[float]:
-        lam = settings.auto.choose(rho0) if settings.auto is not None else settings.lam
+        lam = _choose(settings, rho0, noise, report)
         chosen.update(lam=lam, rho0=rho0)
         return [] if lam is None else [lam]
 
     path = refine_path(chi, field, w, choose, n_iter=settings.n_iter, **geom)
     lam, rho0 = chosen["lam"], chosen["rho0"]
-    if settings.auto is not None:
-        report.update(rho0=round(rho0, 4), lambda_rule="auto")
-        LOGGER.info("data consistency: the network leaves %.1f %% of the field unexplained → "
-                    "λ %s", 100 * rho0, "none (network kept)" if lam is None else f"{lam:.4g}")
     if lam is None:
         report.update({"lambda": 0.0, "residual": round(rho0, 4)})
         return chi, report
     report.update({"lambda": float(lam), "residual": round(float(path.residuals[0]), 4),
                    "solver": path.solver, "iterations_run": path.iterations})
     return path.chis[0].astype(np.float32), report
+
+
+def _noise(field: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """The field's estimated noise σ̂ (ppm) and noise share ν (:mod:`..physics.noise`);
+    (0, 0) where the mask holds no whole 2×2×2 block."""
+    from ..physics.noise import noise_share, noise_sigma
+
+    try:
+        return noise_sigma(field, mask), noise_share(field, mask)
+    except ValueError:
+        return 0.0, 0.0
+
+
+def _choose(settings: DCSettings, rho0: float, noise: tuple[float, float] | None,
+            report: dict) -> float | None:
+    """λ: the fixed one, or the rule's for ρ₀ and the noise share (recorded in ``report``
+    and the log)."""
+    if settings.auto is None:
+        return settings.lam
+    sigma, nu = noise
+    lam = settings.auto.choose(rho0, nu)
+    report.update(rho0=round(rho0, 4), noise_ppb=round(1000 * sigma, 3),
+                  noise_share=round(nu, 4), lambda_rule="auto")
+    LOGGER.info("data consistency%s: the network leaves %.1f %% of the field unexplained, "
+                "noise %.2f ppb (%.1f %% of the field's energy) → λ %s",
+                f" (TV {settings.tv:.3g})" if settings.tv > 0 else "", 100 * rho0,
+                1000 * sigma, 100 * nu, "none (network kept)" if lam is None else f"{lam:.4g}")
+    return lam
 
 
 def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.ndarray,
@@ -244,22 +274,18 @@ def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.n
               + \\tfrac{\\lambda}{2} \\|\\chi - \\chi_{net}\\|^2
 
     started from the network's map (:func:`bids_qsmnet.physics.inversion.tv_admm` with
-    ``chi0``), α = ``settings.tv``, λ fixed or chosen per input from ρ₀ as for the plain
-    refinement.  The fixed iteration count is part of the method: from the network's map,
+    ``chi0``), α = ``settings.tv``, λ fixed or chosen per input from ρ₀ and ν as for the
+    plain refinement.  The fixed iteration count is part of the method: from the network's map,
     60 iterations keep its content in the magic-angle cone, which the converged TV solution
     loses on fields with a non-dipolar part.  Returns the map and ``report`` updated with λ,
-    ρ₀, the relative data residual after, the solver and its iterations."""
+    the rule's inputs, the relative data residual after, the solver and its iterations."""
     from ..physics.dc_path import data_residual
     from ..physics.inversion import tv_admm
 
     geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir))
     rho0 = float(data_residual(chi, field, weight, pad=8, **geom))
-    lam = settings.auto.choose(rho0) if settings.auto is not None else settings.lam
-    if settings.auto is not None:
-        report.update(rho0=round(rho0, 4), lambda_rule="auto")
-        LOGGER.info("data consistency (TV %.3g): the network leaves %.1f %% of the field "
-                    "unexplained → λ %s", settings.tv, 100 * rho0,
-                    "none (network kept)" if lam is None else f"{lam:.4g}")
+    noise = _noise(field, mask) if settings.auto is not None else None
+    lam = _choose(settings, rho0, noise, report)
     if lam is None:
         report.update({"lambda": 0.0, "residual": round(rho0, 4)})
         return chi, report

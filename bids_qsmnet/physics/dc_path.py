@@ -61,10 +61,13 @@ PRECONDITIONER_SHIFT = 0.03
 
 @dataclass(frozen=True)
 class AutoLambda:
-    """The per-input choice of λ from the network's unexplained field fraction ρ₀ (see
-    :mod:`bids_qsmnet.inference.refine`): ``λ = lambda_ref · (e / e_ref)^power`` with
-    ``e = max(ρ₀² − floor², rho_min²)``, clipped below at ``lambda_min``; ``None`` (no
-    refinement) above ``lambda_max``.  All dimensionless."""
+    """The per-input choice of λ from the network's unexplained field fraction ρ₀ and the
+    field's noise share ν (see :mod:`bids_qsmnet.inference.refine` and
+    :func:`bids_qsmnet.physics.noise.noise_share`): ``λ = lambda_ref · (e / e_ref)^power``
+    with ``e = max(ρ₀² − noise · ν − floor², rho_min²)`` — the unexplained energy that is
+    neither white noise nor what the network leaves on an accurate field — clipped below at
+    ``lambda_min``; ``None`` (no refinement) above ``lambda_max``.  All dimensionless;
+    ``noise`` 0 makes the rule a function of ρ₀ alone."""
 
     floor: float
     e_ref: float
@@ -73,10 +76,14 @@ class AutoLambda:
     rho_min: float = 0.02
     lambda_min: float = 1e-4
     lambda_max: float = 10.0
+    noise: float = 0.0
 
-    def choose(self, rho0: float) -> float | None:
-        e = max(float(rho0) ** 2 - self.floor**2, self.rho_min**2)
-        lam = self.lambda_ref * (e / self.e_ref) ** self.power
+    def excess(self, rho0: float, nu: float = 0.0) -> float:
+        """``e``: the structured unexplained share of the field's energy."""
+        return max(float(rho0) ** 2 - self.noise * float(nu) - self.floor**2, self.rho_min**2)
+
+    def choose(self, rho0: float, nu: float = 0.0) -> float | None:
+        lam = self.lambda_ref * (self.excess(rho0, nu) / self.e_ref) ** self.power
         if lam > self.lambda_max:
             return None
         return max(lam, self.lambda_min)
@@ -95,7 +102,7 @@ class AutoLambda:
             raise ValueError(f"dc_auto must map {', '.join(cls.__dataclass_fields__)} to "
                              f"numbers: {exc}") from None
         if not (out.e_ref > 0 and out.lambda_ref > 0 and out.floor >= 0 and out.power >= 0
-                and 0 < out.lambda_min <= out.lambda_max):
+                and out.noise >= 0 and 0 < out.lambda_min <= out.lambda_max):
             raise ValueError(f"dc_auto holds impossible values: {out.to_dict()}")
         return out
 

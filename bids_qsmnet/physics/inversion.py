@@ -403,20 +403,28 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     on torch's CPU threads; returns χ (float64 ndarray).
 
     The half spectrum keeps the kernels Hermitian on the Nyquist plane, which matters only
-    for B0 oblique to the grid (there ``D(k_z = −½) ≠ D(k_z = +½)`` off the axes)."""
+    for B0 oblique to the grid (there ``D(k_z = −½) ≠ D(k_z = +½)`` off the axes).  The loop
+    keeps only what the next iteration reads (``z − u``, ``u``, ``v − s``, ``s``) and updates
+    it in place: with ``g = ∇χ + u``, the shrinkage gives ``u ← clip(g, −κ, κ)`` and
+    ``z − u = g − 2 u`` (κ = λ/ρ); with ``t = D ∗ χ + s``, ``v = (W² f + ρ_d t) / (W² + ρ_d)``
+    and ``s ← t − v``."""
     import torch
 
     shape = f_p.shape
-    vs = voxel_size
     half = (slice(None), slice(None), slice(0, shape[2] // 2 + 1))
-    D = torch.as_tensor(dipole_kernel(shape, vs, b0_dir)[half], dtype=torch.float32)
-    denom = rho * torch.as_tensor(gradient_kernel_sq(shape, vs)[half], dtype=torch.float32) \
-        + rho_d * D**2 + mu
+    D = torch.as_tensor(dipole_kernel(shape, voxel_size, b0_dir)[half], dtype=torch.float32)
+    denom = rho * torch.as_tensor(gradient_kernel_sq(shape, voxel_size)[half],
+                                  dtype=torch.float32) + rho_d * D**2 + mu
     if mu == 0:
         denom[0, 0, 0] = 1.0  # numerator is 0 there too: the mean of chi stays 0
+    inv_denom = 1.0 / denom
+    rho_D = rho_d * D
     f_t = torch.as_tensor(f_p, dtype=torch.float32)
     w2_t = torch.as_tensor(w2, dtype=torch.float32)
     w2f = w2_t * f_t
+    inv_w = 1.0 / (w2_t + rho_d)
+    kappa = lam / rho
+    ops = _FiniteDifferences(shape, voxel_size)
 
     def rfft(x):
         return torch.fft.rfftn(x)
@@ -424,43 +432,45 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     def irfft(x):
         return torch.fft.irfftn(x, s=shape)
 
-    def grad(x):
-        return torch.stack([(torch.roll(x, -1, a) - x) / vs[a] for a in range(3)])
-
-    def grad_adjoint(g):
-        return sum((torch.roll(g[a], 1, a) - g[a]) / vs[a] for a in range(3))
-
     if chi0 is None:
         chi = torch.zeros(shape, dtype=torch.float32)
-        z = torch.zeros((3, *shape), dtype=torch.float32)
-        v = torch.where(w2_t > 0, f_t, 0.0)  # unweighted data must not enter, not even at first
-        prior = 0.0
+        zu = torch.zeros((3, *shape), dtype=torch.float32)             # z − u
+        vs = torch.where(w2_t > 0, f_t, 0.0)  # v − s; unweighted data must not enter at first
+        prior = None
     else:  # warm start: every split variable consistent with χ₀
         chi = torch.as_tensor(chi0, dtype=torch.float32)
-        z = grad(chi)
-        v = irfft(D * rfft(chi))
-        prior = mu * rfft(chi) if mu > 0 else 0.0
-    u = torch.zeros_like(z)
+        chi0_k = rfft(chi)
+        zu = ops.grad(chi)
+        vs = irfft(D * chi0_k)
+        prior = mu * chi0_k if mu > 0 else None
+    u = torch.zeros((3, *shape), dtype=torch.float32)
     s = torch.zeros(shape, dtype=torch.float32)
+    track = tol > 0 or logger.isEnabledFor(logging.DEBUG)
     change = 0.0
     for it in range(1, n_iter + 1):
         # χ's spectrum serves D ∗ χ too (four real FFTs per iteration, not five)
-        chi_k = (rho * rfft(grad_adjoint(z - u)) + rho_d * D * rfft(v - s) + prior) / denom
+        chi_k = rfft(ops.grad_adjoint(zu)).mul_(rho).add_(rfft(vs).mul_(rho_D))
+        if prior is not None:
+            chi_k.add_(prior)
+        chi_k.mul_(inv_denom)
         chi_new = irfft(chi_k)
-        g = grad(chi_new) + u
-        z = torch.sign(g) * torch.clamp(torch.abs(g) - lam / rho, min=0.0)
-        u = g - z
-        Dchi = irfft(D * chi_k)
-        v = (w2f + rho_d * (Dchi + s)) / (w2_t + rho_d)
-        s += Dchi - v
-        norm = float(torch.linalg.vector_norm(chi_new))
-        change = float(torch.linalg.vector_norm(chi_new - chi)) / norm if norm > 0 else 0.0
+        g = ops.grad(chi_new).add_(u)
+        u = torch.clamp(g, -kappa, kappa)
+        zu = g.sub_(u).sub_(u)
+        t = irfft(chi_k.mul_(D)).add_(s)                                  # D ∗ χ + s
+        v = torch.mul(t, rho_d).add_(w2f).mul_(inv_w)
+        s = t.sub_(v)
+        vs = v.sub_(s)
+        if track:
+            norm = float(torch.linalg.vector_norm(chi_new))
+            change = float(torch.linalg.vector_norm(chi_new - chi)) / norm if norm > 0 else 0.0
         chi = chi_new
         if logger.isEnabledFor(logging.DEBUG):
-            resid = float(torch.linalg.vector_norm(torch.sqrt(w2_t) * (Dchi - f_t)))
+            dchi = irfft(D * rfft(chi))
+            resid = float(torch.linalg.vector_norm(torch.sqrt(w2_t) * (dchi - f_t)))
             logger.debug("tv_admm iter %d: rel. change %.3e, ||W(D chi - f)|| %.4e", it,
                          change, resid)
-        if change < tol:
+        if track and change < tol:
             logger.debug("tv_admm converged after %d iterations", it)
             break
     else:
@@ -468,6 +478,46 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
             logger.info("tv_admm stopped at n_iter=%d (relative change %.2e > tol %.1e)",
                         n_iter, change, tol)
     return chi.numpy().astype(np.float64)
+
+
+class _FiniteDifferences:
+    """Periodic forward differences ``∇`` (mm⁻¹) on a grid and their adjoint ``∇ᵀ``, written
+    into preallocated buffers (no rolled copies)."""
+
+    def __init__(self, shape, voxel_size):
+        self.shape = tuple(shape)
+        self.scale = [1.0 / float(v) for v in voxel_size]
+
+    def grad(self, x):
+        import torch
+
+        out = torch.empty((3, *self.shape), dtype=x.dtype)
+        for a in range(3):
+            n = self.shape[a]
+            ga = out[a]
+            torch.sub(x.narrow(a, 1, n - 1), x.narrow(a, 0, n - 1), out=ga.narrow(a, 0, n - 1))
+            torch.sub(x.narrow(a, 0, 1), x.narrow(a, n - 1, 1), out=ga.narrow(a, n - 1, 1))
+            if self.scale[a] != 1.0:
+                ga.mul_(self.scale[a])
+        return out
+
+    def grad_adjoint(self, g):
+        """``∇ᵀ g = Σ_a (g_a[n − e_a] − g_a[n]) / h_a`` (periodic)."""
+        import torch
+
+        out = torch.empty(self.shape, dtype=g.dtype)
+        tmp = torch.empty(self.shape, dtype=g.dtype)
+        for a in range(3):
+            n = self.shape[a]
+            ga = g[a]
+            dst = out if a == 0 else tmp
+            torch.sub(ga.narrow(a, 0, n - 1), ga.narrow(a, 1, n - 1), out=dst.narrow(a, 1, n - 1))
+            torch.sub(ga.narrow(a, n - 1, 1), ga.narrow(a, 0, 1), out=dst.narrow(a, 0, 1))
+            if a > 0:
+                out.add_(tmp, alpha=self.scale[a])
+            elif self.scale[0] != 1.0:
+                out.mul_(self.scale[0])
+        return out
 
 
 # --------------------------------------------------------------------------- data consistency

@@ -99,8 +99,10 @@ def dc_summary(dc) -> str:
            "tv-admm": f"TV weight {dc.get('tv', 0):g} ppm·mm, {its} ADMM iterations from the "
                       "network’s map"}.get(dc.get("solver"), f"{its} CG iterations")
     if dc.get("lambda_rule") == "auto":
-        why = (f" (the network left {100 * float(dc['rho0']):.1f} % of the field unexplained)"
-               if dc.get("rho0") is not None else "")
+        noise = (f"; field noise {float(dc['noise_ppb']):.2f} ppb"
+                 if dc.get("noise_ppb") is not None else "")
+        why = (f" (the network left {100 * float(dc['rho0']):.1f} % of the field "
+               f"unexplained{noise})" if dc.get("rho0") is not None else "")
         if not lam:
             return f"none, chosen per input{why}: the network’s χ kept"
         return f"λ = {float(lam):.4g}, chosen per input{why}; {how}"
@@ -113,7 +115,7 @@ def _settings(meta: dict, chi_rel: str) -> list[tuple[str, object]]:
     """The settings table of a run, from its χ sidecar."""
     model = meta.get("Model", {})
     dc = meta.get("DataConsistency")
-    shown = ("lambda", "lambda_rule", "rho0", "solver", "iterations_run", "tv")
+    shown = ("lambda", "lambda_rule", "rho0", "noise_ppb", "solver", "iterations_run", "tv")
     extra = ({k: v for k, v in dc.items() if k not in shown} if isinstance(dc, dict) else {})
     rows = (("χ map", chi_rel),
             ("Sources", ", ".join(meta.get("Sources", [])) or None),

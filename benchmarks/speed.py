@@ -19,6 +19,7 @@ exclude the first (warm-up) call.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -286,20 +287,52 @@ def bench_training(args) -> dict:
 
 
 def bench_participant(args) -> dict:
-    """A whole ``bids_qsmnet … participant`` run of one example subject, in a child process."""
-    from bids_qsmnet.data.example import example_dataset_path
+    """A whole ``bids_qsmnet … participant`` run of one example subject, in a child process;
+    with ``--shape``, of subject 01 of the example dataset made at that grid (a local field in
+    ppm; writing the dataset is not timed).  Nipype's node results give each node's own time;
+    what the run spends outside the nodes (start-up before the first node, the gaps between
+    nodes, the end after the last) is the orchestration overhead."""
+    from bids_qsmnet.data.example import example_dataset_path, make_example_dataset
 
-    bids = str(example_dataset_path())
     with tempfile.TemporaryDirectory() as d:
+        if args.shape:
+            bids = str(make_example_dataset(os.path.join(d, "ds"), shape=tuple(args.shape)))
+        else:
+            bids = str(example_dataset_path())
+        work = os.path.join(d, "work")
         cmd = [sys.executable, "-m", "bids_qsmnet", bids, os.path.join(d, "out"),
-               "participant", "--participant-label", args.subject, "-w",
-               os.path.join(d, "work"), "--nprocs", "1", "--omp-nthreads", str(args.threads)]
-        t0 = time.perf_counter()
+               "participant", "--participant-label", args.subject, "-w", work,
+               "--nprocs", "1", "--omp-nthreads", str(args.threads)]
+        start = time.time()
         subprocess.run(cmd, check=True, capture_output=True)
-        dt = time.perf_counter() - t0
+        end = time.time()
+        nodes = _node_times(work)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return {"bench": "participant", "subject": args.subject, "threads": args.threads,
-            "seconds": round(dt, 1), "peak_rss_mb": round(peak)}
+    out = {"bench": "participant", "subject": args.subject, "threads": args.threads,
+           "shape": list(args.shape) if args.shape else None,
+           "seconds": round(end - start, 1), "peak_rss_mb": round(peak)}
+    if nodes:
+        first, last = nodes[0]["start"], max(n["end"] for n in nodes)
+        gaps = sum(max(0.0, b["start"] - a["end"]) for a, b in zip(nodes, nodes[1:]))
+        out.update(startup_s=round(first - start, 2), gaps_s=round(gaps, 2),
+                   end_s=round(end - last, 2),
+                   nodes={n["name"]: round(n["end"] - n["start"], 2) for n in nodes})
+    return out
+
+
+def _node_times(work: str) -> list[dict]:
+    """Start and end (epoch seconds) of every node that ran, from its Nipype result file."""
+    import datetime
+
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    out = []
+    for path in glob.glob(os.path.join(work, "**", "result_*.pklz"), recursive=True):
+        rt = load_resultfile(path).runtime
+        stamp = lambda s: datetime.datetime.fromisoformat(s).timestamp()  # noqa: E731
+        out.append({"name": os.path.basename(os.path.dirname(path)),
+                    "start": stamp(rt.startTime), "end": stamp(rt.endTime)})
+    return sorted(out, key=lambda n: n["start"])
 
 
 #: the refinements timed by ``refine``: (solver, prior weight λ, TV weight)
@@ -328,6 +361,33 @@ def bench_refine(args) -> dict:
     return {"bench": "refine", "solver": report["solver"], "lambda": lam, "tv": tv,
             "iterations": report["iterations_run"], "shape": list(args.shape),
             "threads": args.threads, "seconds": round(dt, 2),
+            "peak_rss_mb": round(_peak_rss_mb())}
+
+
+#: the classical inversions timed by ``classical``, as the accuracy benchmark runs them
+CLASSICAL = {"tkd": {"threshold": 0.19}, "l2": {"lam": 0.03}, "tv-admm": {"lam": 1e-4,
+                                                                         "n_iter": 60}}
+
+
+def bench_classical(args) -> dict:
+    """A classical inversion of a 160³ procedural brain's field (the baselines the app ships,
+    :mod:`bids_qsmnet.physics.inversion`), after a first call."""
+    import torch
+
+    from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
+    from bids_qsmnet.physics.inversion import closed_form_l2, tkd, tv_admm
+
+    torch.set_num_threads(args.threads)
+    ph = make_brain_phantom(tuple(args.shape), rng=1)
+    field = simulate_local_field(ph.chi, ph.mask) * ph.mask
+    fn = {"tkd": tkd, "l2": closed_form_l2, "tv-admm": tv_admm}[args.method]
+    kw = CLASSICAL[args.method]
+    fn(field, ph.mask, **kw)
+    t0 = time.perf_counter()
+    fn(field, ph.mask, **kw)
+    dt = time.perf_counter() - t0
+    return {"bench": "classical", "method": args.method, "settings": kw,
+            "shape": list(args.shape), "threads": args.threads, "seconds": round(dt, 2),
             "peak_rss_mb": round(_peak_rss_mb())}
 
 
@@ -403,8 +463,12 @@ PLAN = [
     ["refine", "--solver", "tv"],
     ["refine", "--solver", "cg"],
     ["refine", "--solver", "pcg"],
+    ["classical", "--method", "tkd"],
+    ["classical", "--method", "l2"],
+    ["classical", "--method", "tv-admm"],
     ["participant", "--subject", "01"],
     ["participant", "--subject", "03"],
+    ["participant", "--subject", "01", "--shape", "160", "160", "160"],
 ]
 
 
@@ -513,6 +577,18 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
             lines.append(f"| {r['solver']} | {_fmt_shape(r['shape'])} | {r['lambda']:g} | "
                          f"{r['tv']:g} | {r['iterations']} | {r['seconds']} | "
                          f"{r['peak_rss_mb']} |")
+    cls = [r for r in rows if r["bench"] == "classical"]
+    if cls:
+        lines += ["", "## Classical inversions (CPU)", "",
+                  "The baselines the app ships (`bids_qsmnet.physics.inversion`: float32 real "
+                  "FFTs on torch's threads) on the same procedural brain's field, after a "
+                  "first call; the settings of the accuracy benchmark's TV-ADMM.", "",
+                  "| method | volume | settings | time (s) | peak RSS (MB) |",
+                  "| --- | --- | --- | ---: | ---: |"]
+        for r in cls:
+            kw = ", ".join(f"{k} {v:g}" for k, v in r["settings"].items())
+            lines.append(f"| {r['method']} | {_fmt_shape(r['shape'])} | {kw} | "
+                         f"{r['seconds']} | {r['peak_rss_mb']} |")
     lines += ["", "## Training throughput (one Adam step incl. the QSMnet loss, CPU)", "",
               "| model | patch | batch | channels-last | s/step | patches/s | GFLOP/s | "
               "peak RSS (MB) |",
@@ -547,9 +623,26 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "and back, network, data consistency; everything a real subject goes "
                   "through. Peak RSS: the CLI main process only (its MultiProc workers, which "
                   "run the network, are not counted: see the inference rows).", "",
-                  "| subject | seconds | peak RSS (MB) |", "| --- | ---: | ---: |"]
+                  "| subject | seconds | peak RSS (MB) | outside the nodes (s): start-up / "
+                  "between nodes / end |", "| --- | ---: | ---: | --- |"]
         for r in part:
-            lines.append(f"| sub-{r['subject']} | {r['seconds']} | {r['peak_rss_mb']} |")
+            what = (f"sub-{r['subject']} of the example made at {_fmt_shape(r['shape'])} "
+                    "(local field, ppm)" if r.get("shape") else f"sub-{r['subject']}")
+            outside = (f"{r['startup_s']} / {r['gaps_s']} / {r['end_s']}"
+                       if "startup_s" in r else "–")
+            lines.append(f"| {what} | {r['seconds']} | {r['peak_rss_mb']} | {outside} |")
+        timed = [r for r in part if r.get("nodes")]
+        if timed:
+            lines += ["", "Each node's own time (s, from Nipype's result files):", "",
+                      "| node | " + " | ".join(f"sub-{r['subject']}"
+                                                 + (f" {_fmt_shape(r['shape'])}"
+                                                    if r.get("shape") else "")
+                                                 for r in timed) + " |",
+                      "| --- |" + " ---: |" * len(timed)]
+            names = list(dict.fromkeys(n for r in timed for n in r["nodes"]))
+            for n in names:
+                lines.append(f"| {n} | " + " | ".join(str(r["nodes"].get(n, "–"))
+                                                      for r in timed) + " |")
     lines += _container_lines([r for r in rows if r["bench"] == "container"])
     extra = meta.get("notes_file")
     if extra and os.path.exists(extra):
@@ -601,7 +694,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     names = ("peak", "inference", "tiling", "compile", "training", "patches", "refine",
-             "participant", "all", "markdown")
+             "classical", "participant", "all", "markdown")
     for name in names:
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -639,8 +732,13 @@ def main(argv=None) -> int:
             s.add_argument("--stream", action="store_true")
         if name == "participant":
             s.add_argument("--subject", default="01")
+            s.add_argument("--shape", type=int, nargs=3, default=None,
+                           help="make the example dataset at this grid and run its sub-01")
         if name == "refine":
             s.add_argument("--solver", choices=sorted(REFINEMENTS), default="tv")
+            s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
+        if name == "classical":
+            s.add_argument("--method", choices=sorted(CLASSICAL), default="tv-admm")
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
         if name in ("all", "markdown"):
             s.add_argument("--json", default="docs/benchmarks.json")
@@ -692,7 +790,8 @@ def main(argv=None) -> int:
         return 0
     fn = {"peak": bench_peak, "inference": bench_inference, "tiling": bench_tiling,
           "compile": bench_compile, "training": bench_training, "patches": bench_patches,
-          "refine": bench_refine, "participant": bench_participant}[args.cmd]
+          "refine": bench_refine, "classical": bench_classical,
+          "participant": bench_participant}[args.cmd]
     print(json.dumps(fn(args)))
     return 0
 

@@ -215,7 +215,7 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
     if settings.tv > 0:
         return refine_tv(chi, field, mask, w, settings, report, voxel_size=voxel_size,
-                         b0_dir=b0_dir)
+                         b0_dir=b0_dir, device=device)
     geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
                 device=device)
     chosen = {}
@@ -267,7 +267,7 @@ def _choose(settings: DCSettings, rho0: float, noise: tuple[float, float] | None
 def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.ndarray,
               settings: DCSettings, report: dict, *,
               voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
-              b0_dir: Sequence[float] = (0.0, 0.0, 1.0)) -> tuple[np.ndarray, dict]:
+              b0_dir: Sequence[float] = (0.0, 0.0, 1.0), device=None) -> tuple[np.ndarray, dict]:
     """The TV refinement: ``settings.tv_iterations`` ADMM iterations on
 
     .. math:: \\tfrac12 \\|W (D \\ast \\chi - f)\\|^2 + \\alpha \\|\\nabla\\chi\\|_1
@@ -282,7 +282,7 @@ def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.n
     from ..physics.dc_path import data_residual
     from ..physics.inversion import tv_admm
 
-    geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir))
+    geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir), device=device)
     rho0 = float(data_residual(chi, field, weight, pad=8, **geom))
     noise = _noise(field, mask) if settings.auto is not None else None
     lam = _choose(settings, rho0, noise, report)

@@ -302,6 +302,7 @@ def tv_admm(
     pad: int = 0,
     chi0: np.ndarray | None = None,
     prior_weight: float = 0.0,
+    device=None,
 ) -> np.ndarray:
     """Total-variation-regularised dipole inversion by ADMM (weighted linear data term).
 
@@ -329,6 +330,7 @@ def tv_admm(
         ``n_iter`` and ``tol = 0`` the result then depends on χ₀ also through the early stop
         (how the app refines a network's map: :mod:`bids_qsmnet.inference.refine`).
     prior_weight : float — μ, dimensionless (as the data term); needs ``chi0``
+    device : torch device of the iterations (default CPU; a GPU runs them there)
 
     Returns
     -------
@@ -393,14 +395,14 @@ def tv_admm(
     x0 = None if chi0 is None else _pad(_as_volume(chi0, "chi0") * m, p)
     f_p, w2 = _pad(f * m, p), _pad(w, p) ** 2
     chi = _tv_admm_iterations(f_p, w2, lam=lam, rho=rho, rho_d=rho_d, n_iter=n_iter, tol=tol,
-                              voxel_size=vs, b0_dir=b0_dir, chi0=x0, mu=mu)
+                              voxel_size=vs, b0_dir=b0_dir, chi0=x0, mu=mu, device=device)
     return _crop(chi, p) * m
 
 
 def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0_dir,
-                        chi0=None, mu=0.0):
+                        chi0=None, mu=0.0, device=None):
     """The ADMM iterations of :func:`tv_admm` on the padded grid, in float32 with real FFTs
-    on torch's CPU threads; returns χ (float64 ndarray).
+    on ``device`` (torch's CPU threads by default); returns χ (float64 ndarray).
 
     The half spectrum keeps the kernels Hermitian on the Nyquist plane, which matters only
     for B0 oblique to the grid (there ``D(k_z = −½) ≠ D(k_z = +½)`` off the axes).  The loop
@@ -411,16 +413,19 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     import torch
 
     shape = f_p.shape
+    dev = torch.device(device or "cpu")
     half = (slice(None), slice(None), slice(0, shape[2] // 2 + 1))
-    D = torch.as_tensor(dipole_kernel(shape, voxel_size, b0_dir)[half], dtype=torch.float32)
-    denom = rho * torch.as_tensor(gradient_kernel_sq(shape, voxel_size)[half],
-                                  dtype=torch.float32) + rho_d * D**2 + mu
+
+    def tensor(a):
+        return torch.as_tensor(np.ascontiguousarray(a, np.float32), device=dev)
+
+    D = tensor(dipole_kernel(shape, voxel_size, b0_dir)[half])
+    denom = rho * tensor(gradient_kernel_sq(shape, voxel_size)[half]) + rho_d * D**2 + mu
     if mu == 0:
         denom[0, 0, 0] = 1.0  # numerator is 0 there too: the mean of chi stays 0
     inv_denom = 1.0 / denom
     rho_D = rho_d * D
-    f_t = torch.as_tensor(f_p, dtype=torch.float32)
-    w2_t = torch.as_tensor(w2, dtype=torch.float32)
+    f_t, w2_t = tensor(f_p), tensor(w2)
     w2f = w2_t * f_t
     inv_w = 1.0 / (w2_t + rho_d)
     kappa = lam / rho
@@ -433,18 +438,18 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
         return torch.fft.irfftn(x, s=shape)
 
     if chi0 is None:
-        chi = torch.zeros(shape, dtype=torch.float32)
-        zu = torch.zeros((3, *shape), dtype=torch.float32)             # z − u
+        chi = torch.zeros(shape, dtype=torch.float32, device=dev)
+        zu = torch.zeros((3, *shape), dtype=torch.float32, device=dev)  # z − u
         vs = torch.where(w2_t > 0, f_t, 0.0)  # v − s; unweighted data must not enter at first
         prior = None
     else:  # warm start: every split variable consistent with χ₀
-        chi = torch.as_tensor(chi0, dtype=torch.float32)
+        chi = tensor(chi0)
         chi0_k = rfft(chi)
         zu = ops.grad(chi)
         vs = irfft(D * chi0_k)
         prior = mu * chi0_k if mu > 0 else None
-    u = torch.zeros((3, *shape), dtype=torch.float32)
-    s = torch.zeros(shape, dtype=torch.float32)
+    u = torch.zeros((3, *shape), dtype=torch.float32, device=dev)
+    s = torch.zeros(shape, dtype=torch.float32, device=dev)
     track = tol > 0 or logger.isEnabledFor(logging.DEBUG)
     change = 0.0
     for it in range(1, n_iter + 1):
@@ -477,7 +482,7 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
         if tol > 0:  # (tol 0: a fixed number of iterations was asked for)
             logger.info("tv_admm stopped at n_iter=%d (relative change %.2e > tol %.1e)",
                         n_iter, change, tol)
-    return chi.numpy().astype(np.float64)
+    return chi.cpu().numpy().astype(np.float64)
 
 
 class _FiniteDifferences:
@@ -491,7 +496,7 @@ class _FiniteDifferences:
     def grad(self, x):
         import torch
 
-        out = torch.empty((3, *self.shape), dtype=x.dtype)
+        out = torch.empty((3, *self.shape), dtype=x.dtype, device=x.device)
         for a in range(3):
             n = self.shape[a]
             ga = out[a]
@@ -505,8 +510,8 @@ class _FiniteDifferences:
         """``∇ᵀ g = Σ_a (g_a[n − e_a] − g_a[n]) / h_a`` (periodic)."""
         import torch
 
-        out = torch.empty(self.shape, dtype=g.dtype)
-        tmp = torch.empty(self.shape, dtype=g.dtype)
+        out = torch.empty(self.shape, dtype=g.dtype, device=g.device)
+        tmp = torch.empty(self.shape, dtype=g.dtype, device=g.device)
         for a in range(3):
             n = self.shape[a]
             ga = g[a]

@@ -61,3 +61,33 @@ def test_benchmark_records_name_only_the_shipped_model(shipped_sha256):
 
 def test_the_accuracy_markdown_names_the_recorded_model(shipped_sha256):
     assert f"sha256 `{shipped_sha256[:16]}…`" in (DOCS / "accuracy.md").read_text()
+
+
+def test_card_and_readme_quote_the_accuracy_record(tmp_path):
+    """The accuracy blocks of MODEL_CARD.md and README.md are what ``benchmarks/card.py``
+    writes from docs/accuracy.json: no figure there is edited by hand or left stale."""
+    import importlib.util
+    import shutil
+
+    root = DOCS.parent
+    spec = importlib.util.spec_from_file_location("card", root / "benchmarks" / "card.py")
+    card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card)
+    for name in ("MODEL_CARD.md", "README.md"):
+        shutil.copy(root / name, tmp_path / name)
+    assert card.main(["--accuracy", str(DOCS / "accuracy.json"),
+                      "--card", str(tmp_path / "MODEL_CARD.md"),
+                      "--readme", str(tmp_path / "README.md")]) == 0
+    for name in ("MODEL_CARD.md", "README.md"):
+        assert (tmp_path / name).read_text() == (root / name).read_text(), name
+
+
+def test_card_states_the_shipped_rule():
+    """The model card's inference section quotes the λ rule's constants of the shipped file."""
+    from bids_qsmnet.models.modelfile import read_model_spec
+
+    auto = read_model_spec(resolve_model(None)).inference["dc_auto"]
+    text = (DOCS.parent / "MODEL_CARD.md").read_text()
+    rule = (f"λ = {auto['lambda_ref']:g}·(e/{auto['e_ref']:g})^{auto['power']:.2g}")
+    assert rule in text, rule
+    assert f"− {auto['floor']:g}²" in text

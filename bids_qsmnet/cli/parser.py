@@ -176,7 +176,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dc-lambda", type=_dc_lambda, default=None, metavar="L|auto",
                    help="data-consistency prior weight after the network: a number (0: off) "
                         "or 'auto' (chosen per input from how much of the field the network "
-                        "explains); default: the model's (the shipped model: auto)")
+                        "explains and how much of it is noise); default: the model's (the "
+                        "shipped model: auto)")
     g.add_argument("--flip-axes", nargs="*", type=int, choices=(0, 1, 2), default=None,
                    metavar="AXIS",
                    help="flip ensemble: also run the network on the field flipped along every "

@@ -150,7 +150,8 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
         f"voxel size, and χ was estimated by a 3-D U-Net of the {label} family{name}.", refs))
     if refinement != "off":
         how = ("with a weight chosen per input from the part of the field the network leaves "
-               "unexplained" if refinement == "auto" else f"with weight λ = {refinement}")
+               "unexplained beyond the field's white noise (estimated from its finest wavelet "
+               "detail)" if refinement == "auto" else f"with weight λ = {refinement}")
         if tv:
             steps.append((
                 f"The network's χ was refined towards the measured field by {tv_iterations} "

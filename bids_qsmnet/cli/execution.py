@@ -26,7 +26,9 @@ LOCAL_POLL_S = 0.05
 #: modules the MultiProc workers' forkserver imports once for all of them
 WORKER_PRELOAD = ("numpy", "scipy.ndimage", "nibabel", "torch", "nipype.pipeline.engine",
                   "bids_qsmnet.interfaces.inference", "bids_qsmnet.interfaces.phase",
-                  "bids_qsmnet.interfaces.derivatives", "bids_qsmnet.inference.run")
+                  "bids_qsmnet.interfaces.derivatives", "bids_qsmnet.inference.run",
+                  "bids_qsmnet.reports.agg", "bids_qsmnet.reports.figures",
+                  "bids.layout.writing")
 
 
 def nipype_settings(crash_dir: Path, verbose: int, plugin: str = "MultiProc", *,

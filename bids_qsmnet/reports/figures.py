@@ -15,10 +15,7 @@ __all__ = ["valid_slices", "plot_validation_slices", "plot_loss_curves", "symmet
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # never open a window: BIDS-Apps run non-interactively
-    import matplotlib.pyplot as plt
+    from .agg import plt  # the Agg backend: never open a window
 
     return plt
 

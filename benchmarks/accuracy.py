@@ -353,7 +353,7 @@ def detail_table(rows: list[dict]) -> str:
                            if f"{n}_error_pct" in r)
         settings = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in (r.get("settings") or {}).items()
-                             if k in ("lambda", "rho0", "threshold"))
+                             if k in ("lambda", "rho0", "noise_share", "threshold"))
         lines.append(f"| {r['case']} | {r['method']} | {r['nrmse']:.1f} | {r['hfen']:.1f} | "
                      f"{r['ssim']:.3f} | {r['slope']:.2f} | "
                      f"{_fmt(r.get('deep_gm_mae_ppb'), '.1f')} | {strong} | {settings} | "
@@ -371,7 +371,8 @@ def write_markdown(result: dict, path: str) -> None:
           for u in result.get("updates", [])],
         f"Model: `{result['model']}` (sha256 `{result['model_sha256'][:16]}…`); refinement: "
         f"λ {ref['lambda']}" + (" (chosen per input from the field the network leaves "
-                                "unexplained, `inference.dc_auto`)" if ref.get("auto") else "")
+                                "unexplained and the field's noise share, "
+                                "`inference.dc_auto`)" if ref.get("auto") else "")
         + (f", TV weight {ref['tv']:g} ppm·mm, {ref['iterations']} ADMM iterations from the "
            "network's map" if ref.get("tv") else f", {ref['iterations']} CG iterations")
         + f"; TV-ADMM λ = {result['tv_lambda']:g} (tuned "

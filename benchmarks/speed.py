@@ -335,6 +335,27 @@ def _node_times(work: str) -> list[dict]:
     return sorted(out, key=lambda n: n["start"])
 
 
+def bench_group(args) -> dict:
+    """``bids_qsmnet examples/ds-synthetic OUT group --model ARCH`` with the architecture's
+    default training settings, in a child process: wall time and the steps it ran."""
+    from bids_qsmnet.data.example import example_dataset_path
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "bids_qsmnet", str(example_dataset_path()),
+               os.path.join(d, "out"), "group", "--model", args.arch, "-w",
+               os.path.join(d, "work"), "--omp-nthreads", str(args.threads)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        dt = time.perf_counter() - t0
+        logs = glob.glob(os.path.join(d, "**", "training_log.csv"), recursive=True)
+        steps = 0
+        if logs:
+            with open(logs[0]) as fh:
+                steps = max(0, sum(1 for _ in fh) - 1)
+    return {"bench": "group", "arch": args.arch, "threads": args.threads,
+            "seconds": round(dt, 1), "log_rows": steps}
+
+
 #: the refinements timed by ``refine``: (solver, prior weight λ, TV weight)
 REFINEMENTS = {"tv": (1e-4, 1e-4), "cg": (0.005, 0.0), "pcg": (0.03, 0.0)}
 
@@ -453,6 +474,8 @@ PLAN = [
     ["compile", "--arch", "default", "--shape", "160", "160", "160"],
     ["tiling", "--shape", "160", "192", "160"],
     ["training", "--arch", "toy", "--patch", "64", "--batch", "12"],
+    ["training", "--arch", "toy", "--patch", "32", "--batch", "20"],
+    ["training", "--arch", "toy", "--patch", "32", "--batch", "20", "--channels-last"],
     ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8"],
     ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8", "--channels-last"],
     ["training", "--arch", "qsmnet-slim", "--patch", "48", "--batch", "4"],
@@ -469,6 +492,7 @@ PLAN = [
     ["participant", "--subject", "01"],
     ["participant", "--subject", "03"],
     ["participant", "--subject", "01", "--shape", "160", "160", "160"],
+    ["group", "--arch", "toy"],
 ]
 
 
@@ -643,6 +667,16 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
             for n in names:
                 lines.append(f"| {n} | " + " | ".join(str(r["nodes"].get(n, "–"))
                                                       for r in timed) + " |")
+    grp = [r for r in rows if r["bench"] == "group"]
+    if grp:
+        lines += ["", "## Group level (`bids_qsmnet examples/ds-synthetic OUT group --model "
+                      "ARCH`, CLI in a child process)", "",
+                  "The architecture's default training settings "
+                  "(`bids_qsmnet.training.config.architecture_defaults`); patch extraction, "
+                  "training, validation and the model file included.", "",
+                  "| model | seconds | training-log rows |", "| --- | ---: | ---: |"]
+        for r in grp:
+            lines.append(f"| {r['arch']} | {r['seconds']} | {r['log_rows']} |")
     lines += _container_lines([r for r in rows if r["bench"] == "container"])
     extra = meta.get("notes_file")
     if extra and os.path.exists(extra):
@@ -694,7 +728,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     names = ("peak", "inference", "tiling", "compile", "training", "patches", "refine",
-             "classical", "participant", "all", "markdown")
+             "classical", "participant", "group", "all", "markdown")
     for name in names:
         s = sub.add_parser(name)
         s.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -730,6 +764,8 @@ def main(argv=None) -> int:
             s.add_argument("--patch", type=int, default=64)
             s.add_argument("--linearity", action="store_true")
             s.add_argument("--stream", action="store_true")
+        if name == "group":
+            s.add_argument("--arch", default="toy")
         if name == "participant":
             s.add_argument("--subject", default="01")
             s.add_argument("--shape", type=int, nargs=3, default=None,
@@ -790,7 +826,7 @@ def main(argv=None) -> int:
         return 0
     fn = {"peak": bench_peak, "inference": bench_inference, "tiling": bench_tiling,
           "compile": bench_compile, "training": bench_training, "patches": bench_patches,
-          "refine": bench_refine, "classical": bench_classical,
+          "refine": bench_refine, "classical": bench_classical, "group": bench_group,
           "participant": bench_participant}[args.cmd]
     print(json.dumps(fn(args)))
     return 0

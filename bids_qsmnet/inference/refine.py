@@ -242,9 +242,10 @@ def _noise(field: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     from ..physics.noise import noise_share, noise_sigma
 
     try:
-        return noise_sigma(field, mask), noise_share(field, mask)
+        sigma = noise_sigma(field, mask)
     except ValueError:
         return 0.0, 0.0
+    return sigma, noise_share(field, mask, sigma)
 
 
 def _choose(settings: DCSettings, rho0: float, noise: tuple[float, float] | None,

@@ -62,12 +62,14 @@ def noise_sigma(field: np.ndarray, mask: np.ndarray) -> float:
     return float(np.median(np.abs(detail)) / MAD_TO_SIGMA)
 
 
-def noise_share(field: np.ndarray, mask: np.ndarray) -> float:
+def noise_share(field: np.ndarray, mask: np.ndarray, sigma: float | None = None) -> float:
     """``ν = N σ̂² / ‖M f‖²``: the estimated share of the field's energy inside the mask
     (``N`` voxels) that is white noise (dimensionless, 0 for a noise-free field, about 1 for
-    pure noise; 0 when the field is zero in the mask)."""
+    pure noise; 0 when the field is zero in the mask).  ``sigma``: σ̂ when already estimated
+    (:func:`noise_sigma`)."""
     mask = np.asarray(mask, bool)
     energy = float(np.sum(np.asarray(field, np.float64)[mask] ** 2))
     if energy == 0.0:
         return 0.0
-    return float(mask.sum()) * noise_sigma(field, mask) ** 2 / energy
+    sigma = noise_sigma(field, mask) if sigma is None else float(sigma)
+    return float(mask.sum()) * sigma**2 / energy

@@ -302,7 +302,7 @@ def bench_participant(args) -> dict:
         work = os.path.join(d, "work")
         cmd = [sys.executable, "-m", "bids_qsmnet", bids, os.path.join(d, "out"),
                "participant", "--participant-label", args.subject, "-w", work,
-               "--nprocs", "1", "--omp-nthreads", str(args.threads)]
+               "--nprocs", str(args.threads), "--omp-nthreads", str(args.threads)]
         start = time.time()
         subprocess.run(cmd, check=True, capture_output=True)
         end = time.time()
@@ -337,7 +337,8 @@ def _node_times(work: str) -> list[dict]:
 
 def bench_group(args) -> dict:
     """``bids_qsmnet examples/ds-synthetic OUT group --model ARCH`` with the architecture's
-    default training settings, in a child process: wall time and the steps it ran."""
+    default training settings, in a child process: wall time, or, past ``--limit`` seconds,
+    the steps reached by then and the time per step (the run is stopped there)."""
     from bids_qsmnet.data.example import example_dataset_path
 
     with tempfile.TemporaryDirectory() as d:
@@ -345,15 +346,34 @@ def bench_group(args) -> dict:
                os.path.join(d, "out"), "group", "--model", args.arch, "-w",
                os.path.join(d, "work"), "--omp-nthreads", str(args.threads)]
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=args.limit)
+            finished = True
+        except subprocess.TimeoutExpired:
+            finished = False
         dt = time.perf_counter() - t0
-        logs = glob.glob(os.path.join(d, "**", "training_log.csv"), recursive=True)
-        steps = 0
-        if logs:
-            with open(logs[0]) as fh:
-                steps = max(0, sum(1 for _ in fh) - 1)
-    return {"bench": "group", "arch": args.arch, "threads": args.threads,
-            "seconds": round(dt, 1), "log_rows": steps}
+        rows = _training_rows(d)
+    out = {"bench": "group", "arch": args.arch, "threads": args.threads,
+           "seconds": round(dt, 1) if finished else None}
+    train = [r for r in rows if r.get("kind") == "train"]
+    if train:
+        last = train[-1]
+        out.update(steps=int(last["step"]), epoch=int(last["epoch"]),
+                   seconds_per_step=round(float(last["seconds"]) / int(last["step"]), 3))
+    if not finished:
+        out["stopped_after_s"] = round(dt, 1)
+    return out
+
+
+def _training_rows(folder: str) -> list[dict]:
+    """The rows of the training log under ``folder`` (none if there is none yet)."""
+    import csv
+
+    logs = glob.glob(os.path.join(folder, "**", "training_log.csv"), recursive=True)
+    if not logs:
+        return []
+    with open(logs[0], newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 #: the refinements timed by ``refine``: (solver, prior weight λ, TV weight)
@@ -674,9 +694,12 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "The architecture's default training settings "
                   "(`bids_qsmnet.training.config.architecture_defaults`); patch extraction, "
                   "training, validation and the model file included.", "",
-                  "| model | seconds | training-log rows |", "| --- | ---: | ---: |"]
+                  "| model | seconds | steps (epoch) | s/step |", "| --- | ---: | ---: | ---: |"]
         for r in grp:
-            lines.append(f"| {r['arch']} | {r['seconds']} | {r['log_rows']} |")
+            secs = (r["seconds"] if r.get("seconds") is not None
+                    else f"stopped after {r.get('stopped_after_s')}")
+            lines.append(f"| {r['arch']} | {secs} | {r.get('steps', '–')} "
+                         f"({r.get('epoch', '–')}) | {r.get('seconds_per_step', '–')} |")
     lines += _container_lines([r for r in rows if r["bench"] == "container"])
     extra = meta.get("notes_file")
     if extra and os.path.exists(extra):
@@ -766,6 +789,8 @@ def main(argv=None) -> int:
             s.add_argument("--stream", action="store_true")
         if name == "group":
             s.add_argument("--arch", default="toy")
+            s.add_argument("--limit", type=float, default=300,
+                           help="stop the run after this many seconds and report its pace")
         if name == "participant":
             s.add_argument("--subject", default="01")
             s.add_argument("--shape", type=int, nargs=3, default=None,

@@ -300,8 +300,9 @@ def bench_participant(args) -> dict:
         else:
             bids = str(example_dataset_path())
         work = os.path.join(d, "work")
+        label = [] if args.subject == "all" else ["--participant-label", args.subject]
         cmd = [sys.executable, "-m", "bids_qsmnet", bids, os.path.join(d, "out"),
-               "participant", "--participant-label", args.subject, "-w", work,
+               "participant", *label, "-w", work,
                "--nprocs", str(args.threads), "--omp-nthreads", str(args.threads)]
         start = time.time()
         subprocess.run(cmd, check=True, capture_output=True)
@@ -512,6 +513,7 @@ PLAN = [
     ["participant", "--subject", "01"],
     ["participant", "--subject", "03"],
     ["participant", "--subject", "01", "--shape", "160", "160", "160"],
+    ["participant", "--subject", "all"],
     ["group", "--arch", "toy"],
 ]
 
@@ -660,7 +662,7 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
     part = [r for r in rows if r["bench"] == "participant"]
     if part:
         lines += ["", "## Whole participant runs (`bids_qsmnet … participant`, example "
-                      "dataset, one subject, CLI in a child process)", "",
+                      "dataset, CLI in a child process)", "",
                   "sub-01: a 112×128×96 local field in ppm (1 mm). sub-03: raw 3-echo GRE "
                   "(75×85×64 at 1.5 mm, Siemens integer phase): stacking, brain mask from the "
                   "magnitude, Laplacian unwrapping and echo fit, V-SHARP, resampling to 1 mm "
@@ -672,12 +674,15 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         for r in part:
             what = (f"sub-{r['subject']} of the example made at {_fmt_shape(r['shape'])} "
                     "(local field, ppm)" if r.get("shape") else f"sub-{r['subject']}")
+            if r["subject"] == "all":
+                what = "the whole example dataset (3 subjects, the README's first command)"
             outside = (f"{r['startup_s']} / {r['gaps_s']} / {r['end_s']}"
                        if "startup_s" in r else "–")
             lines.append(f"| {what} | {r['seconds']} | {r['peak_rss_mb']} | {outside} |")
         timed = [r for r in part if r.get("nodes")]
         if timed:
-            lines += ["", "Each node's own time (s, from Nipype's result files):", "",
+            timed = [r for r in timed if r["subject"] != "all"]
+            lines += ["", "Each node's own time (s, from Nipype's result files; one subject):", "",
                       "| node | " + " | ".join(f"sub-{r['subject']}"
                                                  + (f" {_fmt_shape(r['shape'])}"
                                                     if r.get("shape") else "")
@@ -792,7 +797,9 @@ def main(argv=None) -> int:
             s.add_argument("--limit", type=float, default=300,
                            help="stop the run after this many seconds and report its pace")
         if name == "participant":
-            s.add_argument("--subject", default="01")
+            s.add_argument("--subject", default="01",
+                           help="participant label, or 'all' (the whole dataset, as the "
+                                "README's first command runs it)")
             s.add_argument("--shape", type=int, nargs=3, default=None,
                            help="make the example dataset at this grid and run its sub-01")
         if name == "refine":

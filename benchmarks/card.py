@@ -89,12 +89,6 @@ def table(fig: Figures) -> str:
     return "\n".join(lines)
 
 
-def _lower(a: float, b: float) -> str:
-    """``a`` against ``b`` in words: "12 % lower" / "5 % higher" (relative)."""
-    rel = 100 * (1 - a / b)
-    return f"{abs(rel):.0f} % {'lower' if rel >= 0 else 'higher'}"
-
-
 def findings(fig: Figures) -> str:
     col = lambda k: f"{TEST} {k}"  # noqa: E731
     exact = [c for c in (col("exact field"), col("B0 20°"), col("0.75×0.75×2 mm"))
@@ -128,7 +122,7 @@ def findings(fig: Figures) -> str:
             f"- **{_label(case, False)}**: default {d:.1f} % (λ {s.get('lambda', 0):.3g} from "
             f"{why}), the best fixed λ {fig.n(case, 'best fixed λ*'):.1f} % (λ "
             f"{fig.by[case]['best fixed λ*']['settings']['lambda']:g}), TV-ADMM {tv:.1f} % "
-            f"(the default's NRMSE is {_lower(d, tv)}; HFEN "
+            f"(the default's NRMSE is {_rel_span([d], [tv])}; HFEN "
             f"{fig.n(case, 'default', 'hfen'):.1f} against {fig.n(case, 'TV-ADMM', 'hfen'):.1f} "
             "%).")
     if raw in fig.by:

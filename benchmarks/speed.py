@@ -377,6 +377,15 @@ def _training_rows(folder: str) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def _procedural_field(shape):
+    """The procedural brain (seed 1) of the ``refine`` and ``classical`` benches and its exact
+    local field (ppm, zero outside the mask)."""
+    from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
+
+    ph = make_brain_phantom(tuple(shape), rng=1)
+    return ph, simulate_local_field(ph.chi, ph.mask) * ph.mask
+
+
 #: the refinements timed by ``refine``: (solver, prior weight λ, TV weight)
 REFINEMENTS = {"tv": (1e-4, 1e-4), "cg": (0.005, 0.0), "pcg": (0.03, 0.0)}
 
@@ -387,12 +396,10 @@ def bench_refine(args) -> dict:
     they do not converge, and preconditioned CG at a λ where they do."""
     import torch
 
-    from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
     from bids_qsmnet.inference.refine import DCSettings, refine_adaptive
 
     torch.set_num_threads(args.threads)
-    ph = make_brain_phantom(tuple(args.shape), rng=1)
-    field = simulate_local_field(ph.chi, ph.mask) * ph.mask
+    ph, field = _procedural_field(args.shape)
     lam, tv = REFINEMENTS[args.solver]
     settings = DCSettings(lam, 30, tv=tv, tv_iterations=60)
     prior = 0.6 * ph.chi
@@ -416,12 +423,10 @@ def bench_classical(args) -> dict:
     :mod:`bids_qsmnet.physics.inversion`), after a first call."""
     import torch
 
-    from bids_qsmnet.data.synthetic import make_brain_phantom, simulate_local_field
     from bids_qsmnet.physics.inversion import closed_form_l2, tkd, tv_admm
 
     torch.set_num_threads(args.threads)
-    ph = make_brain_phantom(tuple(args.shape), rng=1)
-    field = simulate_local_field(ph.chi, ph.mask) * ph.mask
+    ph, field = _procedural_field(args.shape)
     fn = {"tkd": tkd, "l2": closed_form_l2, "tv-admm": tv_admm}[args.method]
     kw = CLASSICAL[args.method]
     fn(field, ph.mask, **kw)

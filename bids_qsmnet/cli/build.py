@@ -300,7 +300,8 @@ def _set_training_inputs(wf, train_runs: list, val_runs: list, b0_strength) -> N
 
 
 def _training_settings(opts, arch: str) -> dict:
-    """Patch size, batch size, learning rate, epochs and save step: the options given, else
+    """Patch size and stride, batch size, learning rate, epochs and save step: the options
+    given, else
     the architecture's defaults (:func:`bids_qsmnet.training.config.architecture_defaults`)."""
     from ..training.config import architecture_defaults
 
@@ -343,6 +344,7 @@ def build_group_workflow(opts, layout):
     wf = init_training_wf(architecture=arch, model_name=name, **settings,
                           linearity_factor=opts.linearity_factor, sign_flip=opts.sign_flip,
                           ema_decay=opts.ema_decay, seed=opts.seed, device=opts.device,
+                          amp=opts.amp,
                           max_steps=opts.max_steps,
                           omp_nthreads=opts.omp_nthreads, with_validation=bool(val_runs),
                           name=f"training_{''.join(c if c.isalnum() else '_' for c in name)}_wf")

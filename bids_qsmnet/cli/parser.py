@@ -218,6 +218,10 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                                                 what="--patch-size"), default=None,
                    help="patch edge in voxels" + per_arch.format(toy["patch_size"],
                                                                  other["patch_size"]))
+    g.add_argument("--patch-stride", type=partial(_positive_int, parser=parser,
+                                                  what="--patch-stride"), default=None,
+                   help="largest step between neighbouring patches in voxels" + per_arch.format(
+                       toy["patch_stride"], "a third of the patch"))
     g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
                                                    what="--learning-rate"), default=None,
                    help="Adam's initial learning rate" + per_arch.format(
@@ -234,6 +238,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sign-flip", action="store_true", help="add sign-flipped patches")
     g.add_argument("--max-steps", type=int, default=_D.max_steps,
                    help="stop after this many steps")
+    g.add_argument("--amp", action="store_true",
+                   help="bf16 mixed precision (on CUDA, or on a CPU with native bf16: "
+                        "AVX512-BF16 or AMX; elsewhere training stays fp32 with a warning)")
     g.add_argument("--seed", type=int, default=_D.seed)
 
 

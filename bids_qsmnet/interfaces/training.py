@@ -110,10 +110,11 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     device = traits.Str(_D.device, usedefault=True, desc="auto, cpu or cuda[:N]")
     use_cuda = traits.Bool(False, usedefault=True,
                            desc="schedule as a GPU job in MultiProc (n_gpu_procs)")
-    amp = traits.Bool(_D.amp, usedefault=True, desc="bf16 autocast on CUDA")
+    amp = traits.Bool(_D.amp, usedefault=True,
+                      desc="bf16 autocast (CUDA, or a CPU with native bf16)")
     channels_last = traits.Bool(_D.channels_last, usedefault=True,
-                                desc="channels-last 3-D layout (1.4-1.7x faster CPU steps; "
-                                     "same function, other float rounding)")
+                                desc="channels-last 3-D convolutions (faster steps on CPU "
+                                     "and CUDA; same function, other float rounding)")
     num_threads = traits.Int(desc="torch CPU threads")
     val_fields = InputMultiObject(File(exists=True), desc="whole validation fields (ppm)")
     val_labels = InputMultiObject(File(exists=True), desc="validation χ labels (ppm)")

@@ -29,7 +29,8 @@ import numbers
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "NORMS", "ConvNormAct", "TwoConv", "Down", "UpCat", "make_activation"]
+__all__ = ["ACTIVATIONS", "NORMS", "ConvNormAct", "TwoConv", "Down", "UpCat", "make_activation",
+           "set_convolution_layout"]
 
 #: Activation names accepted by :func:`make_activation` (and by every block and the U-Net).
 ACTIVATIONS = ("relu", "leaky_relu", "prelu", "elu", "gelu", "silu")
@@ -82,7 +83,14 @@ class ConvNormAct(nn.Module):
     bn_momentum : float — torch batch-norm momentum, ``1 - decay`` (the original: 0.01)
 
     Shapes: ``(B, in_ch, D, H, W) → (B, out_ch, D, H, W)``.
+
+    ``conv_memory_format`` (an attribute, not a parameter; see :func:`set_convolution_layout`)
+    runs the convolution alone in that memory format and returns its output to the standard
+    layout before the normalisation.
     """
+
+    #: memory format the convolution runs in (``None``: the input's own)
+    conv_memory_format: torch.memory_format | None = None
 
     def __init__(
         self,
@@ -122,10 +130,29 @@ class ConvNormAct(nn.Module):
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        if self.conv_memory_format is None:
+            x = self.conv(x)
+        else:
+            x = self.conv(x.contiguous(memory_format=self.conv_memory_format)).contiguous()
         if hasattr(self, "norm"):
             x = self.norm(x)
         return self.act(x)
+
+
+def set_convolution_layout(module: nn.Module, memory_format: torch.memory_format | None) -> int:
+    """Run every :class:`ConvNormAct` convolution inside ``module`` in ``memory_format``
+    (``torch.channels_last_3d`` or ``None`` for the input's layout); returns how many.
+
+    On the CPU, oneDNN's 3-D convolutions are several times faster channels-last, while
+    batch norm (and the activations, pooling and concatenations) are faster in the standard
+    layout, at every channel count from 2 to 64; converting each convolution's input and
+    output costs less than either layout throughout.  The weights and the function are
+    unchanged (state dicts are layout-free).
+    """
+    blocks = [m for m in module.modules() if isinstance(m, ConvNormAct)]
+    for block in blocks:
+        block.conv_memory_format = memory_format
+    return len(blocks)
 
 
 class TwoConv(nn.Module):

@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "per step (e.g. 0.999) and validate and save it (0: off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--channels-last", action="store_true", default=d.channels_last,
-                   help="channels-last 3-D memory layout (faster steps on CPU and CUDA)")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast (CUDA, or a CPU with native bf16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   default=d.channels_last,
+                   help="channels-last 3-D convolutions (faster steps on CPU and CUDA)")
     p.add_argument("--num-workers", type=int, default=d.num_workers)
     p.add_argument("--val", action="append", default=[], metavar="FIELD,CHI[,MASK]",
                    help="whole validation volume (NIfTI, ppm, network frame); repeatable")

@@ -29,9 +29,12 @@ class TrainingConfig:
     w_model, w_grad : weights of the model (dipole) loss and the gradient loss (0 disables)
     seed : seeds weights initialisation and the patch order
     device : "auto", "cpu" or "cuda[:N]"
-    amp : use bf16 autocast (CUDA only; ignored on CPU with a warning)
-    channels_last : channels-last-3d memory format (faster on CPU and CUDA; model files
-        are written contiguous)
+    amp : use bf16 autocast (on CUDA, and on CPUs with native bf16 — AVX512-BF16 or AMX;
+        elsewhere ignored with a warning)
+    channels_last : channels-last-3d weights; the convolutions run channels-last (on the
+        CPU only they, since batch norm is faster in the standard layout there; on CUDA the
+        whole network).  Faster on both; same function, other float rounding; model files
+        are written contiguous
     num_workers : DataLoader worker processes
     val_every : validate every this many epochs (0: never)
     display_slices : axial slices shown in validation figures
@@ -68,7 +71,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     num_workers: int = 0
     val_every: int = 2
     display_slices: Sequence[int] = (52, 72, 92, 112)
@@ -103,23 +106,26 @@ TRAINING_DEFAULTS = TrainingConfig(patches="", out_dir="")
 #: settings that differ by architecture (the group level and ``init_training_wf`` callers
 #: take them unless told otherwise): the toy network trains as the tutorial trains it
 #: (``Training_params.py``: 32³ patches, batch 20, learning rate 1e-3, 25 epochs, a model
-#: file every 5); the QSMnet family on 64³ patches, batch 12 (the paper's)
+#: file every 5), from patches half a patch apart (each voxel in about 8 patches); the QSMnet
+#: family on 64³ patches, batch 12 (the paper's), at most a third of a patch apart (about 27)
 ARCHITECTURE_DEFAULTS = {
-    "toy": {"patch_size": 32, "batch_size": 20, "learning_rate": 1e-3, "epochs": 25,
-            "save_step": 5},
+    "toy": {"patch_size": 32, "patch_stride": 16, "batch_size": 20, "learning_rate": 1e-3,
+            "epochs": 25, "save_step": 5},
 }
 #: the patch edge (voxels) of every other architecture
 DEFAULT_PATCH_SIZE = 64
 
 
 def architecture_defaults(architecture: str) -> dict:
-    """``patch_size``, ``batch_size``, ``learning_rate``, ``epochs`` and ``save_step`` for
+    """``patch_size``, ``patch_stride`` (largest step between patches, voxels; ``None``: a
+    third of the patch), ``batch_size``, ``learning_rate``, ``epochs`` and ``save_step`` for
     training ``architecture``.
 
     >>> architecture_defaults("toy")["patch_size"], architecture_defaults("qsmnet")["patch_size"]
     (32, 64)
     """
-    base = {"patch_size": DEFAULT_PATCH_SIZE, "batch_size": TRAINING_DEFAULTS.batch_size,
+    base = {"patch_size": DEFAULT_PATCH_SIZE, "patch_stride": None,
+            "batch_size": TRAINING_DEFAULTS.batch_size,
             "learning_rate": TRAINING_DEFAULTS.learning_rate,
             "epochs": TRAINING_DEFAULTS.epochs, "save_step": TRAINING_DEFAULTS.save_step}
     return {**base, **ARCHITECTURE_DEFAULTS.get(architecture, {})}

@@ -332,7 +332,7 @@ class _TrainingRun:
 
     @property
     def use_amp(self) -> bool:
-        return bool(self.cfg.amp and self.device.type == "cuda")
+        return bool(self.cfg.amp and _native_bf16(self.device))
 
     @property
     def norm(self) -> dict:
@@ -400,9 +400,23 @@ def _select_devices(cfg: TrainingConfig):
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
     dist = _init_distributed(world, device)
-    if cfg.amp and device.type != "cuda" and rank == 0:
-        LOGGER.warning("mixed precision (bf16) is used on CUDA only; training in fp32")
+    if cfg.amp and not _native_bf16(device) and rank == 0:
+        LOGGER.warning("mixed precision (bf16) needs CUDA or a CPU with native bf16 "
+                       "(AVX512-BF16 or AMX); training in fp32")
     return rank, world, device, dist
+
+
+def _native_bf16(device) -> bool:
+    """Whether bf16 autocast runs natively on ``device``: CUDA, or a CPU whose oneDNN has
+    bf16 kernels (elsewhere the CPU would emulate it, slower than fp32)."""
+    import torch
+
+    if device.type == "cuda":
+        return True
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main: bool):
@@ -410,6 +424,7 @@ def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main
     the weights of the initial model, on ``device`` in the configured memory format."""
     import torch
 
+    from ..models.blocks import set_convolution_layout
     from ..models.registry import build_network
 
     torch.manual_seed(cfg.seed)
@@ -420,8 +435,10 @@ def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main
             LOGGER.info("starting from the weights and normalisation of %s (sha256 %s…)",
                         cfg.init_model, init.sha256[:16])
     network = network.to(device)
-    if cfg.channels_last:
+    if cfg.channels_last:  # the weights; on the CPU only the convolutions' activations too
         network = network.to(memory_format=torch.channels_last_3d)
+        if device.type == "cpu":
+            set_convolution_layout(network, torch.channels_last_3d)
     return network
 
 
@@ -542,7 +559,7 @@ def _train_step(run: _TrainingRun, batch) -> list[float]:
     x = batch["input"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
     m = batch["mask"].to(device, non_blocking=True)
-    if cfg.channels_last:
+    if cfg.channels_last and device.type != "cpu":
         x = x.contiguous(memory_format=torch.channels_last_3d)
     kern = run.kernels.batch(x.shape[-3:], batch["voxel_size"], batch["b0_dir"])
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=run.use_amp):

@@ -13,7 +13,8 @@ __all__ = ["init_training_wf"]
 
 
 def init_training_wf(*, architecture: str = _D.architecture, model_name: str | None = None,
-                     patch_size: int = 64, linearity_factor: float | None = None,
+                     patch_size: int = 64, patch_stride: int | None = None,
+                     linearity_factor: float | None = None,
                      sign_flip: bool = False, b0_tilts: int = 0,
                      batch_size: int = _D.batch_size, epochs: int = _D.epochs,
                      learning_rate: float = _D.learning_rate, save_step: int = _D.save_step,
@@ -35,10 +36,12 @@ def init_training_wf(*, architecture: str = _D.architecture, model_name: str | N
     architecture : toy, qsmnet, qsmnet+, qsmnet-mid, qsmnet-slim or qsmnet-lite
     model_name : name written into the model file (default: the architecture)
     patch_size : patch edge, voxels (QSMnet 64, toy 32)
+    patch_stride : largest step between neighbouring patches, voxels (None: a third of the
+        patch)
     linearity_factor, sign_flip, b0_tilts : augmentation (see ExtractPatches)
     batch_size, epochs, learning_rate, save_step, val_every, w_model, w_grad, seed : training
     ema_decay : validate and save a moving average of the weights (0: the last weights)
-    device, amp : ``auto``/``cpu``/``cuda``, bf16 autocast on CUDA
+    device, amp : ``auto``/``cpu``/``cuda``, bf16 autocast (CUDA, or a CPU with native bf16)
     channels_last : channels-last 3-D layout (faster steps on CPU; same function, other
         float rounding)
     max_steps : stop after this many steps (0: no limit)
@@ -70,6 +73,8 @@ def init_training_wf(*, architecture: str = _D.architecture, model_name: str | N
     mask = pe.MapNode(BrainMask(), iterfield=["in_file", "mask_file"], name="mask")
     extract = pe.Node(ExtractPatches(patch_size=patch_size, sign_flip=sign_flip,
                                      b0_tilts=b0_tilts, seed=seed), name="extract_patches")
+    if patch_stride:
+        extract.inputs.max_stride = int(patch_stride)
     if linearity_factor:
         extract.inputs.linearity_factor = float(linearity_factor)
     train = pe.Node(TrainQSMnet(architecture=architecture,

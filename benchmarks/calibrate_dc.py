@@ -131,16 +131,24 @@ def weights_digest(network) -> str:
     return h.hexdigest()
 
 
+def refine_domain() -> str:
+    """The refinement's FFT domain, as the curves record it (curves made on another domain
+    are computed again)."""
+    from bids_qsmnet.inference.refine import BOX_MARGIN, FFT_PAD
+
+    return f"mask box + {BOX_MARGIN}, pad {FFT_PAD}, fast FFT lengths"
+
+
 def _reusable(path: str, sha256: str, tv: float, tv_iterations: int, grid) -> list[dict]:
-    """The curves in ``path`` made with these weights (:func:`weights_digest`), refinement
-    and λ grid (none if absent)."""
+    """The curves in ``path`` made with these weights (:func:`weights_digest`), refinement,
+    its FFT domain (:func:`refine_domain`) and λ grid (none if absent)."""
     try:
         with open(path) as fh:
             old = json.load(fh)
     except (OSError, ValueError):
         return []
-    if (old.get("weights_sha256"), old.get("dc_tv"), old.get("dc_tv_iterations")) != (
-            sha256, tv, tv_iterations):
+    if (old.get("weights_sha256"), old.get("dc_tv"), old.get("dc_tv_iterations"),
+            old.get("refine_domain")) != (sha256, tv, tv_iterations, refine_domain()):
         return []
     return [c for c in old.get("curves", []) if c.get("lambdas") == [float(x) for x in grid]
             and "noise_share" in c]
@@ -206,8 +214,8 @@ def main(argv=None) -> int:
                         c["noise_share"], c["network"], best_of(c))
             _save(args.out, {"command": "python " + " ".join(sys.argv),
                              "input_model_sha256": loaded.sha256, "weights_sha256": weights,
-                             "dc_tv": args.tv,
-                             "dc_tv_iterations": args.tv_iterations, "curves": curves})
+                             "dc_tv": args.tv, "dc_tv_iterations": args.tv_iterations,
+                             "refine_domain": refine_domain(), "curves": curves})
     auto, excess = fit(curves)
     from bids_qsmnet.inference.refine import AutoLambda
 

@@ -246,8 +246,12 @@ def bench_compile(args) -> dict:
 
 
 def bench_training(args) -> dict:
+    """Adam steps with the QSMnet loss on random patches, laid out as the trainer lays them
+    out (``--channels-last``: channels-last weights, and on the CPU the convolutions alone
+    channels-last), in fp32 or with bf16 autocast (``--amp``)."""
     import torch
 
+    from bids_qsmnet.models.blocks import set_convolution_layout
     from bids_qsmnet.models.flops import count_flops
     from bids_qsmnet.models.losses import qsmnet_loss
     from bids_qsmnet.models.registry import build_network
@@ -258,6 +262,7 @@ def bench_training(args) -> dict:
     net = build_network(args.arch)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last_3d)
+        set_convolution_layout(net, torch.channels_last_3d)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     p = args.patch
@@ -268,7 +273,9 @@ def bench_training(args) -> dict:
     norm = {"input_mean": 0.0, "input_std": 0.02, "label_mean": 0.0, "label_std": 0.06}
 
     def step():
-        loss = qsmnet_loss(net(x), y, x, m, kern, norm)["total"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+            pred = net(x)
+        loss = qsmnet_loss(pred.float(), y, x, m, kern, norm)["total"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,7 +288,7 @@ def bench_training(args) -> dict:
     # forward + backward ≈ 3 × the forward convolutions (input and weight gradients)
     flops = 3 * count_flops(net, (p, p, p), batch=args.batch)["flops"]
     return {"bench": "training", "arch": args.arch, "patch": p, "batch": args.batch,
-            "channels_last": args.channels_last, "threads": args.threads,
+            "channels_last": args.channels_last, "amp": args.amp, "threads": args.threads,
             "seconds_per_step": round(dt, 3), "patches_per_s": round(args.batch / dt, 2),
             "gflops_per_s": _gflops(flops, dt), "peak_rss_mb": round(_peak_rss_mb())}
 
@@ -396,7 +403,13 @@ def bench_refine(args) -> dict:
     they do not converge, and preconditioned CG at a λ where they do."""
     import torch
 
-    from bids_qsmnet.inference.refine import DCSettings, refine_adaptive
+    from bids_qsmnet.inference.refine import (
+        FFT_PAD,
+        DCSettings,
+        brain_box,
+        fast_fft_length,
+        refine_adaptive,
+    )
 
     torch.set_num_threads(args.threads)
     ph, field = _procedural_field(args.shape)
@@ -409,8 +422,29 @@ def bench_refine(args) -> dict:
     dt = time.perf_counter() - t0
     return {"bench": "refine", "solver": report["solver"], "lambda": lam, "tv": tv,
             "iterations": report["iterations_run"], "shape": list(args.shape),
+            "fft_grid": [fast_fft_length(s.stop - s.start + 2 * FFT_PAD)
+                         for s in brain_box(ph.mask)],
             "threads": args.threads, "seconds": round(dt, 2),
             "peak_rss_mb": round(_peak_rss_mb())}
+
+
+def bench_fftlen(args) -> dict:
+    """A real 3-D FFT and its inverse (torch, float32) on cubes of each length: the cost per
+    voxel of lengths with and without a large prime factor
+    (:func:`bids_qsmnet.inference.refine.fast_fft_length`)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for n in args.lengths:
+        x = torch.randn(n, n, n)
+        torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.fft.irfftn(torch.fft.rfftn(x), s=x.shape)
+        dt = (time.perf_counter() - t0) / 8
+        out[str(n)] = {"ms": round(1e3 * dt, 1), "ns_per_voxel": round(1e9 * dt / n**3, 2)}
+    return {"bench": "fftlen", "threads": args.threads, "lengths": out}
 
 
 #: the classical inversions timed by ``classical``, as the accuracy benchmark runs them
@@ -502,6 +536,7 @@ PLAN = [
     ["training", "--arch", "toy", "--patch", "64", "--batch", "12"],
     ["training", "--arch", "toy", "--patch", "32", "--batch", "20"],
     ["training", "--arch", "toy", "--patch", "32", "--batch", "20", "--channels-last"],
+    ["training", "--arch", "toy", "--patch", "32", "--batch", "20", "--channels-last", "--amp"],
     ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8"],
     ["training", "--arch", "qsmnet-slim", "--patch", "64", "--batch", "8", "--channels-last"],
     ["training", "--arch", "qsmnet-slim", "--patch", "48", "--batch", "4"],
@@ -509,6 +544,7 @@ PLAN = [
     ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64"],
     ["patches", "--subjects", "2", "--shape", "160", "192", "160", "--patch", "64", "--stream"],
     ["patches", "--subjects", "6", "--shape", "160", "192", "160", "--patch", "64", "--stream"],
+    ["fftlen"],
     ["refine", "--solver", "tv"],
     ["refine", "--solver", "cg"],
     ["refine", "--solver", "pcg"],
@@ -621,13 +657,28 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "`bids_qsmnet.inference.refine.refine_adaptive` on a procedural brain, "
                   "prior 0.6 × its χ, after a first call: the shipped default's TV refinement "
                   "(ADMM from the network's map, 4 real FFTs an iteration), and the plain "
-                  "refinement (a model file without `dc_tv`) with CG and preconditioned CG.",
-                  "", "| solver | volume | λ | TV weight | iterations | time (s) | "
-                  "peak RSS (MB) |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "refinement (a model file without `dc_tv`) with CG and preconditioned CG. "
+                  "`FFT grid`: the mask's bounding box grown by 8 voxels, padded by 8 and "
+                  "extended to fast FFT lengths (`refine.brain_box`, `fast_fft_length`).",
+                  "", "| solver | volume | FFT grid | λ | TV weight | iterations | time (s) | "
+                  "peak RSS (MB) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in ref:
-            lines.append(f"| {r['solver']} | {_fmt_shape(r['shape'])} | {r['lambda']:g} | "
-                         f"{r['tv']:g} | {r['iterations']} | {r['seconds']} | "
+            grid = _fmt_shape(r["fft_grid"]) if r.get("fft_grid") else "–"
+            lines.append(f"| {r['solver']} | {_fmt_shape(r['shape'])} | {grid} | "
+                         f"{r['lambda']:g} | {r['tv']:g} | {r['iterations']} | {r['seconds']} | "
                          f"{r['peak_rss_mb']} |")
+    fl = [r for r in rows if r["bench"] == "fftlen"]
+    if fl:
+        lengths = fl[-1]["lengths"]
+        lines += ["", "## FFT lengths (CPU)", "",
+                  "A real 3-D FFT and its inverse (torch, float32) of an n³ cube, per transform: "
+                  "lengths with a large prime factor cost 3–4× more per voxel, which is why the "
+                  "refinement extends its grid to lengths without a prime factor above 13.", "",
+                  "| n | " + " | ".join(lengths) + " |",
+                  "| --- |" + " ---: |" * len(lengths),
+                  "| ms | " + " | ".join(str(v["ms"]) for v in lengths.values()) + " |",
+                  "| ns/voxel | " + " | ".join(str(v["ns_per_voxel"]) for v in lengths.values())
+                  + " |"]
     cls = [r for r in rows if r["bench"] == "classical"]
     if cls:
         lines += ["", "## Classical inversions (CPU)", "",
@@ -641,14 +692,18 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
             lines.append(f"| {r['method']} | {_fmt_shape(r['shape'])} | {kw} | "
                          f"{r['seconds']} | {r['peak_rss_mb']} |")
     lines += ["", "## Training throughput (one Adam step incl. the QSMnet loss, CPU)", "",
-              "| model | patch | batch | channels-last | s/step | patches/s | GFLOP/s | "
+              "`channels-last`: the trainer's layout (channels-last weights; on the CPU the "
+              "convolutions alone run channels-last, batch norm in the standard layout); "
+              "`bf16`: autocast (this CPU has native bf16).", "",
+              "| model | patch | batch | channels-last | bf16 | s/step | patches/s | GFLOP/s | "
               "peak RSS (MB) |",
-              "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r["bench"] == "training":
             lines.append(f"| {r['arch']} | {r['patch']}³ | {r['batch']} | "
                          f"{'yes' if r.get('channels_last') else 'no'} | "
-                         f"{r['seconds_per_step']} | {r['patches_per_s']} | "
+                         f"{'yes' if r.get('amp') else 'no'} | {r['seconds_per_step']} | "
+                         f"{r['patches_per_s']} | "
                          f"{r.get('gflops_per_s', '–')} | {r['peak_rss_mb']} |")
     lines += ["", "## Patch extraction (HDF5, synthetic subjects)", "",
               "`streamed`: subjects simulated one at a time while the store is written (time "
@@ -760,7 +815,7 @@ _CONTAINER_RUNS = {
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    names = ("peak", "inference", "tiling", "compile", "training", "patches", "refine",
+    names = ("peak", "inference", "tiling", "compile", "training", "patches", "fftlen", "refine",
              "classical", "participant", "group", "all", "markdown")
     for name in names:
         s = sub.add_parser(name)
@@ -791,6 +846,7 @@ def main(argv=None) -> int:
             s.add_argument("--batch", type=int, default=12)
             s.add_argument("--steps", type=int, default=5)
             s.add_argument("--channels-last", action="store_true")
+            s.add_argument("--amp", action="store_true", help="bf16 autocast")
         if name == "patches":
             s.add_argument("--subjects", type=int, default=2)
             s.add_argument("--shape", type=int, nargs=3, default=(160, 192, 160))
@@ -810,6 +866,9 @@ def main(argv=None) -> int:
         if name == "refine":
             s.add_argument("--solver", choices=sorted(REFINEMENTS), default="tv")
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
+        if name == "fftlen":
+            s.add_argument("--lengths", type=int, nargs="+",
+                           default=(142, 144, 167, 168, 175, 176, 207, 208))
         if name == "classical":
             s.add_argument("--method", choices=sorted(CLASSICAL), default="tv-admm")
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))
@@ -863,7 +922,8 @@ def main(argv=None) -> int:
         return 0
     fn = {"peak": bench_peak, "inference": bench_inference, "tiling": bench_tiling,
           "compile": bench_compile, "training": bench_training, "patches": bench_patches,
-          "refine": bench_refine, "classical": bench_classical, "group": bench_group,
+          "fftlen": bench_fftlen, "refine": bench_refine, "classical": bench_classical,
+          "group": bench_group,
           "participant": bench_participant}[args.cmd]
     print(json.dumps(fn(args)))
     return 0

@@ -74,11 +74,18 @@ from ..physics.dc_path import AutoLambda
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["AutoLambda", "DCSettings", "dc_settings", "edge_weights", "pass_count", "refine",
+__all__ = ["AutoLambda", "DCSettings", "brain_box", "dc_settings", "edge_weights", "pass_count",
+           "refine",
            "refine_adaptive", "refine_grid", "refine_tv", "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
 EDGE_FLOOR = 0.05
+#: voxels kept around the mask's bounding box: the refinement's FFT domain is that box plus
+#: FFT_PAD zero voxels on each side (and a few more to a fast FFT length), not the whole
+#: volume
+BOX_MARGIN = 8
+#: zero voxels on each side of the refinement's FFT grid against the wrap-around
+FFT_PAD = 8
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,72 @@ def edge_weights(mask: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0)
     return np.where(mask, np.clip(dist / float(edge_mm), floor, 1.0), 0.0)
 
 
+def brain_box(mask: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels on each side (within the
+    volume); the whole volume for an empty mask.
+
+    The refinements work on this box: the field and the weights are zero outside the mask,
+    so the box holds all the data, and χ outside the mask is free only within the margin
+    and the 8-voxel FFT padding, 16 voxels (as in a volume whose brain nearly fills it).
+    The box starts on even indices, so that the noise estimate's 2×2×2 blocks are those of
+    the whole volume.  With the padding, and zeros up to fast FFT lengths
+    (:func:`fast_fft_length`), a brain that fills 17 % of a 160³ grid is refined on an FFT
+    grid of 144 × 168 × 144 instead of 176³.
+
+    >>> m = np.zeros((40, 40, 40), bool); m[10:20, 5:35, 18:22] = True
+    >>> brain_box(m, 8)
+    (slice(2, 28, None), slice(0, 40, None), slice(10, 30, None))
+    """
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return tuple(slice(0, n) for n in mask.shape)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    lo -= lo % 2
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def fast_fft_length(n: int) -> int:
+    """The smallest even length ≥ ``n`` without a prime factor above 13: a real FFT of a
+    length with a large prime factor (142 = 2·71, 167, 207 = 9·23) takes 3–4× longer per
+    voxel (``benchmarks/speed.py fftlen``).
+
+    >>> [fast_fft_length(n) for n in (142, 167, 176, 207)]
+    [144, 168, 176, 208]
+    """
+    m = int(n) + int(n) % 2
+    while True:
+        k = m
+        for p in (2, 3, 5, 7, 11, 13):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 2
+
+
+class _WorkGrid:
+    """The brain's box of a volume (:func:`brain_box`), extended with zeros at its far ends
+    so that the box plus the FFT padding has fast FFT lengths (:func:`fast_fft_length`)."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = mask.shape
+        self.box = brain_box(mask)
+        sizes = [s.stop - s.start for s in self.box]
+        self.ext = [(0, fast_fft_length(n + 2 * FFT_PAD) - 2 * FFT_PAD - n) for n in sizes]
+        self.inner = tuple(slice(0, n) for n in sizes)
+
+    def take(self, volume: np.ndarray) -> np.ndarray:
+        """The box of ``volume``, extended with zeros."""
+        return np.pad(np.asarray(volume)[self.box], self.ext)
+
+    def put(self, work: np.ndarray) -> np.ndarray:
+        """A work array placed back in a zero volume (float32)."""
+        out = np.zeros(self.shape, np.float32)
+        out[self.box] = work[self.inner]
+        return out
+
+
 def refine(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, settings: DCSettings, *,
            voxel_size: Sequence[float] = (1.0, 1.0, 1.0),
            b0_dir: Sequence[float] = (0.0, 0.0, 1.0), device=None) -> np.ndarray:
@@ -183,7 +256,8 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
                     b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
                     device=None) -> tuple[np.ndarray, dict]:
     """Refine ``chi`` towards ``field`` with the settings' fixed λ or, with ``settings.auto``,
-    the λ that rule chooses for this field (see the module docstring).
+    the λ that rule chooses for this field (see the module docstring), on the brain's box
+    (:func:`brain_box`).
 
     Parameters
     ----------
@@ -204,20 +278,28 @@ def refine_adaptive(chi: np.ndarray, field: np.ndarray, mask: np.ndarray,
         the ``solver`` with the ``iterations_run`` (see
         :func:`bids_qsmnet.physics.dc_path.refine_path`)
     """
-    from ..physics.dc_path import refine_path
-
     mask = np.asarray(mask).astype(bool)
     report = settings.to_dict()
     chi = np.where(mask, chi, 0.0).astype(np.float32)
     if not settings.active:
         return chi, report
+    grid = _WorkGrid(mask)
+    out, report = _refine_box(grid.take(chi), grid.take(field), grid.take(mask), settings,
+                              report, voxel_size=voxel_size, b0_dir=b0_dir, device=device)
+    return grid.put(out), report
+
+
+def _refine_box(chi, field, mask, settings, report, *, voxel_size, b0_dir, device):
+    """:func:`refine_adaptive` on the work grid (``chi`` already masked)."""
+    from ..physics.dc_path import refine_path
+
     field = np.where(mask, field, 0.0).astype(np.float32)
     w = edge_weights(mask, voxel_size, edge_mm=settings.edge_mm)
     if settings.tv > 0:
         return refine_tv(chi, field, mask, w, settings, report, voxel_size=voxel_size,
                          b0_dir=b0_dir, device=device)
-    geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=8, highpass_mm=settings.highpass_mm,
-                device=device)
+    geom = dict(voxel_size=voxel_size, b0_dir=b0_dir, pad=FFT_PAD,
+                highpass_mm=settings.highpass_mm, device=device)
     chosen = {}
     noise = _noise(field, mask) if settings.auto is not None else None
 
@@ -284,16 +366,16 @@ def refine_tv(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, weight: np.n
     from ..physics.inversion import tv_admm
 
     geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir), device=device)
-    rho0 = float(data_residual(chi, field, weight, pad=8, **geom))
+    rho0 = float(data_residual(chi, field, weight, pad=FFT_PAD, **geom))
     noise = _noise(field, mask) if settings.auto is not None else None
     lam = _choose(settings, rho0, noise, report)
     if lam is None:
         report.update({"lambda": 0.0, "residual": round(rho0, 4)})
         return chi, report
     out = tv_admm(field, mask, lam=settings.tv, chi0=chi, prior_weight=float(lam),
-                  n_iter=settings.tv_iterations, tol=0.0, weight=weight, pad=8, **geom)
+                  n_iter=settings.tv_iterations, tol=0.0, weight=weight, pad=FFT_PAD, **geom)
     out = np.where(mask, out, 0.0).astype(np.float32)
-    resid = float(data_residual(out, field, weight, pad=8, **geom))
+    resid = float(data_residual(out, field, weight, pad=FFT_PAD, **geom))
     report.update({"lambda": float(lam), "residual": round(resid, 4), "solver": "tv-admm",
                    "iterations_run": int(settings.tv_iterations)})
     return out, report
@@ -317,17 +399,20 @@ def refine_grid(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, lams: Sequ
     from ..physics.dc_path import data_residual, refine_path
     from ..physics.inversion import tv_admm
 
-    mask = np.asarray(mask).astype(bool)
+    grid = _WorkGrid(np.asarray(mask).astype(bool))
+    mask, chi, field = grid.take(mask).astype(bool), grid.take(chi), grid.take(field)
     w = mask.astype(np.float32)
     geom = dict(voxel_size=tuple(voxel_size), b0_dir=tuple(b0_dir))
     if not tv:
         path = refine_path(chi, field, w, lams, n_iter=n_iter, **geom)
-        return path.residual_prior, list(path.chis), [float(r) for r in path.residuals]
+        return (path.residual_prior, [grid.put(x) for x in path.chis],
+                [float(r) for r in path.residuals])
     chis = [np.where(mask, tv_admm(field, mask, lam=tv, chi0=chi, prior_weight=float(lam),
-                                   n_iter=tv_iterations, tol=0.0, pad=8, **geom),
+                                   n_iter=tv_iterations, tol=0.0, pad=FFT_PAD, **geom),
                      0).astype(np.float32) for lam in lams]
-    return (float(data_residual(chi, field, w, pad=8, **geom)), chis,
-            [float(data_residual(x, field, w, pad=8, **geom)) for x in chis])
+    return (float(data_residual(chi, field, w, pad=FFT_PAD, **geom)),
+            [grid.put(x) for x in chis],
+            [float(data_residual(x, field, w, pad=FFT_PAD, **geom)) for x in chis])
 
 
 def residual_passes(predict: Callable[[np.ndarray], np.ndarray], chi: np.ndarray,

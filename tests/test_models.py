@@ -310,3 +310,27 @@ def test_backward_reaches_every_parameter():
     net = build_network("qsmnet-lite")
     net(torch.randn(2, 1, 8, 8, 8)).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_convolution_layout_switch_keeps_the_function():
+    """Convolutions alone in channels-last (the trainer's CPU layout) compute the same
+    network: outputs and gradients equal the standard layout's to float rounding, the
+    activations between blocks stay in the standard layout, and the state dict is the same."""
+    from bids_qsmnet.models.blocks import set_convolution_layout
+
+    torch.manual_seed(0)
+    ref = build_network("toy").train()
+    net = build_network("toy").train()
+    net.load_state_dict(ref.state_dict())
+    assert set_convolution_layout(net, torch.channels_last_3d) == 6
+    x = torch.randn(2, 1, 16, 16, 16)
+    out_ref, out = ref(x), net(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), net.parameters()):
+        scale = p.grad.abs().max().item()  # summation order differs: relative to the largest
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-5 * scale, msg=name)
+    assert set_convolution_layout(net, None) == 6
+    assert all(m.conv_memory_format is None for m in net.modules() if isinstance(m, ConvNormAct))

@@ -11,6 +11,7 @@ from bids_qsmnet.inference.refine import (
     dc_settings,
     edge_weights,
     refine,
+    refine_adaptive,
     residual_passes,
 )
 from bids_qsmnet.physics.dipole import forward_field
@@ -244,3 +245,60 @@ def test_residual_passes_restore_a_shrunk_sphere():
            for x in (chi0, out1, out2)]
     assert res[0] > res[1] > res[2]
     assert np.abs(out2[~m]).max() == 0
+
+
+def test_fast_fft_lengths_have_no_prime_factor_above_13():
+    from bids_qsmnet.inference.refine import fast_fft_length
+
+    for n in range(2, 1000):
+        m = fast_fft_length(n)
+        assert m >= n and m % 2 == 0 and m - n <= max(10, 0.04 * n)
+        k = m
+        for p in (2, 3, 5, 7, 11, 13):
+            while k % p == 0:
+                k //= p
+        assert k == 1, (n, m)
+    assert [fast_fft_length(n) for n in (142, 167, 207, 236)] == [144, 168, 208, 240]
+
+
+def test_brain_box_grows_the_bounding_box_from_an_even_corner():
+    from bids_qsmnet.inference.refine import brain_box
+
+    m = np.zeros((50, 40, 30), bool)
+    m[11:20, 3:30, 20:29] = True
+    assert brain_box(m, 8) == (slice(2, 28), slice(0, 38), slice(12, 30))
+    assert brain_box(np.zeros((5, 6, 7), bool)) == (slice(0, 5), slice(0, 6), slice(0, 7))
+
+
+def _sphere_brain(shape):
+    """A ball-shaped brain (radius 10 voxels, 8 or more voxels from every face) holding three
+    spheres of χ, its exact field plus 1 ppb noise."""
+    g = np.indices(shape).astype(float)
+    c = np.array(shape, float)[:, None, None, None] / 2
+    mask = ((g - c) ** 2).sum(0) <= 10**2
+    chi = np.zeros(shape)
+    for centre, r, value in (((17, 20, 20), 3, 0.1), ((23, 18, 21), 2, -0.05),
+                             ((20, 24, 17), 2.5, 0.08)):
+        chi[((g - np.array(centre, float)[:, None, None, None]) ** 2).sum(0) <= r * r] = value
+    rng = np.random.default_rng(0)
+    field = (forward_field(chi, pad=16) + 1e-3 * rng.normal(size=shape)) * mask
+    return {"chi": chi, "field": field, "mask": mask}
+
+
+@pytest.mark.parametrize("tv", [0.0, 1e-3])
+def test_refinement_ignores_empty_space_around_the_brain(tv):
+    """The refinement works on the mask's box (plus margin, padding and fast lengths), so
+    a volume with more empty space around the same brain gives the same map: the box is the
+    same.  The plain and the TV refinement, λ chosen by the rule from the data."""
+    from bids_qsmnet.physics.dc_path import AutoLambda
+
+    ph = _sphere_brain((40, 40, 40))
+    auto = AutoLambda(floor=0.1, lambda_ref=0.01, power=1.0, e_ref=0.05)
+    settings = DCSettings(0.0, 10, auto=auto, tv=tv, tv_iterations=10)
+    prior = 0.7 * ph["chi"]
+    small, rep_small = refine_adaptive(prior, ph["field"], ph["mask"], settings)
+    big = [np.pad(a, ((10, 20), (30, 4), (2, 16))) for a in (prior, ph["field"], ph["mask"])]
+    large, rep_large = refine_adaptive(*big, settings)
+    assert rep_small["lambda"] == rep_large["lambda"] > 0
+    np.testing.assert_allclose(large[10:50, 30:70, 2:42], small, atol=1e-6)
+    assert not large[ph["mask"].shape[0] + 10:].any()

@@ -247,3 +247,16 @@ def test_training_workflow_runs(tmp_path, nifti_triplets, phantoms, patch_store,
         assert len(val_rows) == 1
     else:
         assert not list((tmp_path / "work").rglob("validation"))
+
+
+def test_training_workflow_takes_the_patch_stride():
+    """``patch_stride`` reaches the patch extraction as its largest step (unset: a third of
+    the patch, the extraction's default)."""
+    from nipype.interfaces.base import isdefined
+
+    from bids_qsmnet.workflows.training import init_training_wf
+
+    toy = init_training_wf(architecture="toy", patch_size=32, patch_stride=16)
+    assert toy.get_node("extract_patches").inputs.max_stride == 16
+    other = init_training_wf(architecture="toy", patch_size=32)
+    assert not isdefined(other.get_node("extract_patches").inputs.max_stride)

@@ -4,8 +4,8 @@ measured-like one, and strong sources keep their value.  About a minute per case
 
 The allowed gaps are the measured ones (docs/accuracy.json, ``benchmarks/accuracy.py``) plus
 half a point: 0.0 NRMSE points for the exact field (the rule picks λ 1e-4, the best of the
-grid), 1.6 for the field with a 40 % non-dipolar part (the rule, fitted on MNI152, picks λ
-0.034 there from ρ₀ 0.52 and noise share 0.024; the best of one λ per decade is 0.01)."""
+grid), 1.7 for the field with a 40 % non-dipolar part (the rule, fitted on MNI152, picks λ
+0.034 there from ρ₀ 0.52 and noise share 0.024; the best of one λ per decade is 0.001)."""
 
 from __future__ import annotations
 

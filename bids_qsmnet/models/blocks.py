@@ -145,8 +145,9 @@ def set_convolution_layout(module: nn.Module, memory_format: torch.memory_format
 
     On the CPU, oneDNN's 3-D convolutions are several times faster channels-last, while
     batch norm (and the activations, pooling and concatenations) are faster in the standard
-    layout, at every channel count from 2 to 64; converting each convolution's input and
-    output costs less than either layout throughout.  The weights and the function are
+    layout; for a narrow network (2–8 channels) converting each convolution's input and
+    output costs less than either layout throughout (the trainer's choice,
+    :data:`bids_qsmnet.training.trainer.NARROW_CHANNELS`).  The weights and the function are
     unchanged (state dicts are layout-free).
     """
     blocks = [m for m in module.modules() if isinstance(m, ConvNormAct)]

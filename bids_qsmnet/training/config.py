@@ -31,10 +31,10 @@ class TrainingConfig:
     device : "auto", "cpu" or "cuda[:N]"
     amp : use bf16 autocast (on CUDA, and on CPUs with native bf16 — AVX512-BF16 or AMX;
         elsewhere ignored with a warning)
-    channels_last : channels-last-3d weights; the convolutions run channels-last (on the
-        CPU only they, since batch norm is faster in the standard layout there; on CUDA the
-        whole network).  Faster on both; same function, other float rounding; model files
-        are written contiguous
+    channels_last : channels-last-3d layout (on the CPU, for a network of at most 8 channels
+        at its first level, the convolutions alone: batch norm is faster in the standard
+        layout there).  Faster on CPU and CUDA; same function, other float rounding; model
+        files are written contiguous
     num_workers : DataLoader worker processes
     val_every : validate every this many epochs (0: never)
     display_slices : axial slices shown in validation figures

@@ -676,7 +676,7 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         lengths = fl[-1]["lengths"]
         lines += ["", "## FFT lengths (CPU)", "",
                   "A real 3-D FFT and its inverse (torch, float32) of an n³ cube, per transform: "
-                  "lengths with a large prime factor cost 3–4× more per voxel, which is why the "
+                  "lengths with a large prime factor cost 2–2.5× more per voxel, which is why the "
                   "refinement extends its grid to lengths without a prime factor above 13.", "",
                   "| n | " + " | ".join(lengths) + " |",
                   "| --- |" + " ---: |" * len(lengths),

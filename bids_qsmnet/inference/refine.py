@@ -203,8 +203,8 @@ def brain_box(mask: np.ndarray, margin: int = BOX_MARGIN) -> tuple[slice, slice,
 
 def fast_fft_length(n: int) -> int:
     """The smallest even length ≥ ``n`` without a prime factor above 13: a real FFT of a
-    length with a large prime factor (142 = 2·71, 167, 207 = 9·23) takes 3–4× longer per
-    voxel (``benchmarks/speed.py fftlen``).
+    length with a large prime factor (142 = 2·71, 167, 207 = 9·23) takes 2–2.5× longer per
+    voxel than a nearby smooth one (``benchmarks/speed.py fftlen``).
 
     >>> [fast_fft_length(n) for n in (142, 167, 176, 207)]
     [144, 168, 176, 208]

@@ -859,7 +859,7 @@ def main(argv=None) -> int:
             s.add_argument("--stream", action="store_true")
         if name == "group":
             s.add_argument("--arch", default="toy")
-            s.add_argument("--limit", type=float, default=300,
+            s.add_argument("--limit", type=float, default=900,
                            help="stop the run after this many seconds and report its pace")
         if name == "participant":
             s.add_argument("--subject", default="01",

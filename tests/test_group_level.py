@@ -82,17 +82,17 @@ def test_group_level_without_labels_fails_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("arch,given,expected", [
-    ("toy", {}, {"patch_size": 32, "patch_stride": 16, "batch_size": 20, "learning_rate": 1e-3,
-                 "epochs": 25, "save_step": 5}),
+    ("toy", {}, {"patch_size": 32, "patch_stride": None, "batch_size": 20,
+                 "learning_rate": 1e-3, "epochs": 25, "save_step": 5}),
     ("qsmnet", {}, {"patch_size": 64, "patch_stride": None, "batch_size": 12,
                     "learning_rate": 1e-3, "epochs": 25, "save_step": 5}),
     ("toy", {"batch_size": 4, "patch_size": 48, "patch_stride": 8},
      {"patch_size": 48, "patch_stride": 8, "batch_size": 4}),
 ])
 def test_training_settings_default_per_architecture(arch, given, expected):
-    """Group level: the toy trains as the tutorial does (32³ patches, batch 20) from patches
-    half a patch apart, the QSMnet family as the paper does (64³, batch 12, a third of a
-    patch apart); an option given on the command line wins."""
+    """Group level: the toy trains as the tutorial does (32³ patches, batch 20), the QSMnet
+    family as the paper does (64³, batch 12), both from patches at most a third of a patch
+    apart; an option given on the command line wins."""
     from bids_qsmnet.cli.build import _training_settings
     from bids_qsmnet.cli.parser import parse_args
 

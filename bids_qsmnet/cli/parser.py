@@ -220,8 +220,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                                                                  other["patch_size"]))
     g.add_argument("--patch-stride", type=partial(_positive_int, parser=parser,
                                                   what="--patch-stride"), default=None,
-                   help="largest step between neighbouring patches in voxels" + per_arch.format(
-                       toy["patch_stride"], "a third of the patch"))
+                   help="largest step between neighbouring patches in voxels (default: a third "
+                        "of the patch; a larger step gives fewer patches an epoch)")
     g.add_argument("--learning-rate", type=partial(_positive_float, parser=parser,
                                                    what="--learning-rate"), default=None,
                    help="Adam's initial learning rate" + per_arch.format(

@@ -106,11 +106,11 @@ TRAINING_DEFAULTS = TrainingConfig(patches="", out_dir="")
 #: settings that differ by architecture (the group level and ``init_training_wf`` callers
 #: take them unless told otherwise): the toy network trains as the tutorial trains it
 #: (``Training_params.py``: 32³ patches, batch 20, learning rate 1e-3, 25 epochs, a model
-#: file every 5), from patches half a patch apart (each voxel in about 8 patches); the QSMnet
-#: family on 64³ patches, batch 12 (the paper's), at most a third of a patch apart (about 27)
+#: file every 5); the QSMnet family on 64³ patches, batch 12 (the paper's); both from
+#: patches at most a third of a patch apart (``patch_stride`` None)
 ARCHITECTURE_DEFAULTS = {
-    "toy": {"patch_size": 32, "patch_stride": 16, "batch_size": 20, "learning_rate": 1e-3,
-            "epochs": 25, "save_step": 5},
+    "toy": {"patch_size": 32, "batch_size": 20, "learning_rate": 1e-3, "epochs": 25,
+            "save_step": 5},
 }
 #: the patch edge (voxels) of every other architecture
 DEFAULT_PATCH_SIZE = 64

@@ -251,20 +251,17 @@ def bench_training(args) -> dict:
     level, the convolutions alone), in fp32 or with bf16 autocast (``--amp``)."""
     import torch
 
-    from bids_qsmnet.models.blocks import set_convolution_layout
     from bids_qsmnet.models.flops import count_flops
     from bids_qsmnet.models.losses import qsmnet_loss
     from bids_qsmnet.models.registry import architecture_config, build_network
     from bids_qsmnet.physics.dipole import dipole_kernel_torch
-    from bids_qsmnet.training.trainer import NARROW_CHANNELS
+    from bids_qsmnet.training.trainer import apply_memory_layout
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     net = build_network(args.arch)
     if args.channels_last:  # as the trainer lays it out on the CPU
-        net = net.to(memory_format=torch.channels_last_3d)
-        if min(architecture_config(args.arch)["channels"]) <= NARROW_CHANNELS:
-            set_convolution_layout(net, torch.channels_last_3d)
+        net = apply_memory_layout(net, architecture_config(args.arch), torch.device("cpu"))
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     p = args.patch
@@ -407,13 +404,7 @@ def bench_refine(args) -> dict:
     they do not converge, and preconditioned CG at a λ where they do."""
     import torch
 
-    from bids_qsmnet.inference.refine import (
-        FFT_PAD,
-        DCSettings,
-        brain_box,
-        fast_fft_length,
-        refine_adaptive,
-    )
+    from bids_qsmnet.inference.refine import DCSettings, fft_grid, refine_adaptive
 
     torch.set_num_threads(args.threads)
     ph, field = _procedural_field(args.shape)
@@ -426,8 +417,7 @@ def bench_refine(args) -> dict:
     dt = time.perf_counter() - t0
     return {"bench": "refine", "solver": report["solver"], "lambda": lam, "tv": tv,
             "iterations": report["iterations_run"], "shape": list(args.shape),
-            "fft_grid": [fast_fft_length(s.stop - s.start + 2 * FFT_PAD)
-                         for s in brain_box(ph.mask)],
+            "fft_grid": list(fft_grid(ph.mask)),
             "threads": args.threads, "seconds": round(dt, 2),
             "peak_rss_mb": round(_peak_rss_mb())}
 
@@ -663,7 +653,7 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
                   "(ADMM from the network's map, 4 real FFTs an iteration), and the plain "
                   "refinement (a model file without `dc_tv`) with CG and preconditioned CG. "
                   "`FFT grid`: the mask's bounding box grown by 8 voxels, padded by 8 and "
-                  "extended to fast FFT lengths (`refine.brain_box`, `fast_fft_length`).",
+                  "extended to fast FFT lengths (`refine.fft_grid`).",
                   "", "| solver | volume | FFT grid | λ | TV weight | iterations | time (s) | "
                   "peak RSS (MB) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for r in ref:

@@ -262,11 +262,12 @@ def test_fast_fft_lengths_have_no_prime_factor_above_13():
 
 
 def test_brain_box_grows_the_bounding_box_from_an_even_corner():
-    from bids_qsmnet.inference.refine import brain_box
+    from bids_qsmnet.inference.refine import brain_box, fft_grid
 
     m = np.zeros((50, 40, 30), bool)
     m[11:20, 3:30, 20:29] = True
     assert brain_box(m, 8) == (slice(2, 28), slice(0, 38), slice(12, 30))
+    assert fft_grid(m) == (42, 54, 36)  # + 2 × 8 voxels of padding, 34 = 2·17 → 36
     assert brain_box(np.zeros((5, 6, 7), bool)) == (slice(0, 5), slice(0, 6), slice(0, 7))
 
 

@@ -301,8 +301,8 @@ def _set_training_inputs(wf, train_runs: list, val_runs: list, b0_strength) -> N
 
 def _training_settings(opts, arch: str) -> dict:
     """Patch size and stride, batch size, learning rate, epochs and save step: the options
-    given, else
-    the architecture's defaults (:func:`bids_qsmnet.training.config.architecture_defaults`)."""
+    given, else the architecture's defaults
+    (:func:`bids_qsmnet.training.config.architecture_defaults`)."""
     from ..training.config import architecture_defaults
 
     settings = {k: (getattr(opts, k) if getattr(opts, k) is not None else v)

@@ -74,8 +74,8 @@ from ..physics.dc_path import AutoLambda
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["AutoLambda", "DCSettings", "brain_box", "dc_settings", "edge_weights", "pass_count",
-           "refine",
+__all__ = ["AutoLambda", "DCSettings", "brain_box", "dc_settings", "edge_weights", "fft_grid",
+           "pass_count", "refine",
            "refine_adaptive", "refine_grid", "refine_tv", "residual_passes"]
 
 #: weight of the boundary voxels (> 0: the region where χ may be nonzero stays the mask)
@@ -228,7 +228,9 @@ class _WorkGrid:
         self.shape = mask.shape
         self.box = brain_box(mask)
         sizes = [s.stop - s.start for s in self.box]
-        self.ext = [(0, fast_fft_length(n + 2 * FFT_PAD) - 2 * FFT_PAD - n) for n in sizes]
+        #: the FFT grid: the box, its padding and the zeros up to fast lengths
+        self.fft_shape = tuple(fast_fft_length(n + 2 * FFT_PAD) for n in sizes)
+        self.ext = [(0, m - 2 * FFT_PAD - n) for m, n in zip(self.fft_shape, sizes)]
         self.inner = tuple(slice(0, n) for n in sizes)
 
     def take(self, volume: np.ndarray) -> np.ndarray:
@@ -240,6 +242,11 @@ class _WorkGrid:
         out = np.zeros(self.shape, np.float32)
         out[self.box] = work[self.inner]
         return out
+
+
+def fft_grid(mask: np.ndarray) -> tuple[int, int, int]:
+    """The shape of the FFT grid the refinements of a volume with ``mask`` work on."""
+    return _WorkGrid(np.asarray(mask).astype(bool)).fft_shape
 
 
 def refine(chi: np.ndarray, field: np.ndarray, mask: np.ndarray, settings: DCSettings, *,

@@ -414,6 +414,20 @@ def _select_devices(cfg: TrainingConfig):
 NARROW_CHANNELS = 8
 
 
+def apply_memory_layout(network, arch_config: dict, device):
+    """``network`` (on ``device``) in the trainer's channels-last layout: channels-last
+    throughout, except that on the CPU a network of at most :data:`NARROW_CHANNELS` channels
+    at its first level runs its convolutions alone channels-last."""
+    import torch
+
+    from ..models.blocks import set_convolution_layout
+
+    network = network.to(memory_format=torch.channels_last_3d)
+    if device.type == "cpu" and min(arch_config["channels"]) <= NARROW_CHANNELS:
+        set_convolution_layout(network, torch.channels_last_3d)
+    return network
+
+
 def _native_bf16(device) -> bool:
     """Whether bf16 autocast runs natively on ``device``: CUDA, or a CPU whose oneDNN has
     bf16 kernels (elsewhere the CPU would emulate it, slower than fp32)."""
@@ -432,7 +446,6 @@ def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main
     the weights of the initial model, on ``device`` in the configured memory format."""
     import torch
 
-    from ..models.blocks import set_convolution_layout
     from ..models.registry import build_network
 
     torch.manual_seed(cfg.seed)
@@ -444,9 +457,7 @@ def _build_network(cfg: TrainingConfig, arch_config: dict, init, device, is_main
                         cfg.init_model, init.sha256[:16])
     network = network.to(device)
     if cfg.channels_last:
-        network = network.to(memory_format=torch.channels_last_3d)
-        if device.type == "cpu" and min(arch_config["channels"]) <= NARROW_CHANNELS:
-            set_convolution_layout(network, torch.channels_last_3d)
+        network = apply_memory_layout(network, arch_config, device)
     return network
 
 

@@ -248,9 +248,11 @@ def bench_compile(args) -> dict:
 def bench_training(args) -> dict:
     """Adam steps with the QSMnet loss on random patches, laid out as the trainer lays them
     out (``--channels-last``: channels-last; for a network of at most 8 channels at its first
-    level, the convolutions alone), in fp32 or with bf16 autocast (``--amp``)."""
+    level, the convolutions alone; ``--layout`` forces either), in fp32 or with bf16 autocast
+    (``--amp``)."""
     import torch
 
+    from bids_qsmnet.models.blocks import set_convolution_layout
     from bids_qsmnet.models.flops import count_flops
     from bids_qsmnet.models.losses import qsmnet_loss
     from bids_qsmnet.models.registry import architecture_config, build_network
@@ -262,6 +264,9 @@ def bench_training(args) -> dict:
     net = build_network(args.arch)
     if args.channels_last:  # as the trainer lays it out on the CPU
         net = apply_memory_layout(net, architecture_config(args.arch), torch.device("cpu"))
+        if args.layout:
+            set_convolution_layout(net, torch.channels_last_3d if args.layout == "convolutions"
+                                   else None)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     p = args.patch
@@ -290,6 +295,7 @@ def bench_training(args) -> dict:
     flops = 3 * count_flops(net, (p, p, p), batch=args.batch)["flops"]
     return {"bench": "training", "arch": args.arch, "patch": p, "batch": args.batch,
             "channels_last": args.channels_last, "amp": args.amp, "threads": args.threads,
+            **({"layout": args.layout} if args.layout else {}),
             "seconds_per_step": round(dt, 3), "patches_per_s": round(args.batch / dt, 2),
             "gflops_per_s": _gflops(flops, dt), "peak_rss_mb": round(_peak_rss_mb())}
 
@@ -840,6 +846,9 @@ def main(argv=None) -> int:
             s.add_argument("--batch", type=int, default=12)
             s.add_argument("--steps", type=int, default=5)
             s.add_argument("--channels-last", action="store_true")
+            s.add_argument("--layout", choices=("whole", "convolutions"), default=None,
+                           help="with --channels-last: the whole network channels-last, or "
+                                "the convolutions alone (default: the trainer's choice)")
             s.add_argument("--amp", action="store_true", help="bf16 autocast")
         if name == "patches":
             s.add_argument("--subjects", type=int, default=2)

@@ -110,9 +110,8 @@ _NEIGHBOURS = tuple((n, 1.0 / math.sqrt(sum(c * c for c in n)))
 def neighbour_gradient(x: torch.Tensor) -> torch.Tensor:
     """QSMnet's rectified 26-neighbour gradient ``G(x)`` (see the module notes).
 
-    Sums the 26 shifted differences one at a time (views of ``x``, no 26-channel tensor):
-    about 7× faster than the equivalent 26-filter convolution on the CPU, forward and
-    backward.
+    Sums the 26 shifted differences one at a time (views of ``x``): no 26-channel tensor of
+    the batch, as an equivalent 26-filter convolution would build.
 
     Parameters
     ----------

@@ -408,9 +408,11 @@ def _select_devices(cfg: TrainingConfig):
 
 #: on the CPU, a network whose first level has at most this many channels trains fastest
 #: with its convolutions alone in channels-last (batch norm, pooling and concatenation in the
-#: standard layout): the toy (2 channels) 0.46 s a step against 0.63 s all channels-last at
-#: 32³, batch 20; qsmnet-lite (8) 0.93 s against 0.97 s at 48³, batch 8; wider networks are
-#: faster all channels-last (qsmnet-slim, 16: 4.07 against 5.70 s at 64³, batch 8)
+#: standard layout); wider networks are faster all channels-last.  A step on a 2-core CPU
+#: (``benchmarks/speed.py training --arch A --patch P --batch B --channels-last --layout
+#: convolutions|whole``): toy (2 channels), 32³, batch 20: 0.40 against 0.60 s;
+#: qsmnet-lite (8), 48³, batch 8: 0.86 against 0.89 s; qsmnet-slim (16), 64³, batch 8: 5.22
+#: against 3.85 s
 NARROW_CHANNELS = 8
 
 

@@ -406,10 +406,14 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
 
     The half spectrum keeps the kernels Hermitian on the Nyquist plane, which matters only
     for B0 oblique to the grid (there ``D(k_z = −½) ≠ D(k_z = +½)`` off the axes).  The loop
-    keeps only what the next iteration reads (``z − u``, ``u``, ``v − s``, ``s``) and updates
-    it in place: with ``g = ∇χ + u``, the shrinkage gives ``u ← clip(g, −κ, κ)`` and
-    ``z − u = g − 2 u`` (κ = λ/ρ); with ``t = D ∗ χ + s``, ``v = (W² f + ρ_d t) / (W² + ρ_d)``
-    and ``s ← t − v``."""
+    keeps only what the next iteration reads (``z − u``, ``u``, ``v − s``, ``s``) and rewrites
+    it in place, each in as few passes over memory as torch's fused operations allow (the
+    elementwise work costs as much as the four FFTs): with ``g = ∇χ + u``, the shrinkage gives
+    ``u ← clip(g, −κ, κ)`` and ``z − u = g − 2 u`` (κ = λ/ρ); with ``t = D ∗ χ + s`` and the
+    voxel-wise constants ``a = ρ_d / (W² + ρ_d)``, ``b = W² f / (W² + ρ_d)``, the data split's
+    ``v = a t + b`` gives ``v − s = 2v − t = (2a − 1) t + 2b`` and ``s ← t − v = (1 − a) t − b``.
+    The χ update divides by ρ: ``χ̂ = (F ∇ᵀ(z − u) + (ρ_d/ρ) D F(v − s) + (μ/ρ) χ̂₀) ρ / denom``.
+    """
     import torch
 
     shape = f_p.shape
@@ -419,59 +423,54 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
     def tensor(a):
         return torch.as_tensor(np.ascontiguousarray(a, np.float32), device=dev)
 
+    def zeros(*lead):
+        return torch.zeros((*lead, *shape), dtype=torch.float32, device=dev)
+
     D = tensor(dipole_kernel(shape, voxel_size, b0_dir)[half])
     denom = rho * tensor(gradient_kernel_sq(shape, voxel_size)[half]) + rho_d * D**2 + mu
     if mu == 0:
         denom[0, 0, 0] = 1.0  # numerator is 0 there too: the mean of chi stays 0
-    inv_denom = 1.0 / denom
-    rho_D = rho_d * D
+    gain, ratio_D = rho / denom, (rho_d / rho) * D
+    del denom
     f_t, w2_t = tensor(f_p), tensor(w2)
-    w2f = w2_t * f_t
-    inv_w = 1.0 / (w2_t + rho_d)
+    a = rho_d / (w2_t + rho_d)
+    b = (1.0 - a).mul_(f_t)                              # W² f / (W² + ρ_d)
+    c_vs, b_vs, c_s, b_s = 2.0 * a - 1.0, 2.0 * b, 1.0 - a, -b
     kappa = lam / rho
     ops = _FiniteDifferences(shape, voxel_size)
-
-    def rfft(x):
-        return torch.fft.rfftn(x)
-
-    def irfft(x):
-        return torch.fft.irfftn(x, s=shape)
-
     if chi0 is None:
-        chi = torch.zeros(shape, dtype=torch.float32, device=dev)
-        zu = torch.zeros((3, *shape), dtype=torch.float32, device=dev)  # z − u
+        chi, zu = zeros(), zeros(3)
         vs = torch.where(w2_t > 0, f_t, 0.0)  # v − s; unweighted data must not enter at first
         prior = None
     else:  # warm start: every split variable consistent with χ₀
         chi = tensor(chi0)
-        chi0_k = rfft(chi)
-        zu = ops.grad(chi)
-        vs = irfft(D * chi0_k)
-        prior = mu * chi0_k if mu > 0 else None
-    u = torch.zeros((3, *shape), dtype=torch.float32, device=dev)
-    s = torch.zeros(shape, dtype=torch.float32, device=dev)
+        chi0_k = torch.fft.rfftn(chi)
+        zu = ops.grad(chi, zeros(3))
+        vs = torch.fft.irfftn(D * chi0_k, s=shape)
+        prior = chi0_k.mul_(mu / rho) if mu > 0 else None
+    del a, b, chi0
+    u, s, g, t = zeros(3), zeros(), zeros(3), zeros()
     track = tol > 0 or logger.isEnabledFor(logging.DEBUG)
     change = 0.0
     for it in range(1, n_iter + 1):
         # χ's spectrum serves D ∗ χ too (four real FFTs per iteration, not five)
-        chi_k = rfft(ops.grad_adjoint(zu)).mul_(rho).add_(rfft(vs).mul_(rho_D))
+        chi_k = torch.fft.rfftn(ops.grad_adjoint(zu, t))
+        chi_k.addcmul_(torch.fft.rfftn(vs), ratio_D)
         if prior is not None:
             chi_k.add_(prior)
-        chi_k.mul_(inv_denom)
-        chi_new = irfft(chi_k)
-        g = ops.grad(chi_new).add_(u)
-        u = torch.clamp(g, -kappa, kappa)
-        zu = g.sub_(u).sub_(u)
-        t = irfft(chi_k.mul_(D)).add_(s)                                  # D ∗ χ + s
-        v = torch.mul(t, rho_d).add_(w2f).mul_(inv_w)
-        s = t.sub_(v)
-        vs = v.sub_(s)
+        chi_new = torch.fft.irfftn(chi_k.mul_(gain), s=shape)
+        ops.grad(chi_new, g).add_(u)                                      # g = ∇χ + u
+        torch.clamp(g, -kappa, kappa, out=u)
+        torch.add(g, u, alpha=-2.0, out=zu)
+        t = torch.fft.irfftn(chi_k.mul_(D), s=shape).add_(s)             # D ∗ χ + s
+        torch.addcmul(b_vs, t, c_vs, out=vs)
+        torch.addcmul(b_s, t, c_s, out=s)
         if track:
             norm = float(torch.linalg.vector_norm(chi_new))
             change = float(torch.linalg.vector_norm(chi_new - chi)) / norm if norm > 0 else 0.0
         chi = chi_new
         if logger.isEnabledFor(logging.DEBUG):
-            dchi = irfft(D * rfft(chi))
+            dchi = torch.fft.irfftn(D * torch.fft.rfftn(chi), s=shape)
             resid = float(torch.linalg.vector_norm(torch.sqrt(w2_t) * (dchi - f_t)))
             logger.debug("tv_admm iter %d: rel. change %.3e, ||W(D chi - f)|| %.4e", it,
                          change, resid)
@@ -487,16 +486,16 @@ def _tv_admm_iterations(f_p, w2, *, lam, rho, rho_d, n_iter, tol, voxel_size, b0
 
 class _FiniteDifferences:
     """Periodic forward differences ``∇`` (mm⁻¹) on a grid and their adjoint ``∇ᵀ``, written
-    into preallocated buffers (no rolled copies)."""
+    into buffers the caller owns (no rolled copies, no allocation per call)."""
 
     def __init__(self, shape, voxel_size):
         self.shape = tuple(shape)
         self.scale = [1.0 / float(v) for v in voxel_size]
 
-    def grad(self, x):
+    def grad(self, x, out):
+        """``out[a] = (x[n + e_a] − x[n]) / h_a`` (periodic); returns ``out`` (3, *shape)."""
         import torch
 
-        out = torch.empty((3, *self.shape), dtype=x.dtype, device=x.device)
         for a in range(3):
             n = self.shape[a]
             ga = out[a]
@@ -506,22 +505,22 @@ class _FiniteDifferences:
                 ga.mul_(self.scale[a])
         return out
 
-    def grad_adjoint(self, g):
-        """``∇ᵀ g = Σ_a (g_a[n − e_a] − g_a[n]) / h_a`` (periodic)."""
+    def grad_adjoint(self, g, out):
+        """``out = ∇ᵀ g = Σ_a (g_a[n − e_a] − g_a[n]) / h_a`` (periodic); returns ``out``."""
         import torch
 
-        out = torch.empty(self.shape, dtype=g.dtype, device=g.device)
-        tmp = torch.empty(self.shape, dtype=g.dtype, device=g.device)
         for a in range(3):
-            n = self.shape[a]
-            ga = g[a]
-            dst = out if a == 0 else tmp
-            torch.sub(ga.narrow(a, 0, n - 1), ga.narrow(a, 1, n - 1), out=dst.narrow(a, 1, n - 1))
-            torch.sub(ga.narrow(a, n - 1, 1), ga.narrow(a, 0, 1), out=dst.narrow(a, 0, 1))
-            if a > 0:
-                out.add_(tmp, alpha=self.scale[a])
-            elif self.scale[0] != 1.0:
-                out.mul_(self.scale[0])
+            n, h, ga = self.shape[a], self.scale[a], g[a]
+            if a == 0:
+                torch.sub(ga.narrow(0, 0, n - 1), ga.narrow(0, 1, n - 1),
+                          out=out.narrow(0, 1, n - 1))
+                torch.sub(ga.narrow(0, n - 1, 1), ga.narrow(0, 0, 1), out=out.narrow(0, 0, 1))
+                if h != 1.0:
+                    out.mul_(h)
+                continue
+            body, wrap = out.narrow(a, 1, n - 1), out.narrow(a, 0, 1)
+            body.add_(ga.narrow(a, 0, n - 1), alpha=h).sub_(ga.narrow(a, 1, n - 1), alpha=h)
+            wrap.add_(ga.narrow(a, n - 1, 1), alpha=h).sub_(ga.narrow(a, 0, 1), alpha=h)
         return out
 
 

@@ -780,3 +780,45 @@ def test_unreadable_bids_dir_for_a_real_user(shared, volumes, unprivileged):
         "bids_qsmnet: error: path not accessible to uid 65534 (permission denied): "
         f"{ds / 'sub-01' / 'anat'}")
     assert "Traceback" not in res.stderr and not out.exists()
+
+
+_MAIN_SCRIPT = """
+import sys
+from bids_qsmnet.cli.run import main
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    print("torch imported:", "torch" in sys.modules)
+    sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["good-model", "corrupt-model"])
+def test_multiproc_checks_the_model_in_a_worker(broken, ds, tmp_path, model):
+    """With MultiProc (the default plugin) the model check runs in a process of the workers'
+    forkserver: a corrupt model file is still one line and exit 1 before any subject, and the
+    main process never imports torch."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run_main.py"
+    script.write_text(_MAIN_SCRIPT)
+    use = model
+    if broken:
+        use = tmp_path / "corrupt.safetensors"
+        data = Path(model).read_bytes()
+        use.write_bytes(data[: len(data) // 2])
+    argv = [a for a in _argv(ds, tmp_path / "out", tmp_path / "work", use)]
+    argv[argv.index("Linear")] = "MultiProc"
+    res = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert "torch imported: False" in res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.startswith("bids_qsmnet:")]
+    if broken:
+        assert res.returncode == 1, res.stderr
+        assert len(lines) == 1 and str(use) in lines[0] and "truncated" in lines[0], lines
+        _assert_no_partial_output(tmp_path / "out")
+    else:
+        assert res.returncode == 0, res.stderr
+        assert not lines
+        assert list((tmp_path / "out").rglob("*_Chimap.nii.gz"))

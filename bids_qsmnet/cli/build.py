@@ -65,19 +65,96 @@ def select_subjects(layout, requested) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
+def model_problem(model: str, device: str) -> dict:
+    """Load the model file ``model`` (on the CPU) and select ``device`` as an inference node
+    would: ``{"error": message}`` when either cannot be used, else what was found
+    (``device``, the model's ``name`` and ``sha256``).  Needs torch; the CLI runs it in a
+    worker process (:func:`start_model_check`)."""
+    from ..device import DeviceError, select_device
+    from ..models.modelfile import ModelFileError, load_model
+
+    try:
+        dev = select_device(device)
+        loaded = load_model(model, device="cpu")
+    except (ModelFileError, DeviceError, FileNotFoundError, ValueError) as exc:
+        return {"error": str(exc)}
+    return {"device": str(dev), "name": loaded.spec.name, "sha256": loaded.sha256}
+
+
+#: model checks running beside the main thread, by (model file, device): (thread, answer)
+_PENDING: dict = {}
+
+
+def _model_problem_into(conn, model: str, device: str) -> None:
+    conn.send(model_problem(model, device))
+    conn.close()
+
+
+def _ask_forkserver(model: str, device: str, answer: list) -> None:
+    """Run :func:`model_problem` in a process of the forkserver and put its answer into
+    ``answer`` (nothing when the process died)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ours, theirs = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_model_problem_into, args=(theirs, model, device),
+                       name="bids_qsmnet-model-check", daemon=True)
+    proc.start()  # waits until the forkserver has its imports
+    theirs.close()
+    try:
+        answer.append(ours.recv())
+    except EOFError:  # the process died (e.g. killed for memory)
+        pass
+    proc.join()
+
+
+def start_model_check(opts) -> None:
+    """Start the model check of ``opts`` (:func:`model_problem`) in a process of the MultiProc
+    workers' forkserver, where torch is imported already: the main process never imports
+    torch (1–1.5 s of start-up), and the check, with the forkserver's imports it waits for,
+    runs beside the dataset indexing (a thread waits for it).  Without a forkserver (other
+    plugins) the check runs in this process when the workflow is built."""
+    import threading
+
+    from ..models.modelfile import resolve_model
+    from .execution import uses_forkserver
+
+    if not uses_forkserver(opts.plugin, opts.plugin_args):
+        return
+    try:
+        model = str(resolve_model(opts.model))
+    except (FileNotFoundError, ValueError):
+        return  # _check_model reports it
+    answer: list = []
+    thread = threading.Thread(target=_ask_forkserver, args=(model, opts.device, answer),
+                              name="bids_qsmnet-model-check", daemon=True)
+    thread.start()
+    _PENDING[(model, opts.device)] = (thread, answer)
+
+
+def _pending_result(model: str, device: str) -> dict:
+    """The answer of the check :func:`start_model_check` started, or of one run here."""
+    thread, answer = _PENDING.pop((model, device), (None, []))
+    if thread is not None:
+        thread.join()
+    return answer[0] if answer else model_problem(model, device)
+
+
 def _check_model(opts) -> str:
     """The model file of ``--model``, loaded once, before any subject, rather than in every
     inference node: a device that is absent, a model file that is corrupt, newer or of
     another architecture end the run here."""
-    from ..device import DeviceError, select_device
-    from ..models.modelfile import ModelFileError, load_model, resolve_model
+    from ..models.modelfile import ModelFileError, resolve_model
 
     try:
         model = str(resolve_model(opts.model))
-        select_device(opts.device)
-        load_model(model, device="cpu")
-    except (ModelFileError, DeviceError, FileNotFoundError, ValueError) as exc:
+    except (ModelFileError, FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
+    found = _pending_result(model, opts.device)
+    if "error" in found:
+        raise CLIError(found["error"])
+    LOGGER.info("model %r (sha256 %s…) on %s", found["name"], found["sha256"][:12],
+                found["device"])
     return model
 
 

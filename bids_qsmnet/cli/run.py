@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from ..bids.discovery import build_layout
     from ..io.locks import output_lock
-    from .build import validate_dataset
+    from .build import start_model_check, validate_dataset
 
     _setup_logging(opts.verbose)
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if uses_forkserver(opts.plugin, opts.plugin_args) and not (opts.reports_only
                                                                or opts.boilerplate_only):
         start_worker_server()  # its imports overlap with the checks below
+        if opts.analysis_level == "participant":
+            start_model_check(opts)
     try:
         if not opts.skip_bids_validation:
             validate_dataset(opts.bids_dir)

@@ -60,9 +60,10 @@ def plugin_arguments(plugin: str, plugin_args: dict | None, nprocs: int,
             args.setdefault("memory_gb", mem_mb / 1024)
         args.setdefault("raise_insufficient", False)
         args.setdefault("maxtasksperchild", 1)
-        # Workers start from a clean forkserver, never forked from this process: torch's
-        # OpenMP thread pool (started here by the model check) does not survive a fork, and a
-        # forked worker running the network would hang.
+        # Workers start from a forkserver that imported torch, Nipype and the interfaces once
+        # (WORKER_PRELOAD), never forked from this process: a process that has run torch
+        # (e.g. without a forkserver, the model check) holds an OpenMP thread pool that does
+        # not survive a fork, and a forked worker running the network would hang.
         args.setdefault("mp_context", "forkserver")
         if uses_forkserver(plugin, args):
             start_worker_server()
@@ -115,7 +116,8 @@ def uses_forkserver(plugin: str, plugin_args: dict | None) -> bool:
 
 def start_worker_server() -> None:
     """Start the forkserver of the MultiProc workers now (idempotent), so that its imports
-    run beside the dataset indexing and the model check of this process.
+    run beside the dataset indexing of this process (the model check runs in one of its
+    processes: :func:`bids_qsmnet.cli.build.start_model_check`).
 
     The forkserver and its workers end with this process, even when it is killed
     (:mod:`bids_qsmnet.cli.workers`); the heavy imports (:data:`WORKER_PRELOAD`) happen once

@@ -213,7 +213,9 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     The window and how it was chosen are written on the colour bar and into the PNG's
     ``Description`` text chunk (which the HTML report quotes).
     """
-    plt = _pyplot()
+    _pyplot()  # the Agg backend before anything of matplotlib
+    from matplotlib import colormaps, colors
+
     vol = np.asarray(volume, dtype=np.float32)
     mk = None if mask is None else np.asarray(mask) > 0
     inside = vol[mk] if mk is not None and np.any(mk) else vol[vol != 0]
@@ -248,44 +250,92 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     gap, left, bar_w, top = 4, 4, 120, (36 if title else 6)
     width = left + ncol * sizes[0][0] + (ncol - 1) * gap + bar_w
     height = top + sum(h for _, h in sizes) + len(rows) * gap + 2
-    dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="black")
     crop = tuple(slice(lo, hi + 1) for lo, hi in bounds)
     sub = vol[crop]
-    sub_mask = None if mk is None else mk[crop]
+    sub_mask = None if mk is None or not outline else mk[crop]
+    norm, colormap = colors.Normalize(vmin=vmin, vmax=vmax), colormaps[cmap]
+    canvas = np.zeros((height, width, 4), np.uint8)
+    canvas[..., 3] = 255
+    labels = []
     y = top
-    im = None
     for (view, axis, slices, _), (w, h) in zip(rows, sizes):
         for c, s in enumerate(slices):
             x = left + c * (w + gap)
-            ax = fig.add_axes((x / width, 1 - (y + h) / height, w / width, h / height))
-            ax.set_axis_off()
             k = int(s) - bounds[axis][0]
-            img = np.rot90(np.take(sub, k, axis=axis))
-            im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
-                           aspect=panel_aspect(vox, axis))
-            if outline and sub_mask is not None:
-                ring = np.rot90(np.take(sub_mask, k, axis=axis)).astype(np.float32)
-                if ring.min() < 0.5 < ring.max():
-                    ax.contour(ring, levels=[0.5], colors="black", linewidths=1.0)
-                ax.set_xlim(-0.5, img.shape[1] - 0.5)
-                ax.set_ylim(img.shape[0] - 0.5, -0.5)
-            ax.text(0.03, 0.97, f"{view} {int(s)}", transform=ax.transAxes, color="white",
-                    fontsize=9, va="top", ha="left",
-                    bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5, "linewidth": 0})
+            img = _resample(np.rot90(np.take(sub, k, axis=axis)), h, w)
+            panel = colormap(norm(img), bytes=True)
+            if sub_mask is not None:
+                panel[_outline(_resample(np.rot90(np.take(sub_mask, k, axis=axis)), h, w))] = \
+                    (0, 0, 0, 255)
+            canvas[y:y + h, x:x + w] = panel
+            labels.append((x + 0.03 * w, y + 0.03 * h, f"{view} {int(s)}"))
         y += h + gap
-    grid_h = height - top - 2
-    cax = fig.add_axes(((width - bar_w + 14) / width, 1 - (top + 0.85 * grid_h) / height,
-                        18 / width, 0.7 * grid_h / height))
-    bar = fig.colorbar(im, cax=cax)
-    bar.set_label(f"{name} ({unit}); window {how}", color="white", fontsize=10)
-    bar.ax.tick_params(colors="white", labelsize=9)
-    bar.outline.set_edgecolor("white")
-    if title:
-        fig.text(left / width, 1 - 8 / height, title, color="white", fontsize=13, va="top")
-    return _savefig_atomic(fig, out_png, dpi=dpi,
-                           metadata={"Title": title or name,
-                                     "Description": f"{name} ({unit}), window {how}"})
+    return _draw_mosaic(canvas, labels, out_png, norm=norm, cmap=colormap, title=title,
+                        bar=(bar_w, top, left), name=name, unit=unit, how=how)
+
+
+def _resample(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``img`` (rows × columns) at ``h × w`` pixels, nearest neighbour (pixel centres)."""
+    rows = np.minimum(((np.arange(h) + 0.5) * img.shape[0] / h).astype(int), img.shape[0] - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * img.shape[1] / w).astype(int), img.shape[1] - 1)
+    return img[np.ix_(rows, cols)]
+
+
+def _outline(inside: np.ndarray) -> np.ndarray:
+    """The pixels of ``inside`` (bool) with a 4-neighbour outside it: a one-pixel line along
+    the mask's edge, drawn over the panel."""
+    inside = np.asarray(inside, bool)
+    edge = np.zeros_like(inside)
+    edge[1:] |= inside[1:] & ~inside[:-1]
+    edge[:-1] |= inside[:-1] & ~inside[1:]
+    edge[:, 1:] |= inside[:, 1:] & ~inside[:, :-1]
+    edge[:, :-1] |= inside[:, :-1] & ~inside[:, 1:]
+    return edge
+
+
+def _draw_mosaic(canvas: np.ndarray, labels, out_png, *, norm, cmap, title: str, bar,
+                 name: str, unit: str, how: str) -> str:
+    """The composed panels ``canvas`` (RGBA, one pixel per figure pixel) with the panels'
+    labels (pixel positions of their top-left corners), the colour bar and the title, which
+    matplotlib draws on a transparent layer laid over the panels; written as PNG (through a
+    temporary file and a rename) with ``Title`` and ``Description`` text chunks."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from PIL import Image, PngImagePlugin
+
+    height, width = canvas.shape[:2]
+    bar_w, top, left = bar
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor=(0, 0, 0, 0))
+    try:
+        for x, y, text in labels:
+            fig.text(x / width, 1 - y / height, text, color="white", fontsize=9, va="top",
+                     ha="left", bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.5,
+                                      "linewidth": 0})
+        grid_h = height - top - 2
+        cax = fig.add_axes(((width - bar_w + 14) / width, 1 - (top + 0.85 * grid_h) / height,
+                            18 / width, 0.7 * grid_h / height))
+        colorbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
+        colorbar.set_label(f"{name} ({unit}); window {how}", color="white", fontsize=10)
+        colorbar.ax.tick_params(colors="white", labelsize=9)
+        colorbar.outline.set_edgecolor("white")
+        if title:
+            fig.text(left / width, 1 - 8 / height, title, color="white", fontsize=13,
+                     va="top")
+        fig.canvas.draw()
+        layer = np.asarray(fig.canvas.buffer_rgba())[:height, :width]
+    finally:
+        plt.close(fig)
+    alpha = layer[..., 3:4].astype(np.float32) / 255.0  # straight (not premultiplied) alpha
+    rgb = canvas[..., :3] * (1.0 - alpha) + layer[..., :3] * alpha
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title or name)
+    info.add_text("Description", f"{name} ({unit}), window {how}")
+    path = os.fspath(out_png)
+    with atomic_output(path) as tmp:
+        Image.fromarray(np.round(rgb).astype(np.uint8), "RGB").save(tmp, format="PNG",
+                                                                    pnginfo=info)
+    return path
 
 
 #: how :func:`make_mosaics` draws each kind: (title, colour-bar label, colour map, outline,

@@ -254,6 +254,7 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     sub = vol[crop]
     sub_mask = None if mk is None or not outline else mk[crop]
     norm, colormap = colors.Normalize(vmin=vmin, vmax=vmax), colormaps[cmap]
+    lut = colormap(np.arange(colormap.N), bytes=True)
     canvas = np.zeros((height, width, 4), np.uint8)
     canvas[..., 3] = 255
     labels = []
@@ -262,16 +263,35 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
         for c, s in enumerate(slices):
             x = left + c * (w + gap)
             k = int(s) - bounds[axis][0]
-            img = _resample(np.rot90(np.take(sub, k, axis=axis)), h, w)
-            panel = colormap(norm(img), bytes=True)
+            img = _resample(np.rot90(_slice(sub, axis, k)), h, w)
+            panel = _colour(img, lut, vmin, vmax)
             if sub_mask is not None:
-                panel[_outline(_resample(np.rot90(np.take(sub_mask, k, axis=axis)), h, w))] = \
+                panel[_outline(_resample(np.rot90(_slice(sub_mask, axis, k)), h, w))] = \
                     (0, 0, 0, 255)
             canvas[y:y + h, x:x + w] = panel
             labels.append((x + 0.03 * w, y + 0.03 * h, f"{view} {int(s)}"))
         y += h + gap
     return _draw_mosaic(canvas, labels, out_png, norm=norm, cmap=colormap, title=title,
                         bar=(bar_w, top, left), name=name, unit=unit, how=how)
+
+
+def _slice(vol: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Slice ``k`` across ``axis``: a view (``np.take`` would copy the whole volume of a
+    non-contiguous crop for each slice)."""
+    return vol[(slice(None),) * axis + (int(k),)]
+
+
+def _colour(img: np.ndarray, lut: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """RGBA (uint8) of ``img`` through the colour table ``lut`` (N × 4) over ``vmin…vmax``,
+    quantised as matplotlib's colour maps do (values outside the window take the end
+    colours; non-finite values are black)."""
+    n = len(lut)
+    x = (np.asarray(img, np.float64) - vmin) * (n / (vmax - vmin))
+    finite = np.isfinite(x)
+    idx = np.clip(np.where(finite, x, 0), 0, n - 1).astype(np.intp)
+    rgba = lut[idx]
+    rgba[~finite] = (0, 0, 0, 255)
+    return rgba
 
 
 def _resample(img: np.ndarray, h: int, w: int) -> np.ndarray:

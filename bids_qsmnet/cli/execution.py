@@ -27,8 +27,7 @@ LOCAL_POLL_S = 0.05
 WORKER_PRELOAD = ("numpy", "scipy.ndimage", "nibabel", "torch", "nipype.pipeline.engine",
                   "bids_qsmnet.interfaces.inference", "bids_qsmnet.interfaces.phase",
                   "bids_qsmnet.interfaces.derivatives", "bids_qsmnet.inference.run",
-                  "bids_qsmnet.reports.agg", "bids_qsmnet.reports.figures",
-                  "bids.layout.writing")
+                  "bids_qsmnet.reports.agg", "bids_qsmnet.reports.figures")
 
 
 #: glibc's malloc in the workers: blocks up to 4 GiB come from the heap instead of a fresh

@@ -67,6 +67,9 @@ class _MosaicInputSpec(BaseInterfaceInputSpec):
     out_dir = traits.Str(mandatory=True, desc="root of the derivatives dataset")
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the source field")
     r2star_file = File(exists=True, desc="R2* map, 1/s (raw GRE runs; optional)")
+    out_pngs = traits.List(traits.Str, desc="the mosaics' paths, one per kind (default: "
+                           "named from out_dir and entities; the workflow names them when it "
+                           "is built, so that the workers need no pybids)")
 
 
 class _MosaicOutputSpec(TraitedSpec):
@@ -91,5 +94,6 @@ class ReportMosaics(SimpleInterface):
         i = self.inputs
         self._results["out_files"] = make_mosaics(
             i.field_file, i.chi_file, i.mask_file, i.out_dir, dict(i.entities),
-            r2star_file=i.r2star_file if isdefined(i.r2star_file) else None)
+            r2star_file=i.r2star_file if isdefined(i.r2star_file) else None,
+            paths=list(i.out_pngs) if isdefined(i.out_pngs) else None)
         return runtime

@@ -368,12 +368,14 @@ MOSAIC_STYLES = {
 
 
 def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
-                 entities: dict, r2star_file: str | None = None) -> list[str]:
+                 entities: dict, r2star_file: str | None = None, *,
+                 paths: list[str] | None = None) -> list[str]:
     """Slice mosaics (PNG) of the input field (with the mask's outline) and the χ map under
     ``sub-*/figures/``, each in a window ±p99 of its magnitude inside the mask, and of the R2*
     map (1/s, window p1…p99 inside the mask) when ``r2star_file`` is given; at the voxel
-    sizes of the χ map's NIfTI header."""
-    from ..bids.derivatives import MOSAIC_KINDS, mosaic_paths
+    sizes of the χ map's NIfTI header.  ``paths``: where to write them (field, χ[, R2*]),
+    instead of the names :func:`~bids_qsmnet.bids.derivatives.mosaic_paths` gives."""
+    from ..bids.derivatives import MOSAIC_KINDS, mosaic_paths  # pybids only without paths
     from ..io.nifti import load_volume
 
     field, _ = load_volume(field_file, what="local field")
@@ -385,7 +387,9 @@ def make_mosaics(field_file: str, chi_file: str, mask_file: str, out_dir: str,
     if r2star_file:
         r2star, _ = load_volume(r2star_file, what="R2* map")
         volumes["r2star"] = np.where(brain, r2star, 0)
-    outs = mosaic_paths(out_dir, entities, r2star=bool(r2star_file))
+    outs = paths or mosaic_paths(out_dir, entities, r2star=bool(r2star_file))
+    if len(outs) != (3 if r2star_file else 2):
+        raise ValueError(f"{len(outs)} mosaic path(s) for {3 if r2star_file else 2} mosaics")
     for kind, png in zip(MOSAIC_KINDS, outs):
         title, label, cmap, outline, unit, symmetric = MOSAIC_STYLES[kind]
         os.makedirs(os.path.dirname(png), exist_ok=True)

@@ -167,8 +167,12 @@ def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict
     a stored χ map, and of a stored R2* map when ``ds_r2star`` is its sink)."""
     extras = pe.Node(niu.Function(function=_sidecar_extras,
                                   input_names=["model_info", "b0_dir", "frame_file"],
-                                  output_names=["extras"]), name="sidecar_extras")
-    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities),
+                                  output_names=["extras"]), name="sidecar_extras",
+                     run_without_submitting=True)  # reads a small JSON: no worker needed
+    from ..bids.derivatives import mosaic_paths
+
+    pngs = mosaic_paths(out_dir, entities, r2star=ds_r2star is not None)
+    ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities, out_pngs=pngs),
                         name="ds_report_chimap")
     workflow.connect([
         (qsm_wf, extras, [("outputnode.model_info", "model_info"),

@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bids_qsmnet: error: {exc}", file=sys.stderr)
         return 1
-    from ..bids.discovery import build_layout
-    from ..io.locks import output_lock
-    from .build import start_model_check, validate_dataset
+    from .build import start_model_check
 
     _setup_logging(opts.verbose)
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
@@ -236,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         start_worker_server()  # its imports overlap with the checks below
         if opts.analysis_level == "participant":
             start_model_check(opts)
+    # pybids (about 0.5 s to import) only once the forkserver's imports run beside it
+    from ..bids.discovery import build_layout
+    from ..io.locks import output_lock
+    from .build import validate_dataset
+
     try:
         if not opts.skip_bids_validation:
             validate_dataset(opts.bids_dir)

@@ -95,17 +95,19 @@ def _ask_forkserver(model: str, device: str, answer: list) -> None:
     ``answer`` (nothing when the process died)."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("forkserver")
-    ours, theirs = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_model_problem_into, args=(theirs, model, device),
-                       name="bids_qsmnet-model-check", daemon=True)
-    proc.start()  # waits until the forkserver has its imports
-    theirs.close()
     try:
-        answer.append(ours.recv())
-    except EOFError:  # the process died (e.g. killed for memory)
-        pass
-    proc.join()
+        ctx = multiprocessing.get_context("forkserver")
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_model_problem_into, args=(theirs, model, device),
+                           name="bids_qsmnet-model-check", daemon=True)
+        proc.start()  # waits until the forkserver has its imports
+        theirs.close()
+        try:
+            answer.append(ours.recv())
+        finally:
+            proc.join()
+    except (OSError, EOFError) as exc:  # no forkserver, or the process died: check here
+        LOGGER.debug("model check in a worker failed (%s); checking in this process", exc)
 
 
 def start_model_check(opts) -> None:
@@ -132,6 +134,15 @@ def start_model_check(opts) -> None:
     _PENDING[(model, opts.device)] = (thread, answer)
 
 
+def finish_model_checks() -> None:
+    """Wait for the model checks still running: a run that ends early (a bad dataset, a
+    locked output folder) must not leave a thread inside multiprocessing while the
+    interpreter exits (that prints warnings and tracebacks on the console)."""
+    while _PENDING:
+        thread, _answer = _PENDING.popitem()[1]
+        thread.join()
+
+
 def _pending_result(model: str, device: str) -> dict:
     """The answer of the check :func:`start_model_check` started, or of one run here."""
     thread, answer = _PENDING.pop((model, device), (None, []))
@@ -141,8 +152,8 @@ def _pending_result(model: str, device: str) -> dict:
 
 
 def _check_model(opts) -> str:
-    """The model file of ``--model``, loaded once, before any subject, rather than in every
-    inference node: a device that is absent, a model file that is corrupt, newer or of
+    """The model file of ``--model``, loaded once, before any node runs, rather than in
+    every inference node: a device that is absent, a model file that is corrupt, newer or of
     another architecture end the run here."""
     from ..models.modelfile import ModelFileError, resolve_model
 
@@ -287,8 +298,10 @@ def build_participant_workflow(opts, layout, errors: dict, warnings: dict | None
     """
     from ..workflows.base import init_participant_wf
 
-    model = _check_model(opts)
+    # the pre-flight of the runs overlaps with the model check when that runs in a worker
+    # (start_model_check); its answer is awaited before anything is built or run
     runs = _participant_runs(opts, layout, errors, {} if warnings is None else warnings)
+    model = _check_model(opts)
     if not runs:
         selected = select_subjects(layout, opts.participant_label)
         if errors and all(s in errors for s in selected):

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"bids_qsmnet: error: {exc}", file=sys.stderr)
         return 1
-    from .build import start_model_check
+    from .build import finish_model_checks, start_model_check
 
     _setup_logging(opts.verbose)
     # matplotlib keeps a font cache in ~/.cache (in a temporary folder when HOME is read-only,
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     if uses_forkserver(opts.plugin, opts.plugin_args) and not (opts.reports_only
                                                                or opts.boilerplate_only):
         start_worker_server()  # its imports overlap with the checks below
-        if opts.analysis_level == "participant":
-            start_model_check(opts)
     # pybids (about 0.5 s to import) only once the forkserver's imports run beside it
     from ..bids.discovery import build_layout
     from ..io.locks import output_lock
@@ -243,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.skip_bids_validation:
             validate_dataset(opts.bids_dir)
         with output_lock(opts.output_dir, opts.participant_label):
+            if opts.analysis_level == "participant" and not (opts.reports_only
+                                                             or opts.boilerplate_only):
+                # once the run is known to go ahead: in a worker of the forkserver, beside
+                # the indexing and the pre-flight below
+                start_model_check(opts)
             if opts.clean_workdir:
                 clean_work_dir(Path(work_dir))
             layout = build_layout(opts.bids_dir, exclude=[opts.output_dir])
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bids_qsmnet: interrupted", file=sys.stderr)
         return 130
+    finally:
+        finish_model_checks()
 
 
 if __name__ == "__main__":

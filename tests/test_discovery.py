@@ -373,3 +373,37 @@ def test_sidecar_b0_dir_overrides_an_oblique_affine(tmp_path):
     _, _, frame_json, used = resample_to_frame(field, mask, newpath=str(tmp_path))
     assert used == pytest.approx([0.0, np.sin(t), np.cos(t)])
     assert json.loads(open(frame_json).read())["identity"] is False
+
+
+def test_collecting_every_subject_queries_pybids_once_per_kind(tmp_path):
+    """The runs of every subject (what each participant job's methods text describes) come
+    from one pybids query per input kind, not a few per subject: the work of a job would
+    otherwise grow with the dataset's size."""
+    root = make_dataset(tmp_path / "ds", derivative=True)
+    for i in range(1, 13):
+        sub = f"sub-{i:02d}"
+        add_volume(root, f"{sub}/anat/{sub}_desc-localfield_phase.nii.gz", PPM)
+        add_volume(root, f"{sub}/anat/{sub}_desc-brain_mask.nii.gz")
+        if i % 3 == 0:  # some subjects with raw echoes besides: covered by the local field
+            add_volume(root, f"{sub}/anat/{sub}_echo-1_part-phase_MEGRE.nii.gz",
+                       {"EchoTime": 0.01})
+    layout = build_layout(root)
+    calls = []
+    real_get = layout.get
+
+    def counting_get(*args, **kwargs):
+        calls.append(kwargs)
+        return real_get(*args, **kwargs)
+
+    layout.get = counting_get
+    runs = {s: collect_runs(layout, s) for s in sorted(layout.get_subjects())}
+    assert len(runs) == 12 and all(len(r) == 1 for r in runs.values())
+    assert all(os.path.basename(r[0].mask) == f"sub-{s}_desc-brain_mask.nii.gz"
+               for s, r in runs.items())
+    file_queries = [c for c in calls if c.get("return_type") == "object"]
+    kinds = sum(len(DEFAULT_FILTERS[k]) for k in ("localfield", "mask", "chimap", "phase"))
+    assert len(file_queries) <= kinds, len(file_queries)
+    # the same answers as a fresh layout queried for one subject alone
+    alone = collect_runs(build_layout(root), "06")
+    assert [(r.field, r.mask, r.label) for r in alone] == \
+        [(r.field, r.mask, r.label) for r in runs["06"]]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ __all__ = [
     "build_layout",
     "collect_runs",
     "clean_label",
+    "subjects",
 ]
 
 NIFTI_EXTENSIONS = [".nii", ".nii.gz"]
@@ -260,16 +262,57 @@ def _unreadable_sidecars(root: str) -> list[str]:
     return bad
 
 
-def _query(layout, filters: Sequence[dict], **entities):
-    """Files matching any of ``filters`` (each combined with ``entities``), deduplicated."""
-    seen, out = set(), []
-    for flt in filters:
-        query = {"extension": NIFTI_EXTENSIONS, **flt, **entities}
-        for f in layout.get(return_type="object", **query):
-            if f.path not in seen:
-                seen.add(f.path)
-                out.append(f)
-    return sorted(out, key=lambda f: f.path)
+#: per layout: the files of each query over all subjects, and each file's entities (pybids
+#: answers a query in 5-15 ms and rebuilds a file's entities from its database on every
+#: ``get_entities()``, which made collecting the runs of every subject, as the methods text of
+#: each participant job does, grow with the square of the dataset)
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _cache(layout) -> dict:
+    try:
+        return _CACHE.setdefault(layout, {"queries": {}, "entities": {}})
+    except TypeError:  # a layout that takes no weak reference: no cache
+        return {"queries": {}, "entities": {}}
+
+
+def _ents(layout, f) -> dict:
+    """``f.get_entities()``, computed once per file of ``layout``."""
+    known = _cache(layout)["entities"]
+    if f.path not in known:
+        known[f.path] = f.get_entities()
+    return known[f.path]
+
+
+def subjects(layout) -> list[str]:
+    """The dataset's subject labels, sorted (``layout.get_subjects()``, asked once per
+    layout)."""
+    cache = _cache(layout)
+    if "subjects" not in cache:
+        cache["subjects"] = sorted(layout.get_subjects())
+    return list(cache["subjects"])
+
+
+def _query(layout, filters: Sequence[dict], subject=None, **entities):
+    """Files matching any of ``filters`` (each combined with ``entities``), deduplicated, of
+    ``subject`` (a label or a list of them; None: every subject).  The query runs once per
+    layout over all subjects; each subject's files are picked from its answer."""
+    key = repr((list(filters), sorted(entities.items())))
+    queries = _cache(layout)["queries"]
+    if key not in queries:
+        seen, out = set(), []
+        for flt in filters:
+            query = {"extension": NIFTI_EXTENSIONS, **flt, **entities}
+            for f in layout.get(return_type="object", **query):
+                if f.path not in seen:
+                    seen.add(f.path)
+                    out.append(f)
+        queries[key] = sorted(out, key=lambda f: f.path)
+    if subject is None:
+        return list(queries[key])
+    wanted = {str(s) for s in subject} if isinstance(subject, (list, tuple, set)) \
+        else {str(subject)}
+    return [f for f in queries[key] if str(_ents(layout, f).get("subject")) in wanted]
 
 
 def _describe(filters: Sequence[dict]) -> str:
@@ -288,7 +331,7 @@ def _match(layout, filters, ents: dict, what: str, field_path: str):
     found = _query(layout, filters, subject=query["subject"])
 
     def ent(f, k):
-        return f.get_entities().get(k)
+        return _ents(layout, f).get(k)
 
     found = [f for f in found if ent(f, "session") == query["session"]]
     shared = [f for f in found
@@ -303,8 +346,8 @@ def _match(layout, filters, ents: dict, what: str, field_path: str):
     return chosen[0] if chosen else None
 
 
-def _echo_number(f) -> int | None:
-    value = f.get_entities().get("echo")
+def _echo_number(layout, f) -> int | None:
+    value = _ents(layout, f).get("echo")
     return None if value is None else int(value)
 
 
@@ -312,34 +355,34 @@ def _collect_raw(layout, flt: dict, query: dict, covered: set[str]) -> list[Fiel
     """Raw GRE runs (phase echoes with their magnitudes) whose key has no local field."""
     groups: dict[tuple, list] = {}
     for f in _query(layout, flt["phase"], **query):
-        if f.get_entities().get("suffix") in ("Chimap", "mask"):
+        if _ents(layout, f).get("suffix") in ("Chimap", "mask"):
             continue
-        e = f.get_entities()
+        e = _ents(layout, f)
         groups.setdefault(tuple(str(e.get(k)) for k in MATCH_ENTITIES), []).append(f)
     runs = []
     for files in groups.values():
         first = files[0]
-        ents = {k: v for k, v in first.get_entities().items()
+        ents = {k: v for k, v in _ents(layout, first).items()
                 if k not in ("extension", "echo", "part")}
         run = FieldRun(field=first.path, entities=ents)
         if run.key in covered:
             LOGGER.info("%s: a local field exists; its raw GRE phase is not used", run.key)
             continue
-        numbers = [_echo_number(f) for f in files]
+        numbers = [_echo_number(layout, f) for f in files]
         if len(set(numbers)) != len(numbers) or (None in numbers and len(numbers) > 1):
             raise DiscoveryError(
                 f"{run.key}: the phase files do not form one echo series ("
                 + ", ".join(os.path.basename(f.path) for f in files)
                 + "); narrow the 'phase' query with --bids-filter-file")
-        files = sorted(files, key=lambda f: _echo_number(f) or 0)
+        files = sorted(files, key=lambda f: _echo_number(layout, f) or 0)
         mags = _query(layout, flt["magnitude"], subject=ents["subject"])
         echoes = []
         for f in files:
-            fe = f.get_entities()
+            fe = _ents(layout, f)
             same = [m for m in mags
-                    if all(m.get_entities().get(k) == fe.get(k)
+                    if all(_ents(layout, m).get(k) == fe.get(k)
                            for k in ("session", "acquisition", "run", "reconstruction"))
-                    and _echo_number(m) == _echo_number(f)]
+                    and _echo_number(layout, m) == _echo_number(layout, f)]
             if len(same) > 1:
                 raise DiscoveryError(
                     f"{f.path}: {len(same)} magnitude files match this echo ("
@@ -382,10 +425,10 @@ def collect_runs(layout, subject: str, *, sessions: Sequence[str] | None = None,
     fields = _query(layout, flt["localfield"], **query)
     # a Chimap, mask or raw echo must never be taken for a field, whatever the filters say
     fields = [f for f in fields
-              if f.get_entities().get("suffix") not in ("Chimap", "mask") + RAW_SUFFIXES]
+              if _ents(layout, f).get("suffix") not in ("Chimap", "mask") + RAW_SUFFIXES]
     candidates = []
     for f in fields:
-        ents = {k: v for k, v in f.get_entities().items() if k != "extension"}
+        ents = {k: v for k, v in _ents(layout, f).items() if k != "extension"}
         meta = layout.get_metadata(f.path)
         candidates.append(FieldRun(field=f.path, entities=ents, metadata=meta,
                                    units=meta.get("Units")))

@@ -52,7 +52,9 @@ def validate_dataset(bids_dir: Path) -> None:
 
 
 def select_subjects(layout, requested) -> list[str]:
-    available = sorted(layout.get_subjects())
+    from ..bids.discovery import subjects
+
+    available = subjects(layout)
     if not available:
         raise CLIError(f"{layout.root}: no subjects (sub-*) found")
     if not requested:
@@ -195,10 +197,10 @@ def dataset_runs(opts, layout) -> list:
     """Every run of every subject of the dataset (no file read; subjects whose inputs cannot
     be found are left out): what a participant run's methods text describes, so that runs of
     different participants sharing one output folder (a job array) write the same text."""
-    from ..bids.discovery import DiscoveryError, collect_runs
+    from ..bids.discovery import DiscoveryError, collect_runs, subjects
 
     runs = []
-    for subject in layout.get_subjects():
+    for subject in subjects(layout):
         try:
             runs += collect_runs(layout, subject, sessions=opts.session_label,
                                  filters=opts.bids_filter_file)

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -313,8 +314,11 @@ def bench_participant(args) -> dict:
             bids = str(make_example_dataset(os.path.join(d, "ds"), shape=tuple(args.shape)))
         else:
             bids = str(example_dataset_path())
+        subject = args.subject
+        if getattr(args, "copies", None):
+            bids, subject = _copied_dataset(bids, os.path.join(d, "copies"), args.copies)
         work = os.path.join(d, "work")
-        label = [] if args.subject == "all" else ["--participant-label", args.subject]
+        label = [] if subject == "all" else ["--participant-label", subject]
         cmd = [sys.executable, "-m", "bids_qsmnet", bids, os.path.join(d, "out"),
                "participant", *label, "-w", work,
                "--nprocs", str(args.threads), "--omp-nthreads", str(args.threads)]
@@ -323,8 +327,9 @@ def bench_participant(args) -> dict:
         end = time.time()
         nodes = _node_times(work)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    out = {"bench": "participant", "subject": args.subject, "threads": args.threads,
+    out = {"bench": "participant", "subject": subject, "threads": args.threads,
            "shape": list(args.shape) if args.shape else None,
+           **({"copies": args.copies} if getattr(args, "copies", None) else {}),
            "seconds": round(end - start, 1), "peak_rss_mb": round(peak)}
     if nodes:
         first, last = nodes[0]["start"], max(n["end"] for n in nodes)
@@ -333,6 +338,24 @@ def bench_participant(args) -> dict:
                    end_s=round(end - last, 2),
                    nodes={n["name"]: round(n["end"] - n["start"], 2) for n in nodes})
     return out
+
+
+def _copied_dataset(source: str, dest: str, n: int) -> tuple[str, str]:
+    """A dataset at ``dest`` with the top-level files of ``source`` and ``n`` subjects, each
+    sub-01's files under its own label (symbolic links); returns it and its middle label."""
+    os.makedirs(dest)
+    for f in os.listdir(source):
+        if not f.startswith("sub-") and os.path.isfile(os.path.join(source, f)):
+            shutil.copy(os.path.join(source, f), dest)
+    width = len(str(n))
+    anat = os.path.join(source, "sub-01", "anat")
+    for i in range(1, n + 1):
+        label = f"{i:0{width}d}"
+        os.makedirs(os.path.join(dest, f"sub-{label}", "anat"))
+        for f in os.listdir(anat):
+            os.symlink(os.path.join(anat, f), os.path.join(
+                dest, f"sub-{label}", "anat", f.replace("sub-01", f"sub-{label}")))
+    return dest, f"{(n + 1) // 2:0{width}d}"
 
 
 def _node_times(work: str) -> list[dict]:
@@ -555,6 +578,7 @@ PLAN = [
     ["participant", "--subject", "03"],
     ["participant", "--subject", "01", "--shape", "160", "160", "160"],
     ["participant", "--subject", "all"],
+    ["participant", "--copies", "100"],
     ["group", "--arch", "toy"],
 ]
 
@@ -734,6 +758,9 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         for r in part:
             what = (f"sub-{r['subject']} of the example made at {_fmt_shape(r['shape'])} "
                     "(local field, ppm)" if r.get("shape") else f"sub-{r['subject']}")
+            if r.get("copies"):
+                what = (f"sub-{r['subject']} of a dataset of {r['copies']} copies of sub-01 "
+                        "(one job of a job array)")
             if r["subject"] == "all":
                 what = "the whole example dataset (3 subjects, the README's first command)"
             outside = (f"{r['startup_s']} / {r['gaps_s']} / {r['end_s']}"
@@ -741,7 +768,7 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
             lines.append(f"| {what} | {r['seconds']} | {r['peak_rss_mb']} | {outside} |")
         timed = [r for r in part if r.get("nodes")]
         if timed:
-            timed = [r for r in timed if r["subject"] != "all"]
+            timed = [r for r in timed if r["subject"] != "all" and not r.get("copies")]
             lines += ["", "Each node's own time (s, from Nipype's result files; one subject):", "",
                       "| node | " + " | ".join(f"sub-{r['subject']}"
                                                  + (f" {_fmt_shape(r['shape'])}"
@@ -866,6 +893,10 @@ def main(argv=None) -> int:
                                 "README's first command runs it)")
             s.add_argument("--shape", type=int, nargs=3, default=None,
                            help="make the example dataset at this grid and run its sub-01")
+            s.add_argument("--copies", type=int, default=None,
+                           help="a dataset of this many subjects, each a copy (symbolic "
+                                "links) of the example's sub-01, and run one of them: what one "
+                                "job of a job array over a large dataset costs")
         if name == "refine":
             s.add_argument("--solver", choices=sorted(REFINEMENTS), default="tv")
             s.add_argument("--shape", type=int, nargs=3, default=(160, 160, 160))

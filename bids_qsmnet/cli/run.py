@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     set_memory_budget(opts.mem_mb)
     os.environ[NIPYPE_LEVEL_ENV] = "DEBUG" if opts.verbose > 1 else (
         "INFO" if opts.verbose > 0 else "WARNING")
-    if uses_forkserver(opts.plugin, opts.plugin_args) and not (opts.reports_only
-                                                               or opts.boilerplate_only):
+    runs_nodes = not (opts.reports_only or opts.boilerplate_only)
+    if uses_forkserver(opts.plugin, opts.plugin_args) and runs_nodes:
         start_worker_server()  # its imports overlap with the checks below
     # pybids (about 0.5 s to import) only once the forkserver's imports run beside it
     from ..bids.discovery import build_layout
@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.skip_bids_validation:
             validate_dataset(opts.bids_dir)
         with output_lock(opts.output_dir, opts.participant_label):
-            if opts.analysis_level == "participant" and not (opts.reports_only
-                                                             or opts.boilerplate_only):
+            if opts.analysis_level == "participant" and runs_nodes:
                 # once the run is known to go ahead: in a worker of the forkserver, beside
                 # the indexing and the pre-flight below
                 start_model_check(opts)

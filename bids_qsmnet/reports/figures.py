@@ -254,7 +254,6 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
     sub = vol[crop]
     sub_mask = None if mk is None or not outline else mk[crop]
     norm, colormap = colors.Normalize(vmin=vmin, vmax=vmax), colormaps[cmap]
-    lut = colormap(np.arange(colormap.N), bytes=True)
     canvas = np.zeros((height, width, 4), np.uint8)
     canvas[..., 3] = 255
     labels = []
@@ -264,7 +263,7 @@ def plot_mosaic(volume: np.ndarray, out_png: str | os.PathLike, *, mask: np.ndar
             x = left + c * (w + gap)
             k = int(s) - bounds[axis][0]
             img = _resample(np.rot90(_slice(sub, axis, k)), h, w)
-            panel = _colour(img, lut, vmin, vmax)
+            panel = colormap(norm(img), bytes=True)
             if sub_mask is not None:
                 panel[_outline(_resample(np.rot90(_slice(sub_mask, axis, k)), h, w))] = \
                     (0, 0, 0, 255)
@@ -281,19 +280,6 @@ def _slice(vol: np.ndarray, axis: int, k: int) -> np.ndarray:
     return vol[(slice(None),) * axis + (int(k),)]
 
 
-def _colour(img: np.ndarray, lut: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """RGBA (uint8) of ``img`` through the colour table ``lut`` (N × 4) over ``vmin…vmax``,
-    quantised as matplotlib's colour maps do (values outside the window take the end
-    colours; non-finite values are black)."""
-    n = len(lut)
-    x = (np.asarray(img, np.float64) - vmin) * (n / (vmax - vmin))
-    finite = np.isfinite(x)
-    idx = np.clip(np.where(finite, x, 0), 0, n - 1).astype(np.intp)
-    rgba = lut[idx]
-    rgba[~finite] = (0, 0, 0, 255)
-    return rgba
-
-
 def _resample(img: np.ndarray, h: int, w: int) -> np.ndarray:
     """``img`` (rows × columns) at ``h × w`` pixels, nearest neighbour (pixel centres)."""
     rows = np.minimum(((np.arange(h) + 0.5) * img.shape[0] / h).astype(int), img.shape[0] - 1)
@@ -302,15 +288,13 @@ def _resample(img: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _outline(inside: np.ndarray) -> np.ndarray:
-    """The pixels of ``inside`` (bool) with a 4-neighbour outside it: a one-pixel line along
-    the mask's edge, drawn over the panel."""
+    """The pixels of ``inside`` (bool) with a 4-neighbour outside it (the panel's border does
+    not count as outside): a one-pixel line along the mask's edge, drawn over the panel."""
+    from scipy import ndimage as ndi
+
     inside = np.asarray(inside, bool)
-    edge = np.zeros_like(inside)
-    edge[1:] |= inside[1:] & ~inside[:-1]
-    edge[:-1] |= inside[:-1] & ~inside[1:]
-    edge[:, 1:] |= inside[:, 1:] & ~inside[:, :-1]
-    edge[:, :-1] |= inside[:, :-1] & ~inside[:, 1:]
-    return edge
+    return inside & ~ndi.binary_erosion(inside, ndi.generate_binary_structure(2, 1),
+                                        border_value=1)
 
 
 def _draw_mosaic(canvas: np.ndarray, labels, out_png, *, norm, cmap, title: str, bar,

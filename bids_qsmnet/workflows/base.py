@@ -9,7 +9,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..__about__ import __version__
-from ..bids.derivatives import bids_uri
+from ..bids.derivatives import bids_uri, mosaic_paths
 from ..bids.discovery import FieldRun
 from ..bids.settings import run_settings
 from ..interfaces.derivatives import DerivativesSink, ReportMosaics
@@ -169,8 +169,6 @@ def _connect_report(workflow, qsm_wf, ds_chimap, *, out_dir: str, entities: dict
                                   input_names=["model_info", "b0_dir", "frame_file"],
                                   output_names=["extras"]), name="sidecar_extras",
                      run_without_submitting=True)  # reads a small JSON: no worker needed
-    from ..bids.derivatives import mosaic_paths
-
     pngs = mosaic_paths(out_dir, entities, r2star=ds_r2star is not None)
     ds_report = pe.Node(ReportMosaics(out_dir=out_dir, entities=entities, out_pngs=pngs),
                         name="ds_report_chimap")

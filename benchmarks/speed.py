@@ -315,7 +315,7 @@ def bench_participant(args) -> dict:
         else:
             bids = str(example_dataset_path())
         subject = args.subject
-        if getattr(args, "copies", None):
+        if args.copies:
             bids, subject = _copied_dataset(bids, os.path.join(d, "copies"), args.copies)
         work = os.path.join(d, "work")
         label = [] if subject == "all" else ["--participant-label", subject]
@@ -329,7 +329,7 @@ def bench_participant(args) -> dict:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     out = {"bench": "participant", "subject": subject, "threads": args.threads,
            "shape": list(args.shape) if args.shape else None,
-           **({"copies": args.copies} if getattr(args, "copies", None) else {}),
+           **({"copies": args.copies} if args.copies else {}),
            "seconds": round(end - start, 1), "peak_rss_mb": round(peak)}
     if nodes:
         first, last = nodes[0]["start"], max(n["end"] for n in nodes)

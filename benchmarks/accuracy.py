@@ -146,7 +146,7 @@ def model_maps(loaded, case, dc):
     t_default = time.time() - t
     grid = TV_FIXED_GRID if dc.tv else FIXED_GRID
     _, chis, _ = refine_grid(net, f, m, grid, tv=dc.tv, tv_iterations=dc.tv_iterations,
-                             **geom)
+                             tv_penalty_scale=dc.tv_penalty_scale, **geom)
     fixed = [back(x) for x in chis]
     errs = [nrmse(x, case["chi"], case["mask"], demean=True) for x in fixed]
     i = int(np.argmin(errs))
@@ -373,8 +373,9 @@ def write_markdown(result: dict, path: str) -> None:
         f"λ {ref['lambda']}" + (" (chosen per input from the field the network leaves "
                                 "unexplained and the field's noise share, "
                                 "`inference.dc_auto`)" if ref.get("auto") else "")
-        + (f", TV weight {ref['tv']:g} ppm·mm, {ref['iterations']} ADMM iterations from the "
-           "network's map" if ref.get("tv") else f", {ref['iterations']} CG iterations")
+        + (f", TV weight {ref['tv']:g} ppm·mm, {ref['iterations']} ADMM iterations (penalty "
+           f"scale {ref.get('penalty_scale', 1.0):g}) from the network's map" if ref.get("tv")
+           else f", {ref['iterations']} CG iterations")
         + f"; TV-ADMM λ = {result['tv_lambda']:g} (tuned "
         "on the MNI152 exact field). `*`: oracle, the best parameter per case chosen on the "
         "truth. NRMSE and HFEN in % (lower is better), SSIM and slope (1 = contrast kept) "

@@ -54,7 +54,7 @@ TV_GRID = (1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 def lambda_curve(loaded, case, lams=A.FIXED_GRID, *, tv: float = 0.0,
-                 tv_iterations: int = 60) -> dict:
+                 tv_iterations: int = 60, tv_penalty_scale: float = 1.0) -> dict:
     """NRMSE (%) of the refined map for every λ, of the network alone, ρ₀ and the noise share
     ν; with ``tv`` > 0 the maps of the TV refinement
     (:func:`bids_qsmnet.inference.refine.refine_tv`)."""
@@ -66,6 +66,7 @@ def lambda_curve(loaded, case, lams=A.FIXED_GRID, *, tv: float = 0.0,
     net, f, m, frame = A.network_map(loaded, case)
     nu, sigma = noise_share(f, m), noise_sigma(f, m)
     rho0, chis, residuals = refine_grid(net, f, m, lams, tv=tv, tv_iterations=tv_iterations,
+                                        tv_penalty_scale=tv_penalty_scale,
                                         voxel_size=loaded.spec.voxel_size,
                                         b0_dir=loaded.spec.b0_dir)
     back = lambda x: np.where(case["mask"], from_frame(x, frame, order=3), 0)  # noqa: E731
@@ -107,14 +108,16 @@ def fit(curves: list[dict]) -> tuple[dict, float]:
     return best[0].to_dict(), best[1]
 
 
-def write_model(path: str, auto: dict, *, tv: float = 0.0, tv_iterations: int = 60) -> None:
+def write_model(path: str, auto: dict, *, tv: float = 0.0, tv_iterations: int = 60,
+                tv_penalty_scale: float = 1.0) -> None:
     import dataclasses
 
     from bids_qsmnet.models.modelfile import load_model, save_model
 
     loaded = load_model(path)
     inference = {**(loaded.spec.inference or {}), "dc_auto": auto, "dc_edge_mm": 0.0,
-                 "dc_highpass_mm": 0.0, "dc_tv": float(tv), "dc_tv_iterations": int(tv_iterations)}
+                 "dc_highpass_mm": 0.0, "dc_tv": float(tv), "dc_tv_iterations": int(tv_iterations),
+                 "dc_tv_penalty_scale": float(tv_penalty_scale)}
     save_model(path, loaded.network, dataclasses.replace(loaded.spec, inference=inference))
 
 
@@ -139,7 +142,8 @@ def refine_domain() -> str:
     return f"mask box + {BOX_MARGIN}, pad {FFT_PAD}, fast FFT lengths"
 
 
-def _reusable(path: str, sha256: str, tv: float, tv_iterations: int, grid) -> list[dict]:
+def _reusable(path: str, sha256: str, tv: float, tv_iterations: int, scale: float,
+              grid) -> list[dict]:
     """The curves in ``path`` made with these weights (:func:`weights_digest`), refinement,
     its FFT domain (:func:`refine_domain`) and λ grid (none if absent)."""
     try:
@@ -148,7 +152,8 @@ def _reusable(path: str, sha256: str, tv: float, tv_iterations: int, grid) -> li
     except (OSError, ValueError):
         return []
     if (old.get("weights_sha256"), old.get("dc_tv"), old.get("dc_tv_iterations"),
-            old.get("refine_domain")) != (sha256, tv, tv_iterations, refine_domain()):
+            old.get("dc_tv_penalty_scale", 1.0), old.get("refine_domain")
+            ) != (sha256, tv, tv_iterations, scale, refine_domain()):
         return []
     return [c for c in old.get("curves", []) if c.get("lambdas") == [float(x) for x in grid]
             and "noise_share" in c]
@@ -173,6 +178,9 @@ def main(argv=None) -> int:
                         "conjugate-gradient refinement)")
     p.add_argument("--tv-iterations", type=int, default=60,
                    help="ADMM iterations of the TV refinement")
+    p.add_argument("--tv-penalty-scale", type=float, default=1.0,
+                   help="scale c of the TV refinement's ADMM penalties (ρ = 100 c · TV weight, "
+                        "ρ_data = 1/c; bids_qsmnet.inference.refine.tv_penalties)")
     p.add_argument("--refit", action="store_true",
                    help="fit again from the curves in --out without running the network")
     args = p.parse_args(argv)
@@ -195,7 +203,8 @@ def main(argv=None) -> int:
     else:
         grid = TV_GRID if args.tv else A.FIXED_GRID
         weights = weights_digest(loaded.network)
-        done = _reusable(args.out, weights, args.tv, args.tv_iterations, grid)
+        done = _reusable(args.out, weights, args.tv, args.tv_iterations,
+                         args.tv_penalty_scale, grid)
         phantom = None
         curves = []
         for kind, noise, nd, seed in CASES:
@@ -207,7 +216,8 @@ def main(argv=None) -> int:
             phantom = phantom or anatomy_phantom("mni152")
             case = make_case(phantom, kind, seed=seed, noise_ppm=noise / 1000, nondipolar=nd)
             curves.append({**lambda_curve(loaded, case, grid, tv=args.tv,
-                                          tv_iterations=args.tv_iterations), **key})
+                                          tv_iterations=args.tv_iterations,
+                                          tv_penalty_scale=args.tv_penalty_scale), **key})
             c = curves[-1]
             LOGGER.info("%s (seed %d): ρ0 %.3f, noise %.2f ppb (ν %.3f), network %.1f %%, "
                         "best %.1f %%", c["case"], seed, c["rho0"], c["noise_ppb"],
@@ -215,6 +225,7 @@ def main(argv=None) -> int:
             _save(args.out, {"command": "python " + " ".join(sys.argv),
                              "input_model_sha256": loaded.sha256, "weights_sha256": weights,
                              "dc_tv": args.tv, "dc_tv_iterations": args.tv_iterations,
+                             "dc_tv_penalty_scale": args.tv_penalty_scale,
                              "refine_domain": refine_domain(), "curves": curves})
     auto, excess = fit(curves)
     from bids_qsmnet.inference.refine import AutoLambda
@@ -235,13 +246,16 @@ def main(argv=None) -> int:
               "input_model_sha256": previous.get("input_model_sha256", loaded.sha256),
               "weights_sha256": previous.get("weights_sha256", weights_digest(loaded.network)),
               "anatomy": "mni152", "dc_auto": auto, "dc_tv": args.tv,
-              "dc_tv_iterations": args.tv_iterations, "mean_excess_nrmse": round(excess, 2),
+              "dc_tv_iterations": args.tv_iterations,
+              "dc_tv_penalty_scale": args.tv_penalty_scale,
+              "mean_excess_nrmse": round(excess, 2),
               "curves": curves,
               "seconds": previous.get("seconds", round(time.time() - t0))}
     _save(args.out, result)
     print(json.dumps({"dc_auto": auto, "mean_excess_nrmse": round(excess, 2)}))
     if args.write_model:
-        write_model(args.write_model, auto, tv=args.tv, tv_iterations=args.tv_iterations)
+        write_model(args.write_model, auto, tv=args.tv, tv_iterations=args.tv_iterations,
+                    tv_penalty_scale=args.tv_penalty_scale)
         LOGGER.info("stored the rule in %s", args.write_model)
     return 0
 

@@ -429,23 +429,27 @@ REFINEMENTS = {"tv": (1e-4, 1e-4), "cg": (0.005, 0.0), "pcg": (0.03, 0.0)}
 
 def bench_refine(args) -> dict:
     """The data-consistency refinement alone on a 160³ procedural brain (prior: 0.6 × its
-    χ): the default's TV refinement (60 ADMM iterations), 30 plain CG iterations at a λ where
-    they do not converge, and preconditioned CG at a λ where they do."""
+    χ): the default model's TV refinement (its ADMM iterations and penalty scale), 30 plain CG
+    iterations at a λ where they do not converge, and preconditioned CG at a λ where they do."""
     import torch
 
-    from bids_qsmnet.inference.refine import DCSettings, fft_grid, refine_adaptive
+    from bids_qsmnet.inference.refine import DCSettings, dc_settings, fft_grid, refine_adaptive
+    from bids_qsmnet.models.modelfile import read_model_spec, resolve_model
 
     torch.set_num_threads(args.threads)
     ph, field = _procedural_field(args.shape)
     lam, tv = REFINEMENTS[args.solver]
-    settings = DCSettings(lam, 30, tv=tv, tv_iterations=60)
+    shipped = dc_settings(read_model_spec(resolve_model("default")).inference)
+    settings = DCSettings(lam, 30, tv=tv, tv_iterations=shipped.tv_iterations,
+                          tv_penalty_scale=shipped.tv_penalty_scale)
     prior = 0.6 * ph.chi
     refine_adaptive(prior, field, ph.mask, settings)  # first call: allocations, FFT plans
     t0 = time.perf_counter()
     _, report = refine_adaptive(prior, field, ph.mask, settings)
     dt = time.perf_counter() - t0
     return {"bench": "refine", "solver": report["solver"], "lambda": lam, "tv": tv,
-            "iterations": report["iterations_run"], "shape": list(args.shape),
+            "iterations": report["iterations_run"],
+            "penalty_scale": report.get("penalty_scale"), "shape": list(args.shape),
             "fft_grid": list(fft_grid(ph.mask)),
             "threads": args.threads, "seconds": round(dt, 2),
             "peak_rss_mb": round(_peak_rss_mb())}
@@ -680,17 +684,22 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         lines += ["", "## Data-consistency refinement (CPU)", "",
                   "`bids_qsmnet.inference.refine.refine_adaptive` on a procedural brain, "
                   "prior 0.6 × its χ, after a first call: the shipped default's TV refinement "
-                  "(ADMM from the network's map, 4 real FFTs an iteration), and the plain "
+                  "(ADMM from the network's map, 4 real FFTs an iteration, with the model "
+                  "file's iterations and penalty scale), and the plain "
                   "refinement (a model file without `dc_tv`) with CG and preconditioned CG. "
                   "`FFT grid`: the mask's bounding box grown by 8 voxels, padded by 8 and "
                   "extended to fast FFT lengths (`refine.fft_grid`).",
-                  "", "| solver | volume | FFT grid | λ | TV weight | iterations | time (s) | "
-                  "peak RSS (MB) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "", "| solver | volume | FFT grid | λ | TV weight | iterations | "
+                  "penalty scale | time (s) | peak RSS (MB) |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in ref:
             grid = _fmt_shape(r["fft_grid"]) if r.get("fft_grid") else "–"
+            scale = "–" if r.get("penalty_scale") is None else f"{r['penalty_scale']:g}"
+            if r["solver"] == "tv-admm" and r.get("penalty_scale") is None:
+                scale = "1"  # a row without a recorded scale ran FANSI's penalties
             lines.append(f"| {r['solver']} | {_fmt_shape(r['shape'])} | {grid} | "
-                         f"{r['lambda']:g} | {r['tv']:g} | {r['iterations']} | {r['seconds']} | "
-                         f"{r['peak_rss_mb']} |")
+                         f"{r['lambda']:g} | {r['tv']:g} | {r['iterations']} | {scale} | "
+                         f"{r['seconds']} | {r['peak_rss_mb']} |")
     fl = [r for r in rows if r["bench"] == "fftlen"]
     if fl:
         lengths = fl[-1]["lengths"]

@@ -49,7 +49,8 @@ def _run(model, case, *, best_of_grid=True):
     best = None
     if best_of_grid:
         _, chis, _ = refine_grid(net, f, m, TV_GRID if dc.tv else GRID, tv=dc.tv,
-                                 tv_iterations=dc.tv_iterations)
+                                 tv_iterations=dc.tv_iterations,
+                                 tv_penalty_scale=dc.tv_penalty_scale)
         best = min(nrmse(x, case["chi"], m, demean=True) for x in chis)
     return chi, nrmse(chi, case["chi"], m, demean=True), best, report
 

@@ -179,6 +179,42 @@ def test_tv_refinement_is_admm_from_the_network_map_with_the_chosen_weight():
         dc_settings({"dc_tv": -1.0})
 
 
+def test_tv_penalty_scale_trades_iterations_for_larger_admm_steps():
+    """``dc_tv_penalty_scale`` c runs the ADMM with ρ = 100 c α and ρ_d = 1/c: n iterations
+    then land near the map of c·n iterations with FANSI's penalties (c = 1), much nearer
+    than n iterations with them, and as close to the truth; the file's value reaches
+    ``tv_admm``, the report and the sidecar's settings."""
+    from bids_qsmnet.inference.refine import tv_penalties
+    from bids_qsmnet.metrics import nrmse
+    from bids_qsmnet.physics.inversion import tv_admm
+
+    assert tv_penalties(1e-4, 3.0) == pytest.approx({"rho": 3e-2, "rho_data": 1 / 3})
+    assert tv_penalties(2e-4) == pytest.approx({"rho": 2e-2, "rho_data": 1.0})
+    chi, field, mask = _piecewise()
+    prior = 0.6 * chi
+
+    def run(n, c):
+        return refine_adaptive(prior, field, mask, DCSettings(
+            1e-3, 30, tv=1e-4, tv_iterations=n, tv_penalty_scale=c))
+
+    ref, _ = run(60, 1.0)
+    fast, report = run(20, 3.0)
+    short, _ = run(20, 1.0)
+    rms = lambda x: float(np.sqrt(np.mean(x[mask] ** 2)))  # noqa: E731
+    assert rms(fast - ref) < 0.1 * rms(ref) and rms(fast - ref) < 0.5 * rms(short - ref)
+    assert nrmse(fast, chi, mask, demean=True) < nrmse(ref, chi, mask, demean=True) + 1.0
+    want = tv_admm(field * mask, mask, lam=1e-4, rho=3e-2, rho_data=1 / 3,
+                   chi0=prior * mask, prior_weight=1e-3, n_iter=20, tol=0.0, pad=8)
+    assert np.abs(fast - want).max() < 1e-6
+    assert report["penalty_scale"] == 3.0 and report["iterations_run"] == 20
+    settings = dc_settings({"dc_lambda": 1e-3, "dc_tv": 1e-4, "dc_tv_iterations": 20,
+                            "dc_tv_penalty_scale": 3.0})
+    assert settings.tv_penalty_scale == 3.0 and settings.to_dict()["penalty_scale"] == 3.0
+    assert dc_settings({"dc_tv": 1e-4}).tv_penalty_scale == 1.0  # files without it: FANSI's
+    with pytest.raises(ValueError, match="penalty scale must be positive"):
+        dc_settings({"dc_tv": 1e-4, "dc_tv_penalty_scale": 0.0})
+
+
 @pytest.mark.parametrize("tv", [0.0, 1e-4])
 def test_refine_grid_gives_the_fixed_weight_refinements(tv):
     """``refine_grid``: for every λ the map the refinement makes with that fixed λ (plain or

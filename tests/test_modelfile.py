@@ -387,6 +387,8 @@ def test_reading_a_spec_needs_no_torch_import(saved):
         ({"residual_passes": -1}, "inference.residual_passes"),
         ({"dc_tv": -1e-4}, "inference.dc_tv"),
         ({"dc_tv_iterations": 1.5}, "inference.dc_tv_iterations"),
+        ({"dc_tv_penalty_scale": 0.0}, "inference.dc_tv_penalty_scale"),
+        ({"dc_tv_penalty_scale": "3"}, "inference.dc_tv_penalty_scale"),
         ({"residual_passes": True}, "inference.residual_passes"),
         ({"dc_auto": {"floor": 0.3}}, "inference.dc_auto"),
         ({"dc_auto": {"floor": 0.3, "e_ref": 0.0, "lambda_ref": 0.01, "power": 2}},

@@ -103,6 +103,12 @@ def test_dc_summary_states_the_lambda_and_how_it_was_chosen():
     assert dc_summary({"lambda": 0.0, "lambda_rule": "auto", "rho0": 0.01,
                        "iterations": 30}).startswith("none, chosen per input")
     assert dc_summary({"lambda": 0.0, "iterations": 0}) == "off (the network’s χ)"
+    tv = {"lambda": 1e-4, "lambda_rule": "auto", "iterations": 20, "solver": "tv-admm",
+          "tv": 1e-4}
+    assert dc_summary(tv).endswith("; TV weight 0.0001 ppm·mm, 20 ADMM iterations from the "
+                                   "network’s map")
+    assert dc_summary({**tv, "penalty_scale": 3.0}).endswith(
+        "20 ADMM iterations (penalty scale 3) from the network’s map")
 
 
 def test_report_shows_every_mosaic_found_with_captions_settings_and_warnings(tmp_path):

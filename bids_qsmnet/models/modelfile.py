@@ -401,7 +401,8 @@ _INFERENCE_NUMBERS = ("dc_lambda", "dc_edge_mm", "dc_highpass_mm", "dc_tv")
 
 def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
     """Refuse inference defaults the app would fail on later, at inference (so that the error
-    can name the model file): non-negative numbers, non-negative iteration and pass counts,
+    can name the model file): non-negative numbers, non-negative iteration and pass counts, a
+    positive TV penalty scale,
     a ``dc_auto`` rule of numbers, and flip axes among the volume axes 0, 1, 2."""
     for key in _INFERENCE_NUMBERS:
         if key in inference:
@@ -413,6 +414,11 @@ def _check_inference_defaults(inference: Mapping[str, Any]) -> None:
             v = inference[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"inference.{key} must be a non-negative integer, got {v!r}")
+    if "dc_tv_penalty_scale" in inference:
+        v = inference["dc_tv_penalty_scale"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"inference.dc_tv_penalty_scale must be a positive number, "
+                             f"got {v!r}")
     if "dc_auto" in inference:
         from ..physics.dc_path import AutoLambda
 

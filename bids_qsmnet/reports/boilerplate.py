@@ -108,6 +108,7 @@ REFERENCES: dict[str, Reference] = {
 def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
                   bgremoval: str = "vsharp", network: str = "qsmnet", model_name: str = "",
                   refinement: str = "auto", tv: float = 0.0, tv_iterations: int = 60,
+                  tv_penalty_scale: float = 1.0,
                   relaxometry: bool = False) -> list[tuple[str, tuple[str, ...]]]:
     """The steps of a participant run, each ``(sentence, reference keys)``.
 
@@ -120,6 +121,7 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
     refinement : ``auto`` (λ chosen per input), ``off``, or a fixed λ as text
     tv, tv_iterations : weight (ppm·mm) and ADMM iterations of the refinement's
         total-variation term (0: the plain conjugate-gradient refinement)
+    tv_penalty_scale : scale c of the ADMM penalties (ρ = 100 c α, ρ_d = 1/c)
     """
     steps: list[tuple[str, tuple[str, ...]]] = []
     if raw:
@@ -155,8 +157,10 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
         if tv:
             steps.append((
                 f"The network's χ was refined towards the measured field by {tv_iterations} "
-                "iterations of the alternating direction method of multipliers, started from "
-                "the network's map, on ½‖M(D∗χ − f)‖² + α‖∇χ‖₁ + (λ/2)‖χ − χ_net‖² with "
+                "iterations of the alternating direction method of multipliers (penalties "
+                f"ρ = {100 * tv_penalty_scale * tv:g} mm² and "
+                f"ρ_d = {1 / tv_penalty_scale:.3g}), started from the network's map, on "
+                "½‖M(D∗χ − f)‖² + α‖∇χ‖₁ + (λ/2)‖χ − χ_net‖² with "
                 f"α = {tv:g} ppm·mm " + how + ", and resampled back onto the input grid "
                 "(χ in ppm).", ("fansi",)))
         else:
@@ -244,4 +248,6 @@ def steps_for_run(runs: Sequence, spec, *, unwrapping: str = "laplacian",
                          refinement=_refinement(dict(spec.inference or {}), dc_lambda),
                          tv=float((spec.inference or {}).get("dc_tv", 0.0)),
                          tv_iterations=int((spec.inference or {}).get("dc_tv_iterations", 60)),
+                         tv_penalty_scale=float((spec.inference or {}).get(
+                             "dc_tv_penalty_scale", 1.0)),
                          relaxometry=any(r.fits_r2star for r in runs))

@@ -79,6 +79,11 @@ def _table(rows, cls: str = "", head: Sequence[str] = ()) -> str:
     return (f"<table class='{cls}'>" + (f"<tr>{top}</tr>" if top else "") + body + "</table>")
 
 
+def _penalty(dc: dict) -> str:
+    scale = dc.get("penalty_scale", 1.0)
+    return "" if scale in (None, 1, 1.0) else f" (penalty scale {float(scale):g})"
+
+
 def dc_summary(dc) -> str:
     """One line for the ``DataConsistency`` entry of a χ sidecar: the λ used and how it was
     chosen.
@@ -89,6 +94,10 @@ def dc_summary(dc) -> str:
     'λ = 0.01 (fixed); solved by 12 preconditioned CG iterations'
     >>> dc_summary({"lambda": 0.02, "iterations": 60, "solver": "tv-admm", "tv": 1e-4})
     'λ = 0.02 (fixed); TV weight 0.0001 ppm·mm, 60 ADMM iterations from the network’s map'
+    >>> dc_summary({"lambda": 0.02, "iterations": 20, "solver": "tv-admm", "tv": 1e-4,
+    ...             "penalty_scale": 3.0})  # doctest: +NORMALIZE_WHITESPACE
+    'λ = 0.02 (fixed); TV weight 0.0001 ppm·mm, 20 ADMM iterations (penalty scale 3) from the
+     network’s map'
     >>> dc_summary({"lambda": 0.0, "iterations": 0})
     'off (the network’s χ)'
     """
@@ -96,8 +105,9 @@ def dc_summary(dc) -> str:
         return str(dc)
     lam, its = dc.get("lambda"), dc.get("iterations", 0)
     how = {"pcg": f"solved by {dc.get('iterations_run')} preconditioned CG iterations",
-           "tv-admm": f"TV weight {dc.get('tv', 0):g} ppm·mm, {its} ADMM iterations from the "
-                      "network’s map"}.get(dc.get("solver"), f"{its} CG iterations")
+           "tv-admm": f"TV weight {dc.get('tv', 0):g} ppm·mm, {its} ADMM iterations"
+                      + _penalty(dc) + " from the network’s map"}.get(dc.get("solver"),
+                                                                      f"{its} CG iterations")
     if dc.get("lambda_rule") == "auto":
         noise = (f"; field noise {float(dc['noise_ppb']):.2f} ppb"
                  if dc.get("noise_ppb") is not None else "")
@@ -115,7 +125,8 @@ def _settings(meta: dict, chi_rel: str) -> list[tuple[str, object]]:
     """The settings table of a run, from its χ sidecar."""
     model = meta.get("Model", {})
     dc = meta.get("DataConsistency")
-    shown = ("lambda", "lambda_rule", "rho0", "noise_ppb", "solver", "iterations_run", "tv")
+    shown = ("lambda", "lambda_rule", "rho0", "noise_ppb", "solver", "iterations_run", "tv",
+             "penalty_scale")
     extra = ({k: v for k, v in dc.items() if k not in shown} if isinstance(dc, dict) else {})
     rows = (("χ map", chi_rel),
             ("Sources", ", ".join(meta.get("Sources", [])) or None),

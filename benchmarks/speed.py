@@ -695,8 +695,6 @@ def write_markdown(meta: dict, rows: list[dict], path: str) -> None:
         for r in ref:
             grid = _fmt_shape(r["fft_grid"]) if r.get("fft_grid") else "–"
             scale = "–" if r.get("penalty_scale") is None else f"{r['penalty_scale']:g}"
-            if r["solver"] == "tv-admm" and r.get("penalty_scale") is None:
-                scale = "1"  # a row without a recorded scale ran FANSI's penalties
             lines.append(f"| {r['solver']} | {_fmt_shape(r['shape'])} | {grid} | "
                          f"{r['lambda']:g} | {r['tv']:g} | {r['iterations']} | {scale} | "
                          f"{r['seconds']} | {r['peak_rss_mb']} |")

@@ -169,8 +169,7 @@ def dc_settings(defaults: Mapping | None, *, lam: float | str | None = None,
     tv = float(d.get("dc_tv", 0.0) if tv is None else tv)
     tv_iterations = int(d.get("dc_tv_iterations", 60))
     tv_penalty_scale = float(d.get("dc_tv_penalty_scale", 1.0))
-    if not tv_penalty_scale > 0:
-        raise ValueError(f"the TV penalty scale must be positive, got {tv_penalty_scale}")
+    tv_penalties(tv, tv_penalty_scale)  # refuses a scale that is not positive
     if min(lam, n_iter, edge_mm, highpass_mm, tv, tv_iterations) < 0:
         raise ValueError(f"data-consistency settings must be non-negative (λ {lam}, "
                          f"iterations {n_iter}, edge {edge_mm} mm, high-pass {highpass_mm} mm, "

@@ -155,11 +155,14 @@ def methods_steps(*, raw: bool, local: bool, unwrapping: str = "laplacian",
                "unexplained beyond the field's white noise (estimated from its finest wavelet "
                "detail)" if refinement == "auto" else f"with weight λ = {refinement}")
         if tv:
+            from ..inference.refine import tv_penalties
+
+            pen = tv_penalties(tv, tv_penalty_scale)
             steps.append((
                 f"The network's χ was refined towards the measured field by {tv_iterations} "
                 "iterations of the alternating direction method of multipliers (penalties "
-                f"ρ = {100 * tv_penalty_scale * tv:g} mm² and "
-                f"ρ_d = {1 / tv_penalty_scale:.3g}), started from the network's map, on "
+                f"ρ = {pen['rho']:g} mm² and ρ_d = {pen['rho_data']:.3g}), started from the "
+                "network's map, on "
                 "½‖M(D∗χ − f)‖² + α‖∇χ‖₁ + (λ/2)‖χ − χ_net‖² with "
                 f"α = {tv:g} ppm·mm " + how + ", and resampled back onto the input grid "
                 "(χ in ppm).", ("fansi",)))
